@@ -1,0 +1,15 @@
+"""Frozen-backbone embeddings, cached to HDF5."""
+
+__version__ = "0.1.0"
+
+from .cache import Features, find_caches, iter_rows, load_features  # noqa: E402
+
+__all__ = ["extract", "load_features", "iter_rows", "find_caches", "Features", "__version__"]
+
+
+def __getattr__(name):
+    # Importing the extraction API pulls in torch; reading a cache should not.
+    if name == "extract":
+        from .api import extract
+        return extract
+    raise AttributeError(name)

@@ -1,0 +1,334 @@
+"""The HDF5 feature cache: a resumable writer, a reader that trusts only complete files, a lock.
+
+One file per (dataset, model, weights, split, dtype); it may hold several layers.
+
+    features/<layer>  (N, D)  float32 or float16, chunked, resizable
+    labels            (N,)    int64
+    index             (N,)    int64   row -> position in the source split
+    paths             (N,)    utf-8   where the images are files
+    skipped/index, skipped/path, skipped/reason   unreadable images
+
+Attributes: `complete`, `provenance` (JSON), `key` (JSON: what must match for reuse), `versions`
+(JSON), `created`, `next_index` (source position to resume from), `n_rows`, and flat copies of
+model, weights, dataset, split, dtype for tools such as h5ls.
+"""
+
+from __future__ import annotations
+
+import json
+import errno
+import os
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import h5py
+import numpy as np
+from filelock import FileLock, Timeout
+
+from .errors import UserError
+
+FORMAT = 1
+PARTIAL = ".partial"
+_STR = h5py.string_dtype("utf-8")
+_CHUNK_BYTES = 256 * 1024
+_SPACE_MARGIN = 256 * 1024
+
+
+class Features(NamedTuple):
+    """What a cache file holds for one layer: X (N, D), y (N,), and everything else in meta."""
+
+    X: np.ndarray
+    y: np.ndarray
+    meta: dict
+
+
+def cache_path(cache_dir, dataset: str, model: str, weights: str | None, split: str,
+               dtype: str = "float32") -> Path:
+    """<cache_dir>/<dataset>/<model>[.<weights>]/<split>[.<dtype>].h5; weights None = the model's default."""
+    model_dir = model if not weights else f"{model}.{weights}"
+    suffix = "" if dtype == "float32" else f".{dtype}"
+    return Path(cache_dir) / dataset / model_dir / f"{split}{suffix}.h5"
+
+
+def partial_path(path) -> Path:
+    return Path(str(path) + PARTIAL)
+
+
+def lock_for(path, timeout: float = -1) -> FileLock:
+    """An inter-process lock guarding one cache key (final and partial file alike)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path) + ".lock", timeout=timeout)
+
+
+def acquire(lock: FileLock, path, notify=print) -> None:
+    """Take the key's lock, saying so if another process holds it and we have to wait."""
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        notify(f"waiting for another process writing {path}")
+        lock.acquire()
+
+
+def versions() -> dict:
+    import sklearn
+    import torch
+    import torchvision
+
+    from . import __version__
+    return {"featprobe": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "h5py": h5py.__version__, "numpy": np.__version__, "sklearn": sklearn.__version__}
+
+
+def _attr_json(f: h5py.File, name: str) -> dict:
+    raw = f.attrs.get(name)
+    return json.loads(raw) if raw is not None else {}
+
+
+def key_differences(stored: dict, wanted: dict) -> list[str]:
+    """Names of key fields whose values differ, e.g. ['dataset_fingerprint']."""
+    return sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+
+
+def read_header(path) -> dict | None:
+    """Key, provenance, layers and completeness of a cache file; None if absent or unreadable."""
+    try:
+        # Unlocked read: a writer may hold the file open; writers are serialised by lock_for().
+        with h5py.File(path, "r", locking=False) as f:
+            return {"key": _attr_json(f, "key"), "provenance": _attr_json(f, "provenance"),
+                    "complete": bool(f.attrs.get("complete", False)),
+                    "layers": sorted(f["features"].keys()) if "features" in f else [],
+                    "n_rows": int(f.attrs.get("n_rows", 0)), "next_index": int(f.attrs.get("next_index", 0)),
+                    "created": str(f.attrs.get("created", ""))}
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+class CacheWriter:
+    """Append extracted rows to `<path>.partial`; durable progress after each flush; rename when done.
+
+    If a partial file with the same key exists it is resumed from its `next_index`. Use under
+    `lock_for(path)` so two processes never write one key.
+    """
+
+    def __init__(self, path, key: dict, provenance: dict, dims: dict[str, int], dtype: str = "float32",
+                 flush_rows: int = 1024, flush_seconds: float = 2.0):
+        self.path = Path(path)
+        self.partial = partial_path(path)
+        self.dtype = np.dtype(dtype)
+        self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
+        self._last_flush = time.monotonic()
+        self.resumed_from = 0
+        self._buffer: list[tuple] = []
+        self._skips: list[tuple] = []
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        header = read_header(self.partial) if self.partial.exists() else None
+        if (header and header["key"] == key and set(header["layers"]) == set(dims)
+                and header["provenance"].get("dims") == provenance.get("dims")):
+            self.file = h5py.File(self.partial, "a")
+            self._truncate(int(self.file.attrs["n_rows"]))
+            self.resumed_from = int(self.file.attrs["next_index"])
+        else:
+            self.file = self._create(key, provenance, dims)
+        self.next_index = self.resumed_from
+        self.saved_rows = int(self.file["labels"].shape[0])
+
+    def _create(self, key, provenance, dims) -> h5py.File:
+        f = h5py.File(self.partial, "w")
+        for layer, dim in dims.items():
+            rows = min(2048, max(1, _CHUNK_BYTES // (dim * self.dtype.itemsize)))
+            f.create_dataset(f"features/{layer}", shape=(0, dim), maxshape=(None, dim), dtype=self.dtype,
+                             chunks=(rows, dim))
+        for name, dt in (("labels", np.int64), ("index", np.int64), ("paths", _STR)):
+            f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(4096,))
+        for name, dt in (("index", np.int64), ("path", _STR), ("reason", _STR)):
+            f.create_dataset(f"skipped/{name}", shape=(0,), maxshape=(None,), dtype=dt, chunks=(256,))
+        f.attrs.update({"format": FORMAT, "complete": False, "key": json.dumps(key, sort_keys=True),
+                        "provenance": json.dumps(provenance, sort_keys=True), "versions": json.dumps(versions()),
+                        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        "next_index": 0, "n_rows": 0, "dtype": self.dtype.name,
+                        "classes": json.dumps(provenance.get("classes", []))})
+        for name in ("model", "weights", "dataset", "split"):
+            f.attrs[name] = str(provenance.get(name, ""))
+        f.attrs["layers"] = json.dumps(sorted(dims))
+        f.flush()
+        return f
+
+    def _truncate(self, n: int) -> None:
+        """Drop rows written after the last recorded flush (a crash between data and attributes)."""
+        f = self.file
+        for ds in list(f["features"].values()) + [f["labels"], f["index"], f["paths"]]:
+            if ds.shape[0] != n:
+                ds.resize(n, axis=0)
+        n_skip = min(len(f["skipped/index"]), len(f["skipped/path"]), len(f["skipped/reason"]))
+        for name in ("index", "path", "reason"):
+            f[f"skipped/{name}"].resize(n_skip, axis=0)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.file["labels"].shape[0]) + sum(len(b[1]) for b in self._buffer)
+
+    def append(self, features: dict[str, np.ndarray], labels, index, paths=None, next_index: int | None = None):
+        """Queue a batch of rows; `next_index` is the source position after this batch."""
+        self._buffer.append((features, np.asarray(labels, np.int64), np.asarray(index, np.int64), paths))
+        if next_index is not None:
+            self.next_index = next_index
+        if (sum(len(b[1]) for b in self._buffer) >= self.flush_rows
+                or time.monotonic() - self._last_flush >= self.flush_seconds):
+            self.flush()
+
+    def skip(self, index: int, path: str | None, reason: str) -> None:
+        self._skips.append((index, path or "", reason))
+
+    def _ensure_space(self) -> None:
+        """Refuse to write when the disk cannot take it: a failed HDF5 write can corrupt the file."""
+        n = sum(len(b[1]) for b in self._buffer)
+        start = self.file["labels"].shape[0]
+        datasets = list(self.file["features"].values()) + [self.file[k] for k in ("labels", "index", "paths")]
+        need = _SPACE_MARGIN + len(self._skips) * 512 + n * 256  # path strings live in the global heap
+        for ds in datasets:  # HDF5 allocates whole chunks
+            rows = ds.chunks[0]
+            new_chunks = -(-(start + n) // rows) - -(-start // rows)
+            need += new_chunks * rows * int(np.prod(ds.chunks[1:])) * ds.dtype.itemsize
+        free = shutil.disk_usage(self.partial.parent).free
+        if free < need:
+            raise OSError(errno.ENOSPC, f"No space left on device ({free // 1024} KiB free, "
+                                        f"about {need // 1024} KiB needed)")
+
+    def flush(self) -> None:
+        """Write queued rows, then record progress; a crash after this loses nothing before it."""
+        f = self.file
+        self._ensure_space()
+        if self._buffer:
+            labels = np.concatenate([b[1] for b in self._buffer])
+            start, n = f["labels"].shape[0], len(labels)
+            for layer, ds in f["features"].items():
+                ds.resize(start + n, axis=0)
+                ds[start:] = np.concatenate([b[0][layer] for b in self._buffer]).astype(self.dtype, copy=False)
+            for name, values in (("labels", labels), ("index", np.concatenate([b[2] for b in self._buffer]))):
+                f[name].resize(start + n, axis=0)
+                f[name][start:] = values
+            if self._buffer[0][3] is not None:
+                f["paths"].resize(start + n, axis=0)
+                f["paths"][start:] = [p for b in self._buffer for p in b[3]]
+            self._buffer.clear()
+        if self._skips:
+            start = f["skipped/index"].shape[0]
+            for col, name in enumerate(("index", "path", "reason")):
+                f[f"skipped/{name}"].resize(start + len(self._skips), axis=0)
+                f[f"skipped/{name}"][start:] = [s[col] for s in self._skips]
+            self._skips.clear()
+        self.saved_rows = f["labels"].shape[0]
+        f.attrs["n_rows"] = self.saved_rows
+        f.attrs["next_index"] = self.next_index
+        f.flush()
+        self._last_flush = time.monotonic()
+
+    def finish(self) -> Path:
+        """Flush, mark complete and move the partial file into place atomically."""
+        self.flush()
+        self.file.attrs["complete"] = True
+        self.file.close()
+        os.replace(self.partial, self.path)
+        return self.path
+
+    def close(self, flush: bool = True) -> None:
+        """Close, keeping the partial file for a later resume; flush=False drops rows not yet written."""
+        if self.file.id.valid:
+            try:
+                if flush:
+                    self.flush()
+            finally:
+                self.file.close()
+
+
+def write_features(path, features: dict[str, np.ndarray], labels, index=None, provenance: dict | None = None,
+                   paths=None, dtype: str = "float32", key: dict | None = None) -> Path:
+    """Write a complete cache file in one go (tests, imports from other tools)."""
+    labels = np.asarray(labels, np.int64)
+    index = np.arange(len(labels)) if index is None else index
+    provenance = dict(provenance or {})
+    provenance.setdefault("dims", {k: int(v.shape[1]) for k, v in features.items()})
+    dims = provenance["dims"]
+    with lock_for(path):
+        writer = CacheWriter(path, key or {"format": FORMAT}, provenance, dims, dtype)
+        writer.append(features, labels, index, paths, next_index=len(labels))
+        return writer.finish()
+
+
+def _require_complete(path: Path) -> None:
+    if path.name.endswith(PARTIAL) or (not path.exists() and partial_path(path).exists()):
+        header = read_header(path if path.name.endswith(PARTIAL) else partial_path(path))
+        done = f" ({header['n_rows']} rows so far)" if header else ""
+        raise UserError(f"cache {path} is incomplete{done}: rerun the same extract command to finish it")
+    if not path.exists():
+        raise UserError(f"no cache file at {path}: run `python -m extract` first")
+
+
+def load_features(path, layer: str | None = None, lazy: bool = False) -> Features:
+    """Read one layer of a complete cache file: X (N, D), y (N,) and metadata.
+
+    With lazy=True, X is an open h5py.Dataset read on demand (slice it in chunks for large caches).
+    """
+    path = Path(path)
+    _require_complete(path)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise UserError(f"cannot read cache {path}: {e}") from None
+    try:
+        if not f.attrs.get("complete", False) or "features" not in f:
+            raise UserError(f"cache {path} is incomplete: rerun the same extract command to finish it")
+        layers = sorted(f["features"].keys())
+        provenance = _attr_json(f, "provenance")
+        default = provenance.get("layers", layers)[0] if provenance.get("layers") else layers[0]
+        layer = layer or default
+        if layer not in layers:
+            raise UserError(f"cache {path} has no layer {layer!r}; it has {', '.join(layers)}")
+        X = f[f"features/{layer}"] if lazy else f[f"features/{layer}"][()]
+        y = f["labels"][()]
+        paths = [p.decode() if isinstance(p, bytes) else p for p in f["paths"][()]] if len(f["paths"]) else None
+        skipped = [{"index": int(i), "path": p.decode() if isinstance(p, bytes) else p,
+                    "reason": r.decode() if isinstance(r, bytes) else r}
+                   for i, p, r in zip(f["skipped/index"][()], f["skipped/path"][()], f["skipped/reason"][()])]
+        meta = {"path": str(path), "layer": layer, "layers": layers, "provenance": provenance,
+                "key": _attr_json(f, "key"), "versions": _attr_json(f, "versions"),
+                "classes": provenance.get("classes", json.loads(f.attrs.get("classes", "[]"))),
+                "index": f["index"][()], "paths": paths, "skipped": skipped,
+                "created": str(f.attrs.get("created", "")), "dtype": str(f.attrs.get("dtype", "")),
+                **{k: str(f.attrs.get(k, "")) for k in ("model", "weights", "dataset", "split")}}
+    except BaseException:
+        f.close()
+        raise
+    if not lazy:
+        f.close()
+    else:
+        meta["file"] = f
+    return Features(X, y, meta)
+
+
+def iter_rows(path, layer: str | None = None, rows: int = 8192) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Stream (X, y) blocks of a complete cache without loading it whole."""
+    feats = load_features(path, layer, lazy=True)
+    try:
+        for start in range(0, len(feats.y), rows):
+            yield feats.X[start:start + rows], feats.y[start:start + rows]
+    finally:
+        feats.meta["file"].close()
+
+
+def find_caches(cache_dir) -> list[dict]:
+    """Every complete cache file under `cache_dir`, newest first."""
+    found = []
+    for path in Path(cache_dir).glob("**/*.h5"):
+        header = read_header(path)
+        if not header or not header["complete"]:
+            continue
+        prov = header["provenance"]
+        found.append({"path": path, "dataset": prov.get("dataset", path.parent.parent.name),
+                      "model": prov.get("model", ""), "weights": prov.get("weights", ""),
+                      "split": prov.get("split", path.stem.split(".")[0]), "layers": header["layers"],
+                      "created": header["created"], "mtime": path.stat().st_mtime})
+    return sorted(found, key=lambda c: c["mtime"], reverse=True)

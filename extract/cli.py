@@ -1,0 +1,100 @@
+"""`python -m extract`: command line -> extract(...) keyword arguments -> one-line summary."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from .errors import UserError, guarded
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m extract",
+                                description="Run a frozen pretrained backbone over a dataset and cache the "
+                                            "embeddings to HDF5 (one file per split).")
+    p.add_argument("--model", default="efficientnet_lite0", help="backbone name (see --list-models)")
+    p.add_argument("--weights", default="default",
+                   help="weights tag (e.g. IMAGENET1K_V2, swav), 'none' for random init, or a local checkpoint file")
+    p.add_argument("--data", default="digits", help="dataset name (see --list-datasets)")
+    p.add_argument("--root", help="dataset folder (imagefolder: the folder with train/val/test or class folders)")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
+                   help="download torchvision datasets that are not on disk")
+    p.add_argument("--layer", action="append", dest="layers", metavar="LAYER",
+                   help="tap to extract (repeat or comma-separate for several); default: penultimate")
+    p.add_argument("--split", action="append", dest="splits", metavar="SPLIT", help="only these splits")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="dataset option, e.g. --option n=500 for the synthetic set")
+    p.add_argument("--cache-dir", default="cache", help="cache root (default: ./cache)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, help="DataLoader workers (default: by device and cores)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast precision; auto = bf16/fp16 where the hardware has it, else fp32")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="storage dtype in the cache")
+    p.add_argument("--on-error", default="skip", choices=["skip", "stop"],
+                   help="unreadable images: skip and record them (default), or stop at the first")
+    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                   help="replace a cache made from different inputs")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--list-models", action="store_true", help="list backbones with dims and weights, then exit")
+    p.add_argument("--list-datasets", action="store_true", help="list datasets, then exit")
+    return p
+
+
+def _options(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--option takes KEY=VALUE, got {pair!r}")
+        out[key] = int(value) if value.lstrip("-").isdigit() else value
+    return out
+
+
+def _split_list(values: list[str] | None) -> list[str] | None:
+    return [v for value in values for v in value.split(",") if v] if values else None
+
+
+def print_models() -> None:
+    from .models import describe_models
+
+    rows = describe_models()
+    print(f"{'model':<22} {'dim':>5}  {'default weights':<26} taps")
+    for r in rows:
+        taps = ", ".join(r.get("taps", []))
+        print(f"{r['name']:<22} {r.get('dim', ''):>5}  {str(r.get('default_weights', '')):<26} {taps}")
+        tags = [t for t in r.get("weights", []) if t != r.get("default_weights")]
+        if tags:
+            print(f"{'':<22} {'':>5}  also: {', '.join(tags)}")
+
+
+def print_datasets() -> None:
+    from .datasets import list_datasets
+
+    print("\n".join(list_datasets()))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list_models:
+        print_models()
+        return 0
+    if args.list_datasets:
+        print_datasets()
+        return 0
+    from .api import extract, summary
+
+    started = time.perf_counter()
+    results = extract(model=args.model, data=args.data, weights=args.weights, layers=_split_list(args.layers),
+                      root=args.root, download=args.download, splits=_split_list(args.splits),
+                      cache_dir=args.cache_dir, batch_size=args.batch_size, workers=args.workers, device=args.device,
+                      precision=args.precision, dtype=args.dtype, on_error=args.on_error, overwrite=args.overwrite,
+                      progress=args.progress, dataset_options=_options(args.option))
+    for r in results.values():
+        print(f"{r.split:>6}: {r.path} ({r.status})")
+    print(summary(results, started))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return guarded(lambda: run(args))

@@ -1,0 +1,251 @@
+"""Batched frozen inference: what happens to a batch, top to bottom.
+
+source -> uint8 batches (DataLoader workers decode + resize files; in-memory arrays are sliced)
+-> device (pinned, non-blocking) -> resize on device if needed -> normalise -> channels_last
+-> backbone under autocast -> pooled features -> writer thread -> HDF5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .errors import UserError
+from .images import ImageError
+from .preprocess import Preprocess
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' picks cuda, then mps, then cpu."""
+    if device != "auto":
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise UserError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"device {device} asked for, but CUDA is not available here")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def cpu_has_bf16() -> bool:
+    """True on CPUs with native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for a precision name; None means plain fp32."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_bf16():
+        return torch.bfloat16
+    return None
+
+
+def effective_preprocess(preprocess: Preprocess, in_memory: bool) -> Preprocess:
+    """Small in-memory images (CIFAR, digits) are resized straight to the crop size, not cropped."""
+    return dataclasses.replace(preprocess, resize=preprocess.crop) if in_memory else preprocess
+
+
+class _Files(Dataset):
+    """Positions of a file source -> (uint8 (3, crop, crop), position, reason or '')."""
+
+    def __init__(self, source, preprocess: Preprocess, positions: range):
+        self.source, self.preprocess, self.positions = source, preprocess, positions
+
+    def __len__(self):
+        return len(self.positions)
+
+    def __getitem__(self, k):
+        i = self.positions[k]
+        try:
+            return self.preprocess.resize_crop_pil(self.source.load(i)), i, ""
+        except ImageError as e:
+            crop = self.preprocess.crop
+            return torch.zeros(3, crop, crop, dtype=torch.uint8), i, e.reason
+
+
+def default_workers(device: torch.device) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(8, cores) if device.type == "cuda" else max(1, min(4, cores - 1))
+
+
+def iter_batches(source, preprocess: Preprocess, start: int, batch_size: int, workers: int,
+                 pin: bool) -> Iterator[tuple[torch.Tensor, np.ndarray, list[str]]]:
+    """uint8 batches from `start` on, with their source positions and per-image error reasons."""
+    if source.arrays is not None:
+        for a in range(start, len(source), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(source.arrays[a:a + batch_size])).permute(0, 3, 1, 2)
+            yield (x.pin_memory() if pin else x), np.arange(a, a + len(x)), [""] * len(x)
+        return
+    loader = DataLoader(_Files(source, preprocess, range(start, len(source))), batch_size=batch_size,
+                        num_workers=workers, pin_memory=pin, prefetch_factor=4 if workers else None)
+    for x, positions, reasons in loader:
+        yield x, positions.numpy(), list(reasons)
+
+
+class Embedder:
+    """A frozen backbone on a device at a precision: uint8 batch in, {layer: (B, D) tensor} out."""
+
+    def __init__(self, backbone, device: torch.device, precision: torch.dtype | None, preprocess: Preprocess):
+        self.device, self.precision, self.preprocess = device, precision, preprocess
+        self.channels_last = device.type in ("cuda", "cpu")
+        backbone.eval().requires_grad_(False)
+        self.backbone = backbone.to(device, memory_format=torch.channels_last) if self.channels_last \
+            else backbone.to(device)
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = x.to(self.device, non_blocking=True)
+        if tuple(x.shape[-2:]) != (self.preprocess.crop, self.preprocess.crop):
+            x = self.preprocess.resize_crop_batch(x)
+        x = self.preprocess.normalize(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.precision or torch.float32,
+                            enabled=self.precision is not None):
+            out = self.backbone(x)
+        return {k: v.float() for k, v in out.items()}
+
+
+@dataclass
+class RunStats:
+    """What one extraction pass did."""
+
+    images: int = 0
+    seconds: float = 0.0
+    skipped: list[tuple[int, str, str]] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+
+class _WriterThread:
+    """Moves feature batches to the host and into the cache while the next batch computes."""
+
+    def __init__(self, writer):
+        self.writer, self.error = writer, None
+        self.queue: queue.Queue = queue.Queue(maxsize=4)
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    feats, labels, positions, paths, next_index = item
+                    self.writer.append({k: v.cpu().numpy() for k, v in feats.items()}, labels, positions,
+                                       paths, next_index)
+                except BaseException as e:  # re-raised in the main thread
+                    self.error = e
+
+    def put(self, item):
+        self._check()
+        self.queue.put(item)
+
+    def _check(self):
+        if self.error is not None:
+            raise self.error
+
+    def close(self):
+        self.queue.put(None)
+        self.thread.join()
+        self._check()
+
+
+def run(embedder: Embedder, source, writer, *, batch_size: int = 64, workers: int = 0,
+        on_error: str = "skip", progress: bool = True, desc: str = "") -> RunStats:
+    """Extract `source` from `writer.next_index` to the end into `writer` (which the caller finishes)."""
+    start = writer.next_index
+    stats = RunStats()
+    pin = embedder.device.type == "cuda"
+    bar = tqdm(total=len(source), initial=start, desc=desc, unit="img", disable=not progress, dynamic_ncols=True,
+               smoothing=0.1)
+    sink = _WriterThread(writer)
+    t0 = time.perf_counter()
+    try:
+        for x, positions, reasons in iter_batches(source, embedder.preprocess, start, batch_size, workers, pin):
+            bad = [k for k, r in enumerate(reasons) if r]
+            for k in bad:
+                path = source.paths[positions[k]] if source.paths else None
+                if on_error == "stop":
+                    sink.close()
+                    raise UserError(f"cannot read {path}: {reasons[k]} (the {writer.n_rows} images before it are "
+                                    f"saved; fix or remove the file and rerun, or use --on-error skip)")
+                stats.skipped.append((int(positions[k]), path or "", reasons[k]))
+                writer.skip(int(positions[k]), path, reasons[k])
+            keep = np.array([not r for r in reasons])
+            feats = embedder(x)
+            if len(bad):
+                feats = {k: v[torch.from_numpy(keep).to(v.device)] for k, v in feats.items()}
+            kept = positions[keep]
+            paths = [source.paths[i] for i in kept] if source.paths else None
+            sink.put((feats, source.labels[kept], kept, paths, int(positions[-1]) + 1))
+            stats.images += len(positions)
+            bar.update(len(positions))
+            bar.set_postfix_str(f"{stats.images / (time.perf_counter() - t0):.1f} img/s", refresh=False)
+        sink.close()
+    finally:
+        if sink.thread.is_alive():
+            sink.queue.put(None)
+            sink.thread.join()
+        bar.close()
+        stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+class _Collect:
+    """A writer that keeps rows in memory (for `embed`)."""
+
+    def __init__(self):
+        self.next_index, self.rows, self.n_rows = 0, [], 0
+
+    def append(self, features, labels, index, paths=None, next_index=None):
+        self.rows.append(features)
+        self.n_rows += len(labels)
+
+    def skip(self, index, path, reason):
+        raise UserError(f"cannot read {path}: {reason}")
+
+
+def embed(backbone, source, *, batch_size: int = 64, device: str = "auto", precision: str = "auto",
+          workers: int = 0, progress: bool = False) -> dict[str, np.ndarray]:
+    """Embed a small source in memory: {layer: (N, D) float32}. Unreadable images raise UserError."""
+    dev = resolve_device(device)
+    embedder = Embedder(backbone, dev, resolve_precision(precision, dev),
+                        effective_preprocess(backbone.preprocess, source.arrays is not None))
+    sink = _Collect()
+    run(embedder, source, sink, batch_size=batch_size, workers=workers, progress=progress)
+    layers = sink.rows[0].keys() if sink.rows else backbone.layers
+    return {k: np.concatenate([r[k] for r in sink.rows]) if sink.rows else np.zeros((0, backbone.dims[k]), np.float32)
+            for k in layers}

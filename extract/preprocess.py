@@ -1,0 +1,67 @@
+"""Eval preprocessing as a property of the weights: resize, centre crop, scale, normalise.
+
+The spatial part (resize + crop) runs either on PIL images in DataLoader
+workers (files of any size) or on whole uint8 batches on the device (small
+in-memory images such as CIFAR or digits). Normalisation always runs on the
+device, so workers ship compact uint8 tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
+                   "nearest": InterpolationMode.NEAREST}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize the shorter side to `resize`, centre-crop `crop`, then (x/255 - mean) / std."""
+
+    resize: int = 256
+    crop: int = 224
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}")
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    def resize_crop_pil(self, img: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> uint8 tensor (3, crop, crop)."""
+        img = TF.resize(img, self.resize, interpolation=_INTERPOLATIONS[self.interpolation])
+        img = TF.center_crop(img, self.crop)
+        return TF.pil_to_tensor(img)
+
+    def resize_crop_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 or float batch (B, 3, h, w) on any device -> float batch (B, 3, crop, crop) in [0, 255]."""
+        x = x.float()
+        h, w = x.shape[-2:]
+        if min(h, w) != self.resize:
+            scale = self.resize / min(h, w)
+            size = (max(self.resize, round(h * scale)), max(self.resize, round(w * scale)))
+            mode = "nearest" if self.interpolation == "nearest" else self.interpolation
+            x = F.interpolate(x, size=size, mode=mode, antialias=mode != "nearest" and scale < 1,
+                              align_corners=False if mode != "nearest" else None)
+            x = x.clamp_(0, 255)
+        return TF.center_crop(x, [self.crop, self.crop])
+
+    def normalize(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Batch in [0, 255] (uint8 or float) -> normalised `dtype` batch, same device."""
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1) * 255
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1) * 255
+        return ((x.float() - mean) / std).to(dtype)

@@ -1,0 +1,5 @@
+"""End-to-end fine-tuning of a registered backbone, reported beside the frozen-feature probes."""
+
+from .train import FinetuneResult, finetune
+
+__all__ = ["finetune", "FinetuneResult"]

@@ -1,0 +1,114 @@
+"""`python -m finetune`: command line -> finetune(...) keyword arguments -> one-line summary."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from extract.errors import UserError, guarded
+
+from .data import CROP_SCALE
+from .model import FREEZE_HELP
+from .train import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, Interrupted
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m finetune",
+        description="Train a registered backbone with a new classification layer end to end; the result lands "
+                    "beside the frozen-feature probes in `python -m probe --report`.")
+    p.add_argument("--model", default="efficientnet_lite0", help="backbone name (python -m extract --list-models)")
+    p.add_argument("--weights", default="default",
+                   help="weights tag (e.g. IMAGENET1K_V2, swav), 'none' for random init, or a local checkpoint file")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="same architecture, random init (the baseline pretrained weights are compared against)")
+    p.add_argument("--data", default="digits", help="dataset name (python -m extract --list-datasets)")
+    p.add_argument("--root", help="dataset folder (imagefolder: the folder with train/val/test or class folders)")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
+                   help="download torchvision datasets that are not on disk")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="dataset option, e.g. --option n=500 for the synthetic set")
+    g = p.add_argument_group("training")
+    g.add_argument("--freeze", default="none", metavar="SPEC",
+                   help=f"{FREEZE_HELP}: train everything, only the new layer, or from <layer> (a tap such as "
+                        "layer4 or fc6, or a module path) onward (default: none)")
+    g.add_argument("--epochs", type=int, default=10, help="default: 10")
+    g.add_argument("--batch-size", type=int, default=32, help="default: 32")
+    g.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="default: sgd (momentum 0.9)")
+    g.add_argument("--lr", type=float,
+                   help=f"base learning rate (default: sgd {DEFAULT_LR['sgd']}, adamw {DEFAULT_LR['adamw']})")
+    g.add_argument("--head-lr-mult", type=float,
+                   help="learning-rate multiplier of the new layer (default: 10, or 1 with --from-scratch)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    g.add_argument("--weight-decay", type=float,
+                   help=f"default: sgd {DEFAULT_WEIGHT_DECAY['sgd']}, adamw {DEFAULT_WEIGHT_DECAY['adamw']}; "
+                        "never applied to biases and normalisation weights")
+    g.add_argument("--sched", default="cosine", choices=["step", "cosine"],
+                   help="per-step cosine decay, or x0.1 at 50%% and 75%% of the epochs (default: cosine)")
+    g.add_argument("--warmup-epochs", type=int, default=1, help="linear warmup epochs (default: 1)")
+    g.add_argument("--label-smoothing", type=float, default=0.0, help="default: 0")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seeds init, shuffling, augmentation and (as in probe) the carved validation split")
+    g.add_argument("--val-fraction", type=float, default=0.2,
+                   help="share of train used for validation when the dataset has no own val split (default: 0.2)")
+    g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                   help="continue the run's last checkpoint (--no-resume: start over)")
+    r = p.add_argument_group("runtime and output")
+    r.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    r.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast precision; auto = bf16 where the hardware has it, fp16 on older GPUs, else fp32")
+    r.add_argument("--workers", type=int, help="DataLoader workers for image files (default: by device and cores)")
+    r.add_argument("--results-dir", default="results", help="result JSON root shared with probe (default: results)")
+    r.add_argument("--runs-dir", default="runs", help="checkpoint root (default: runs)")
+    r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.epilog = (f"Training images get RandomResizedCrop (area {CROP_SCALE[0]:g}-{CROP_SCALE[1]:g}) to the "
+                "backbone's crop size and a horizontal flip; validation and test use its eval preprocessing.")
+    return p
+
+
+def _options(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--option takes KEY=VALUE, got {pair!r}")
+        out[key] = int(value) if value.lstrip("-").isdigit() else value
+    return out
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues an interrupted run."""
+    kept = [a for a in argv if a not in ("--resume", "--no-resume")]
+    return shlex.join(["python", "-m", "finetune", *kept, "--resume"])
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    from .train import finetune
+
+    try:
+        out = finetune(model=args.model, data=args.data, weights=args.weights, root=args.root,
+                       download=args.download, dataset_options=_options(args.option), freeze=args.freeze,
+                       from_scratch=args.from_scratch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                       head_lr_mult=args.head_lr_mult, optimizer=args.optimizer, momentum=args.momentum,
+                       weight_decay=args.weight_decay, sched=args.sched, warmup_epochs=args.warmup_epochs,
+                       label_smoothing=args.label_smoothing, seed=args.seed, val_fraction=args.val_fraction,
+                       precision=args.precision, device=args.device, workers=args.workers,
+                       results_dir=args.results_dir, runs_dir=args.runs_dir, resume=args.resume,
+                       progress=args.progress)
+    except Interrupted as e:
+        where = (f"the checkpoint of epoch {e.epochs_done} is in {e.run_dir}" if e.epochs_done
+                 else "no epoch had finished")
+        print(f"error: interrupted after {e.epochs_done} of {e.epochs} epochs; {where}. Continue with:\n"
+              f"  {resume_command(argv)}", file=sys.stderr)
+        return 130
+    m = out.result["metrics"]
+    print(f"{out.result['head']}: test top-1 {m['top1']:.4f}, balanced {m['balanced_accuracy']:.4f} "
+          f"(best epoch {out.result['best_epoch']}); curves: {out.curves}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(argv)
+    return guarded(lambda: run(args, argv))

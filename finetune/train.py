@@ -1,0 +1,356 @@
+"""`finetune(...)`: a registered backbone + a new linear layer, trained end to end, scored once on test.
+
+What happens, top to bottom: dataset -> train / validation / test rows (probe's rules) ->
+backbone.net with a fresh nn.Linear at its classifier -> freeze -> param groups -> optimizer
+and per-step schedule -> epochs (augmented train pass, validation pass, checkpoint) ->
+restore the best-validation weights -> one test pass -> result JSON + training-curve PNG.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from extract.api import dataset_dir_name, weights_label
+from extract.datasets import load_dataset
+from extract.engine import default_workers, effective_preprocess
+from extract.errors import UserError
+from extract.models import get_spec, load_backbone
+from probe.metrics import classification_metrics
+from probe.results import SCHEMA, library_versions, write_result
+
+from . import checkpoint, schedule
+from .data import SplitLoader
+from .model import Classifier, freeze as apply_freeze, make_optimizer, param_groups, parse_freeze, set_train_mode
+from .plot import plot_history
+from .runtime import (autocast, check_precision, precision_name, resolve_device, resolve_precision, rng_state,
+                      seed_everything, set_rng_state)
+from .splits import SplitPlan, plan_splits
+
+OPTIMIZERS = ("sgd", "adamw")
+DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-4}
+DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 0.05}
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the last finished epoch's checkpoint is on disk."""
+
+    def __init__(self, run_dir: Path, epochs_done: int, epochs: int):
+        super().__init__(f"interrupted after {epochs_done} of {epochs} epochs")
+        self.run_dir, self.epochs_done, self.epochs = run_dir, epochs_done, epochs
+
+
+@dataclass
+class FinetuneResult:
+    result: dict                  # the result JSON's content
+    path: Path                    # where the result JSON was written
+    curves: Path                  # the training-curve PNG
+    run_dir: Path                 # checkpoints (last.pt, best.pt)
+    model: nn.Module = field(repr=False)  # the trained network, best-validation weights, on the CPU
+
+
+def head_name(freeze: str, from_scratch: bool) -> str:
+    """Result head name: finetune-<freeze> or scratch-<freeze> (':' of until: becomes '-')."""
+    return f"{'scratch' if from_scratch else 'finetune'}-{freeze.replace(':', '-')}"
+
+
+def finetune(model: str = "efficientnet_lite0", data: str = "digits", *, weights: str | None = "default",
+             root: str | None = None, download: bool = False, dataset_options: dict | None = None,
+             freeze: str = "none", from_scratch: bool = False, epochs: int = 10, batch_size: int = 32,
+             lr: float | None = None, head_lr_mult: float | None = None, optimizer: str = "sgd",
+             momentum: float = 0.9, weight_decay: float | None = None, sched: str = "cosine",
+             warmup_epochs: int = 1, label_smoothing: float = 0.0, seed: int = 0, val_fraction: float = 0.2,
+             precision: str = "auto", device: str = "auto", workers: int | None = None,
+             results_dir: str | os.PathLike = "results", runs_dir: str | os.PathLike = "runs",
+             resume: bool | None = None, progress: bool = True, log: Callable[[str], None] = print,
+             on_epoch_end: Callable[[int, dict, nn.Module], None] | None = None) -> FinetuneResult:
+    """Fine-tune `model` on `data` and write a result beside probe's; see `python -m finetune --help`.
+
+    lr / weight_decay None pick the optimizer's default (sgd 0.01 / 1e-4, adamw 1e-4 / 0.05);
+    head_lr_mult None is 10 for pretrained weights and 1 from scratch. resume: True continues
+    the run's last checkpoint, False starts over, None starts over unless an unfinished run exists.
+    on_epoch_end(epoch, history_row, model) runs after each epoch's checkpoint is saved.
+    """
+    _check_numbers(epochs=epochs, batch_size=batch_size, lr=lr, head_lr_mult=head_lr_mult, momentum=momentum,
+                   weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing)
+    parse_freeze(freeze)
+    if optimizer not in OPTIMIZERS:
+        raise UserError(f"unknown optimizer {optimizer!r}: use {' or '.join(OPTIMIZERS)}")
+    if sched not in schedule.SCHEDULES:
+        raise UserError(f"unknown schedule {sched!r}: use {' or '.join(schedule.SCHEDULES)}")
+    lr = DEFAULT_LR[optimizer] if lr is None else lr
+    weight_decay = DEFAULT_WEIGHT_DECAY[optimizer] if weight_decay is None else weight_decay
+    head_lr_mult = (1.0 if from_scratch else 10.0) if head_lr_mult is None else head_lr_mult
+
+    spec = get_spec(model)
+    weights = "none" if from_scratch else weights
+    weights_id, weights_dir = weights_label(spec.name, weights)
+    dataset = load_dataset(data, root=root, download=download, **(dataset_options or {}))
+    plan = plan_splits(dataset, seed=seed, val_fraction=val_fraction)
+    dev = resolve_device(device)
+    amp = resolve_precision(precision, dev)
+    check_precision(amp, dev)
+    head = head_name(freeze, from_scratch)
+    model_dir = spec.name if weights_dir is None else f"{spec.name}.{weights_dir}"
+    run_dir = Path(runs_dir) / dataset_dir_name(dataset) / model_dir / head
+
+    seed_everything(seed)
+    backbone = load_backbone(spec.name, weights=weights)
+    _report_load(backbone, log)
+    n_classes = len(dataset.classes)
+    net = Classifier(backbone.net, backbone.head_path, backbone.dims["penultimate"], n_classes,
+                     embed=backbone.spec.embed)
+    frozen = apply_freeze(net, freeze, backbone.module_for)
+    channels_last = dev.type == "cuda"
+    net.to(dev, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+
+    in_memory = plan.train.source.arrays is not None
+    eval_pre = effective_preprocess(backbone.preprocess, in_memory)
+    workers = (0 if in_memory else default_workers(dev)) if workers is None else workers
+    loaders = {role: SplitLoader(part.source, part.indices, preprocess=eval_pre, train=role == "train",
+                                 batch_size=batch_size, seed=seed, workers=workers, device=dev,
+                                 channels_last=channels_last)
+               for role, part in (("train", plan.train), ("val", plan.val), ("test", plan.test))}
+    steps_per_epoch = len(loaders["train"])
+    groups = param_groups(net, lr=lr, weight_decay=weight_decay, head_lr_mult=head_lr_mult)
+    opt = make_optimizer(groups, optimizer, lr=lr, momentum=momentum)
+    scheduler = schedule.make_scheduler(opt, name=sched, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                                        warmup_epochs=warmup_epochs)
+    scaler = torch.amp.GradScaler(dev.type) if amp == torch.float16 else None
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+    hyper = {"model": spec.name, "weights": weights_id, "dataset": dataset.identity, "freeze": freeze,
+             "from_scratch": from_scratch, "epochs": epochs, "batch_size": batch_size, "optimizer": optimizer,
+             "lr": lr, "head_lr_mult": head_lr_mult, "momentum": momentum if optimizer == "sgd" else None,
+             "weight_decay": weight_decay, "sched": sched, "warmup_epochs": warmup_epochs,
+             "label_smoothing": label_smoothing, "seed": seed, "val_fraction": val_fraction,
+             "precision": precision_name(amp), "sizes": _sizes(plan)}
+    state = _start_or_resume(run_dir, hyper, resume, net, opt, scheduler, scaler, log)
+    history, best = state["history"], state["best"]
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in net.parameters())
+    if state["epoch"] < epochs:
+        log(f"fine-tuning {spec.name} ({weights_id}) on {dataset.name}: {head}, {trainable:,} of {total:,} "
+            f"parameters trained, {len(plan.train.indices)} train / {len(plan.val.indices)} val images, "
+            f"{dev} {precision_name(amp)}; checkpoints in {run_dir}")
+    skipped: dict[str, dict[int, str]] = {"train": {}, "val": {}, "test": {}}
+    epoch = state["epoch"]
+    try:
+        for epoch in range(state["epoch"] + 1, epochs + 1):
+            t0 = time.perf_counter()
+            loaders["train"].set_epoch(epoch)
+            tr = train_epoch(net, loaders["train"], opt, scheduler, scaler, loss_fn, dev, amp, frozen,
+                             skipped["train"], progress=progress, desc=f"epoch {epoch}/{epochs}")
+            va = evaluate(net, loaders["val"], dev, amp, skipped["val"], loss_fn=loss_fn)
+            row = {"epoch": epoch, "train_loss": tr["loss"], "train_top1": tr["top1"], "val_loss": va["loss"],
+                   "val_top1": va["top1"], "lr": opt.param_groups[0]["lr"],
+                   "seconds": round(time.perf_counter() - t0, 3), "images_per_second": tr["images_per_second"]}
+            history.append(row)
+            if best is None or (row["val_top1"], -row["val_loss"]) > (best["val_top1"], -best["val_loss"]):
+                best = {"epoch": epoch, "val_top1": row["val_top1"], "val_loss": row["val_loss"]}
+                checkpoint.save(run_dir / checkpoint.BEST, {"epoch": epoch, "model": net.state_dict()})
+            checkpoint.save(run_dir / checkpoint.LAST, {
+                "format": 1, "epoch": epoch, "config": hyper, "model": net.state_dict(),
+                "optimizer": opt.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler else None, "rng": rng_state(),
+                "history": history, "best": best})
+            log(f"epoch {epoch}/{epochs}: train loss {row['train_loss']:.4f} top-1 {row['train_top1']:.4f}, "
+                f"val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.4f} ({row['seconds']:.1f} s)")
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, row, net)
+    except KeyboardInterrupt:
+        raise Interrupted(run_dir, len(history), epochs) from None
+
+    best_state = checkpoint.load(run_dir / checkpoint.BEST)
+    net.load_state_dict(best_state["model"])
+    t0 = time.perf_counter()
+    te = evaluate(net, loaders["test"], dev, amp, skipped["test"], keep_scores=True)
+    predict_seconds = time.perf_counter() - t0
+    _warn_skipped(skipped, plan, log)
+    metrics = classification_metrics(te["y"], te["scores"].argmax(1), te["scores"] if n_classes > 5 else None,
+                                     classes=list(dataset.classes))
+    result = {
+        "schema": SCHEMA, "kind": "finetune", "head": head,
+        "description": ("random init, " if from_scratch else "") + f"end-to-end fine-tuning, freeze {freeze}",
+        "dataset": dataset.name, "model": spec.name, "model_dir": model_dir, "weights": backbone.weights,
+        "layer": "penultimate", "metrics": metrics,
+        "hyperparameters": {k: v for k, v in hyper.items() if k not in ("model", "weights", "dataset", "sizes")},
+        "grid": [], "epochs": epochs, "best_epoch": best_state["epoch"],
+        "schedule": schedule.describe(name=sched, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                                      warmup_epochs=warmup_epochs, base_lr=lr),
+        "history": history,
+        "timing": {"fit_seconds": round(sum(h["seconds"] for h in history), 4),
+                   "predict_seconds": round(predict_seconds, 4)},
+        "sizes": _sizes(plan, skipped), "validation": plan.validation + "; best epoch by validation top-1",
+        "test_split": plan.test_split, "classes": list(dataset.classes),
+        "skipped": {k: len(v) for k, v in skipped.items()},
+        "trainable_parameters": trainable, "parameters": total,
+        "provenance": {**backbone.provenance(), "dataset": dataset.name, "dataset_identity": dataset.identity,
+                       "eval_preprocess": eval_pre.as_dict(), "device": str(dev), "run_dir": str(run_dir)},
+        "versions": {**library_versions(), "torchvision": _torchvision_version()},
+        "seed": seed, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    path = write_result(result, results_dir)
+    curves = plot_history(history, path.with_name(f"{path.stem}.curves.png"),
+                          title=f"{head} · {dataset.name} · {model_dir}", best_epoch=best_state["epoch"])
+    log(f"test top-1 {metrics['top1']:.4f} (best epoch {best_state['epoch']} of {epochs}); result: {path}")
+    return FinetuneResult(result, path, curves, run_dir, net.cpu())
+
+
+def train_epoch(net, loader: SplitLoader, opt, scheduler, scaler, loss_fn, dev, amp, frozen: set[str],
+                skipped: dict, *, progress: bool = True, desc: str = "") -> dict:
+    """One pass over the training rows; returns mean loss, top-1 and images/s."""
+    set_train_mode(net, frozen)
+    loss_sum, correct, seen = 0.0, 0, 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=loader.n_images, desc=desc, unit="img", disable=None if progress else True,
+               dynamic_ncols=True, leave=False)
+    try:
+        for batch in loader:
+            skipped.update(batch.skipped)
+            bar.update(len(batch.skipped))
+            if batch.x is None:
+                continue
+            with autocast(dev, amp):
+                logits = net(batch.x)
+            loss = loss_fn(logits.float(), batch.y)
+            if not torch.isfinite(loss):
+                raise UserError(f"training diverged (loss {loss.item()}) in {desc}; lower --lr")
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            scheduler.step()
+            n = len(batch.y)
+            loss_sum += loss.item() * n
+            correct += int((logits.argmax(1) == batch.y).sum())
+            seen += n
+            bar.update(n)
+            rate = seen / max(1e-9, time.perf_counter() - t0)
+            bar.set_postfix_str(f"loss {loss_sum / seen:.4f} acc {correct / seen:.3f} {rate:.1f} img/s",
+                                refresh=False)
+    finally:
+        bar.close()
+    if seen == 0:
+        raise UserError("no training image could be read")
+    return {"loss": loss_sum / seen, "top1": correct / seen,
+            "images_per_second": round(seen / max(1e-9, time.perf_counter() - t0), 2)}
+
+
+@torch.no_grad()
+def evaluate(net, loader: SplitLoader, dev, amp, skipped: dict, *, loss_fn=None, keep_scores: bool = False) -> dict:
+    """Eval-mode pass: mean loss and top-1; with keep_scores also softmax scores (N, C) and labels."""
+    net.eval()
+    loss_sum, correct, seen, scores, labels = 0.0, 0, 0, [], []
+    for batch in loader:
+        skipped.update(batch.skipped)
+        if batch.x is None:
+            continue
+        with autocast(dev, amp):
+            logits = net(batch.x)
+        logits = logits.float()
+        if loss_fn is not None:
+            loss_sum += nn.functional.cross_entropy(logits, batch.y, reduction="sum").item()
+        correct += int((logits.argmax(1) == batch.y).sum())
+        seen += len(batch.y)
+        if keep_scores:
+            scores.append(logits.softmax(1).cpu().numpy())
+            labels.append(batch.y.cpu().numpy())
+    if seen == 0:
+        raise UserError("no evaluation image could be read")
+    out = {"loss": loss_sum / seen if loss_fn is not None else math.nan, "top1": correct / seen}
+    if keep_scores:
+        out.update(scores=np.concatenate(scores), y=np.concatenate(labels))
+    return out
+
+
+def _start_or_resume(run_dir: Path, hyper: dict, resume: bool | None, net, opt, scheduler, scaler, log) -> dict:
+    """Fresh state, or the last checkpoint's state loaded into net/opt/scheduler/scaler/RNGs."""
+    fresh = {"epoch": 0, "history": [], "best": None}
+    last = run_dir / checkpoint.LAST
+    if resume is False or (resume is None and not last.exists()):
+        _clear(run_dir)
+        return fresh
+    if not last.exists():
+        raise UserError(f"nothing to resume: no checkpoint at {last}")
+    ckpt = checkpoint.load(last)
+    done, planned = ckpt.get("epoch", 0), ckpt.get("config", {}).get("epochs")
+    if resume is None:
+        if done >= (planned or 0):
+            _clear(run_dir)
+            return fresh
+        raise UserError(f"an unfinished run ({done} of {planned} epochs) is checkpointed in {run_dir}: "
+                        "pass --resume to continue it or --no-resume to start over")
+    diff = checkpoint.config_mismatch(ckpt.get("config", {}), hyper)
+    if diff:
+        raise UserError(f"cannot resume {last}: settings differ ({'; '.join(diff)}); "
+                        "use the original settings or --no-resume to start over")
+    if not (run_dir / checkpoint.BEST).exists():
+        raise UserError(f"cannot resume: {run_dir / checkpoint.BEST} is missing; --no-resume starts over")
+    net.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    if done < hyper["epochs"]:
+        log(f"resuming {run_dir} after epoch {done} of {hyper['epochs']}")
+    return {"epoch": done, "history": list(ckpt["history"]), "best": ckpt["best"]}
+
+
+def _clear(run_dir: Path) -> None:
+    for name in (checkpoint.LAST, checkpoint.BEST):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def _check_numbers(**values) -> None:
+    rules = {"epochs": lambda v: v >= 1, "batch_size": lambda v: v >= 1, "lr": lambda v: v > 0,
+             "head_lr_mult": lambda v: v >= 0, "momentum": lambda v: 0 <= v < 1, "weight_decay": lambda v: v >= 0,
+             "warmup_epochs": lambda v: v >= 0, "label_smoothing": lambda v: 0 <= v < 1}
+    for name, value in values.items():
+        if value is not None and not rules[name](value):
+            raise UserError(f"bad --{name.replace('_', '-')} {value!r}")
+
+
+def _sizes(plan: SplitPlan, skipped: dict | None = None) -> dict:
+    skipped = skipped or {}
+    return {role: int(len(getattr(plan, role).indices) - len(skipped.get(role, {})))
+            for role in ("train", "val", "test")}
+
+
+def _report_load(backbone, log) -> None:
+    report = getattr(backbone, "load_report", None) or {}
+    for kind in ("missing", "unexpected"):
+        keys = report.get(kind) or []
+        if keys:
+            log(f"warning: {len(keys)} {kind} keys loading {backbone.name} weights: {', '.join(keys[:5])}"
+                + (" ..." if len(keys) > 5 else ""))
+
+
+def _warn_skipped(skipped: dict, plan: SplitPlan, log) -> None:
+    for role, found in skipped.items():
+        if found:
+            source = getattr(plan, role).source
+            shown = "; ".join(f"{Path(source.paths[i]).name if source.paths else i}: {r}"
+                              for i, r in list(found.items())[:3])
+            log(f"warning: skipped {len(found)} unreadable {role} image(s) ({shown}"
+                + (" ..." if len(found) > 3 else "") + ")")
+
+
+def _torchvision_version() -> str:
+    import torchvision
+    return torchvision.__version__

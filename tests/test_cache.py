@@ -1,0 +1,146 @@
+"""The HDF5 cache on its own: layout, resume, partial files, the reader's refusals."""
+
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from extract.cache import (CacheWriter, cache_path, find_caches, iter_rows, load_features, partial_path,
+                           read_header, write_features)
+from extract.errors import UserError
+
+KEY = {"format": 1, "model": "m", "split": "train"}
+PROV = {"model": "m", "weights": "w", "dataset": "d", "split": "train", "classes": ["a", "b", "c"],
+        "layers": ["penultimate", "layer4"], "dims": {"penultimate": 16, "layer4": 8}}
+
+
+def rows(n, start=0, seed=0):
+    rng = np.random.default_rng(seed + start)
+    return ({"penultimate": rng.normal(size=(n, 16)).astype(np.float32),
+             "layer4": rng.normal(size=(n, 8)).astype(np.float32)},
+            np.arange(start, start + n) % 3, np.arange(start, start + n))
+
+
+def test_path_layout(tmp_path):
+    assert cache_path(tmp_path, "cifar10", "resnet50", None, "train") == tmp_path / "cifar10/resnet50/train.h5"
+    assert cache_path(tmp_path, "cifar10", "resnet50", "swav", "test", "float16") == \
+        tmp_path / "cifar10/resnet50.swav/test.float16.h5"
+
+
+def test_round_trip_keeps_layers_labels_index_and_provenance(tmp_path):
+    path = tmp_path / "train.h5"
+    feats, labels, index = rows(50)
+    write_features(path, feats, labels, index, PROV, paths=[f"img{i}.jpg" for i in range(50)])
+    X, y, meta = load_features(path)
+    np.testing.assert_array_equal(X, feats["penultimate"])
+    np.testing.assert_array_equal(y, labels)
+    np.testing.assert_array_equal(meta["index"], index)
+    assert meta["classes"] == ["a", "b", "c"]
+    assert meta["paths"][7] == "img7.jpg"
+    assert meta["layer"] == "penultimate" and set(meta["layers"]) == {"penultimate", "layer4"}
+    assert meta["versions"]["h5py"] == h5py.__version__
+    X4, _, _ = load_features(path, layer="layer4")
+    np.testing.assert_array_equal(X4, feats["layer4"])
+    with h5py.File(path) as f:
+        ds = f["features/penultimate"]
+        assert ds.maxshape == (None, 16) and ds.chunks is not None
+        assert f.attrs["complete"] and json.loads(f.attrs["provenance"])["model"] == "m"
+
+
+def test_float16_storage(tmp_path):
+    path = tmp_path / "train.float16.h5"
+    feats, labels, index = rows(10)
+    write_features(path, feats, labels, index, PROV, dtype="float16")
+    X, _, meta = load_features(path)
+    assert X.dtype == np.float16 and meta["dtype"] == "float16"
+    np.testing.assert_allclose(X, feats["penultimate"], rtol=1e-2, atol=1e-3)
+
+
+def test_unknown_layer_and_missing_file_are_user_errors(tmp_path):
+    path = tmp_path / "train.h5"
+    write_features(path, *rows(5), PROV)
+    with pytest.raises(UserError, match="no layer 'layer9'.*layer4, penultimate"):
+        load_features(path, layer="layer9")
+    with pytest.raises(UserError, match="no cache file"):
+        load_features(tmp_path / "nope.h5")
+
+
+def test_reader_refuses_partial_files_and_writer_resumes_them(tmp_path):
+    path = tmp_path / "train.h5"
+    w = CacheWriter(path, KEY, PROV, PROV["dims"], flush_rows=10)
+    for start in range(0, 30, 10):
+        w.append(*rows(10, start), next_index=start + 10)
+    w.close()  # as after Ctrl-C
+    assert not path.exists() and partial_path(path).exists()
+    with pytest.raises(UserError, match="incomplete.*30 rows"):
+        load_features(path)
+    with pytest.raises(UserError, match="incomplete"):
+        load_features(partial_path(path))
+    assert find_caches(tmp_path) == []
+
+    w = CacheWriter(path, KEY, PROV, PROV["dims"])
+    assert w.resumed_from == 30
+    w.append(*rows(20, 30), next_index=50)
+    w.finish()
+    X, y, meta = load_features(path)
+    expected = np.concatenate([rows(10, s)[0]["penultimate"] for s in (0, 10, 20)] + [rows(20, 30)[0]["penultimate"]])
+    np.testing.assert_array_equal(X, expected)
+    np.testing.assert_array_equal(meta["index"], np.arange(50))
+    assert not partial_path(path).exists()
+
+
+def test_partial_from_other_inputs_is_discarded_not_mixed(tmp_path):
+    path = tmp_path / "train.h5"
+    w = CacheWriter(path, KEY, PROV, PROV["dims"], flush_rows=1)
+    w.append(*rows(10), next_index=10)
+    w.close()
+    w = CacheWriter(path, {**KEY, "dataset_fingerprint": "changed"}, PROV, PROV["dims"])
+    assert w.resumed_from == 0 and w.n_rows == 0
+    w.close()
+
+
+def test_rows_beyond_the_recorded_progress_are_dropped_on_resume(tmp_path):
+    path = tmp_path / "train.h5"
+    w = CacheWriter(path, KEY, PROV, PROV["dims"], flush_rows=1)
+    w.append(*rows(10), next_index=10)
+    w.close()
+    with h5py.File(partial_path(path), "a") as f:  # data written, crash before progress was recorded
+        for ds in list(f["features"].values()) + [f["labels"], f["index"]]:
+            ds.resize(ds.shape[0] + 5, axis=0)
+    w = CacheWriter(path, KEY, PROV, PROV["dims"])
+    assert w.resumed_from == 10 and w.n_rows == 10
+    w.finish()
+    assert load_features(path).X.shape == (10, 16)
+
+
+def test_skipped_images_are_recorded(tmp_path):
+    path = tmp_path / "train.h5"
+    w = CacheWriter(path, KEY, PROV, PROV["dims"])
+    w.append(*rows(4), next_index=5)
+    w.skip(4, "/data/bad.jpg", "truncated image data")
+    w.finish()
+    assert load_features(path).meta["skipped"] == [{"index": 4, "path": "/data/bad.jpg",
+                                                     "reason": "truncated image data"}]
+
+
+def test_streaming_reader_yields_every_row_in_blocks(tmp_path):
+    path = tmp_path / "train.h5"
+    feats, labels, index = rows(25)
+    write_features(path, feats, labels, index, PROV)
+    blocks = list(iter_rows(path, rows=10))
+    assert [len(b[1]) for b in blocks] == [10, 10, 5]
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in blocks]), feats["penultimate"])
+
+
+def test_find_caches_lists_complete_files_newest_first(tmp_path):
+    a = cache_path(tmp_path, "d", "m1", None, "train")
+    b = cache_path(tmp_path, "d", "m2", None, "train")
+    write_features(a, *rows(3), PROV)
+    write_features(b, *rows(3), {**PROV, "model": "m2"})
+    os.utime(a, (1e9, 1e9))
+    found = find_caches(tmp_path)
+    assert [c["path"] for c in found] == [b, a]
+    assert found[0]["model"] == "m2" and found[0]["split"] == "train"
+    assert read_header(b)["complete"]

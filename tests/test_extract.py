@@ -1,0 +1,205 @@
+"""Extraction end to end: caches per split, hits, invalidation, bad images, interruption, the CLI."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from extract import load_features
+from extract.api import extract
+from extract.cache import partial_path, read_header
+from extract.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {"model": "cifar_resnet20", "weights": "none", "progress": False}
+
+
+def make_folder(root, per_class=6, size=40, classes=("cat", "dog"), splits=("train", "val")):
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for c, name in enumerate(classes):
+            os.makedirs(root / split / name, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+                pixels[..., c] += 180
+                Image.fromarray(pixels).save(root / split / name / f"{i:03d}.png")
+    return root
+
+
+def cli(*args, cwd, env=None):
+    return subprocess.run([sys.executable, "-m", "extract", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": REPO, **(env or {})}, timeout=300)
+
+
+def test_every_split_gets_a_complete_cache_with_labels_and_provenance(tmp_path):
+    res = extract(data="synthetic", cache_dir=tmp_path, dataset_options={"n": 40}, **TINY)
+    assert set(res) == {"train", "test"}
+    X, y, meta = load_features(res["train"].path)
+    assert X.shape == (len(y), 64) and X.dtype == np.float32 and np.isfinite(X).all()
+    assert meta["model"] == "cifar_resnet20" and meta["split"] == "train"
+    prov = meta["provenance"]
+    assert prov["dataset"] == "synthetic" and prov["preprocess"]["crop"] == 32 and prov["classes"]
+    assert set(meta["versions"]) >= {"torch", "torchvision", "featprobe", "h5py"}
+    assert res["train"].path == tmp_path / "synthetic" / "cifar_resnet20.none" / "train.h5"
+
+
+def test_matching_cache_is_a_hit_and_is_not_rewritten(tmp_path):
+    first = extract(data="synthetic", cache_dir=tmp_path, dataset_options={"n": 40}, **TINY)
+    stamp = os.stat(first["train"].path).st_mtime_ns
+    again = extract(data="synthetic", cache_dir=tmp_path, dataset_options={"n": 40}, **TINY)
+    assert {r.status for r in again.values()} == {"hit"}
+    assert os.stat(again["train"].path).st_mtime_ns == stamp
+
+
+def test_changed_images_are_never_silently_reused(tmp_path):
+    root = make_folder(tmp_path / "pets")
+    res = extract(data="imagefolder", root=str(root), cache_dir=tmp_path / "cache", **TINY)
+    assert len(load_features(res["train"].path).y) == 12
+    Image.new("RGB", (40, 40), "red").save(root / "train" / "cat" / "new.png")
+    with pytest.raises(UserError, match="images changed.*--overwrite"):
+        extract(data="imagefolder", root=str(root), cache_dir=tmp_path / "cache", **TINY)
+    res = extract(data="imagefolder", root=str(root), cache_dir=tmp_path / "cache", overwrite=True, **TINY)
+    assert res["train"].status == "extracted" and len(load_features(res["train"].path).y) == 13
+
+
+def test_new_layer_is_added_to_the_same_cache_in_one_pass(tmp_path):
+    extract(data="synthetic", cache_dir=tmp_path, dataset_options={"n": 24}, splits=["train"], **TINY)
+    res = extract(data="synthetic", cache_dir=tmp_path, dataset_options={"n": 24}, splits=["train"],
+                  layers=["layer2"], **TINY)
+    assert res["train"].status == "extracted"
+    assert set(read_header(res["train"].path)["layers"]) == {"layer2", "penultimate"}
+    assert load_features(res["train"].path, layer="layer2").X.shape[1] == 32
+
+
+def test_float16_storage_is_its_own_key(tmp_path):
+    res = extract(data="synthetic", cache_dir=tmp_path, dataset_options={"n": 24}, splits=["train"],
+                  dtype="float16", **TINY)
+    assert res["train"].path.name == "train.float16.h5"
+    assert load_features(res["train"].path).X.dtype == np.float16
+
+
+def test_corrupt_images_are_skipped_and_recorded(tmp_path):
+    root = make_folder(tmp_path / "pets")
+    bad = root / "train" / "dog" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    (root / "train" / "cat" / "empty.png").write_bytes(b"")
+    res = extract(data="imagefolder", root=str(root), cache_dir=tmp_path / "cache", batch_size=4, **TINY)
+    X, y, meta = load_features(res["train"].path)
+    assert len(y) == 12 and res["train"].skipped == 2
+    assert {os.path.basename(s["path"]) for s in meta["skipped"]} == {"broken.jpg", "empty.png"}
+    assert all(s["reason"] for s in meta["skipped"])
+    assert not any("broken" in p for p in meta["paths"])
+
+
+def test_stop_on_error_names_the_file_and_keeps_what_was_done(tmp_path):
+    root = make_folder(tmp_path / "pets", splits=("train",))
+    (root / "train" / "dog" / "zz-broken.jpg").write_bytes(b"garbage")
+    cache = tmp_path / "cache"
+    with pytest.raises(UserError, match="zz-broken.jpg"):
+        extract(data="imagefolder", root=str(root), cache_dir=cache, batch_size=2, on_error="stop", **TINY)
+    final = cache / "pets" / "cifar_resnet20.none" / "train.h5"
+    header = read_header(partial_path(final))
+    assert not final.exists() and header["n_rows"] == 12
+    res = extract(data="imagefolder", root=str(root), cache_dir=cache, batch_size=2, **TINY)
+    assert res["train"].status == "resumed" and len(load_features(final).y) == 12
+
+
+def test_killed_run_resumes_to_the_same_features_as_an_uninterrupted_one(tmp_path):
+    root = make_folder(tmp_path / "pets", per_class=60, size=64, splits=("train",))
+    args = ["--model", "resnet18", "--weights", "none", "--data", "imagefolder", "--root", str(root),
+            "--batch-size", "4", "--workers", "0", "--precision", "fp32", "--no-progress"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "extract", *args, "--cache-dir", str(killed)], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": REPO}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    partial = partial_path(killed / "pets" / "resnet18.none" / "train.h5")
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        header = read_header(partial) if partial.exists() else None
+        if header and header["n_rows"] > 0:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    header = read_header(partial)
+    assert header is not None and 0 < header["next_index"] < 120, "the run should have been killed midway"
+
+    resumed = cli(*args, "--cache-dir", str(killed), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout + resumed.stderr
+    whole = cli(*args, "--cache-dir", str(tmp_path / "whole"), cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    a = load_features(killed / "pets" / "resnet18.none" / "train.h5")
+    b = load_features(tmp_path / "whole" / "pets" / "resnet18.none" / "train.h5")
+    np.testing.assert_array_equal(a.meta["index"], b.meta["index"])
+    np.testing.assert_allclose(a.X, b.X, rtol=1e-5, atol=1e-5)
+
+
+def test_two_processes_on_one_key_do_not_corrupt_each_other(tmp_path):
+    args = ["--model", "cifar_resnet20", "--weights", "none", "--data", "synthetic", "--option", "n=400",
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": REPO}
+    procs = [subprocess.Popen([sys.executable, "-m", "extract", *args], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sum("hit" in o for o in outs) >= 1
+    X, y, _ = load_features(tmp_path / "cache" / "synthetic" / "cifar_resnet20.none" / "train.h5")
+    assert len(X) == len(y) > 0
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 1 MiB filesystem (tmpfs), to run out of space for real."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)])
+
+
+def test_full_disk_gives_a_message_and_keeps_what_was_written(tmp_path, tiny_disk):
+    proc = cli("--model", "cifar_resnet20", "--weights", "none", "--data", "synthetic", "--option", "n=6000",
+               "--layer", "penultimate,layer1", "--cache-dir", str(tiny_disk), "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "error: could not write" in proc.stderr and "No space left" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    header = read_header(partial_path(tiny_disk / "synthetic" / "cifar_resnet20.none" / "train.h5"))
+    assert header is not None and header["n_rows"] > 0, "rows flushed before the disk filled are kept"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "resnet5O"], "did you mean"),
+    (["--data", "cifar1O"], "did you mean"),
+    (["--data", "imagefolder", "--root", "no/such/folder"], "no/such/folder"),
+    (["--weights", "missing.pth", "--model", "resnet18"], "missing.pth"),
+    (["--option", "nonsense"], "KEY=VALUE"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    proc = cli(*args, "--cache-dir", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_lists_models_with_dims(tmp_path):
+    proc = cli("--list-models", cwd=tmp_path)
+    assert proc.returncode == 0
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("resnet50 "))
+    assert "2048" in line
+
+
+def test_provenance_records_effective_preprocessing_and_precision(tmp_path):
+    res = extract(data="synthetic", cache_dir=tmp_path, dataset_options={"n": 16}, splits=["train"],
+                  precision="fp32", **TINY)
+    with h5py.File(res["train"].path) as f:
+        assert f.attrs["model"] == "cifar_resnet20" and f.attrs["complete"]
+    prov = load_features(res["train"].path).meta["provenance"]
+    assert prov["precision"] == "fp32" and prov["weights"] == "none"

@@ -1,0 +1,146 @@
+"""Command line: a full run, --head all, --report, and one clear error line (exit 2) for bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from extract.cache import cache_path, partial_path
+from probe.cli import main
+from probe_helpers import blobs, toy_cache, write_split
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(code, err, *words, only_line=True):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "Traceback" not in err, err
+    assert len(lines) == 1 or not only_line, err
+    for w in words:
+        assert w in lines[-1], lines[-1]
+
+
+def test_default_picks_newest_extraction_and_writes_results(tmp_path, capsys):
+    toy_cache(tmp_path / "cache", splits=("train", "test"), dataset="older", model="m1")
+    toy_cache(tmp_path / "cache", splits=("train", "val"), dataset="newer", model="m2")
+    code, out, err = run_cli(["--head", "svm", "--cache-dir", tmp_path / "cache", "--results-dir",
+                              tmp_path / "results", "--no-progress"], capsys)
+    assert code == 0, err
+    assert "newest complete extraction" in out and "newer" in out
+    assert "no test split" in out  # train+val only: val is the test split, and we say so
+    folder = tmp_path / "results" / "newer" / "m2" / "penultimate"
+    result = json.loads((folder / "svm.json").read_text())
+    assert result["metrics"]["top1"] >= 0.95 and result["test_split"] == "val"
+    assert (folder / "svm.joblib").exists() and (folder / "svm.joblib.json").exists()
+
+
+def test_explicit_selection_and_all_heads(tmp_path, capsys):
+    toy_cache(tmp_path / "cache", splits=("train", "test"), dataset="a", model="m1")
+    toy_cache(tmp_path / "cache", splits=("train", "test"), dataset="b", model="m1")
+    code, out, err = run_cli(["--head", "all", "--data", "a", "--model", "m1", "--cache-dir", tmp_path / "cache",
+                              "--results-dir", tmp_path / "results", "--no-progress", "--no-save"], capsys)
+    assert code == 0, err
+    folder = tmp_path / "results" / "a" / "m1" / "penultimate"
+    assert sorted(p.stem for p in folder.glob("*.json")) == ["knn", "linear", "logreg", "rf", "svm", "svm-rbf"]
+    assert (folder / "comparison.png").stat().st_size > 0
+    table = out[out.index("head "):]
+    assert all(h in table for h in ("linear", "logreg", "svm-rbf", "rf", "knn"))
+    code, out, err = run_cli(["--report", "--format", "csv", "--results-dir", tmp_path / "results"], capsys)
+    assert code == 0 and out.startswith("kind,head,dataset,model,layer,top1,balanced_acc,macro_f1,fit_s")
+    assert len(out.strip().splitlines()) == 7
+    assert (tmp_path / "results" / "report.md").exists() and (tmp_path / "results" / "report.png").exists()
+
+
+def test_features_flags(tmp_path, capsys):
+    paths = toy_cache(tmp_path / "cache", splits=("train", "test"))
+    code, out, err = run_cli(["--features", paths["train"], "--test-features", paths["test"], "--head", "knn",
+                              "--results-dir", tmp_path / "r", "--no-progress"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "r" / "toy" / "tinynet" / "penultimate" / "knn.json").exists()
+
+
+def _bad(tmp_path, kind):
+    """A cache folder broken in one way; returns extra CLI args."""
+    c = tmp_path / "cache"
+    if kind == "missing":
+        return ["--cache-dir", tmp_path / "nothing"]
+    if kind == "partial":
+        paths = toy_cache(c, splits=("train", "test"))
+        paths["test"].rename(partial_path(paths["test"]))
+        with h5py.File(partial_path(paths["test"]), "a") as f:
+            f.attrs["complete"] = False
+        return ["--features", paths["train"], "--test-features", paths["test"]]
+    if kind == "models":
+        a = toy_cache(c, splits=("train",), model="m1")["train"]
+        b = toy_cache(c, splits=("test",), model="m2")["test"]
+        return ["--features", a, "--test-features", b]
+    if kind == "dims":
+        a = toy_cache(c, splits=("train",), dim=16)["train"]
+        X, y = blobs(10, 3, 8)
+        b = write_split(c, "test", X, y)
+        return ["--features", a, "--test-features", b]
+    X, y = blobs(20, 3, 8)
+    Xt, yt = blobs(10, 3, 8, seed=1)
+    if kind == "nan":
+        X[3, 2] = np.nan
+    if kind == "inf":
+        Xt[0, 0] = np.inf
+    if kind == "one-class":
+        y[:] = 1
+    if kind == "empty":
+        Xt, yt = Xt[:0], yt[:0]
+    write_split(c, "train", X, y, classes=["a", "b", "c"])
+    write_split(c, "test", Xt, yt, classes=["a", "b", "c"])
+    return ["--cache-dir", c]
+
+
+@pytest.mark.parametrize("kind,words", [
+    ("missing", ["no complete feature cache"]), ("partial", ["incomplete"]), ("models", ["different models"]),
+    ("dims", ["different dimensions"]), ("nan", ["NaN or inf"]), ("inf", ["NaN or inf", "test"]),
+    ("one-class", ["only one class"]), ("empty", ["empty"])])
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, kind, words):
+    args = _bad(tmp_path, kind)
+    code, out, err = run_cli(["--head", "linear", "--results-dir", tmp_path / "r", "--no-progress", *args], capsys)
+    assert_user_error(code, err, *words)
+
+
+def test_unknown_head_suggests(tmp_path, capsys):
+    code, out, err = run_cli(["--head", "logistic", "--cache-dir", tmp_path], capsys)
+    assert_user_error(code, err, "unknown head", "logreg")
+
+
+def test_bad_flag_is_one_line(capsys):
+    code, out, err = run_cli(["--grid", "huge"], capsys)
+    assert_user_error(code, err, "--grid")
+
+
+def test_report_without_results(tmp_path, capsys):
+    code, out, err = run_cli(["--report", "--results-dir", tmp_path], capsys)
+    assert_user_error(code, err, "no result files")
+
+
+def test_module_entry_point_exit_code(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "probe", "--head", "svm", "--cache-dir", tmp_path / "none"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_predict_missing_head_is_user_error(tmp_path, capsys):
+    toy_cache(tmp_path / "cache", splits=("train", "test"))
+    img = tmp_path / "x.png"
+    img.write_bytes(b"not really")
+    code, out, err = run_cli(["predict", "--head", "svm", "--cache-dir", tmp_path / "cache", "--results-dir",
+                              tmp_path / "r", img], capsys)
+    assert_user_error(code, err, "no saved head", only_line=False)  # after the "using ..." note

@@ -1,0 +1,109 @@
+"""Validation carving, selection that never reads test labels, warm-started logistic-regression path."""
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
+
+from probe.data import ProbeData, load_probe_data, select_caches
+from probe.protocol import run_probe, search
+from probe.splits import stratified_subsample, validation_mask
+from probe_helpers import blobs, toy_cache
+
+
+def test_validation_mask_is_stratified_and_seeded():
+    labels = np.repeat([0, 1, 2], [50, 30, 5])
+    index = np.arange(len(labels)) * 3 + 7
+    m = validation_mask(index, labels, seed=0)
+    assert [int(m[labels == c].sum()) for c in range(3)] == [10, 6, 1]
+    assert np.array_equal(m, validation_mask(index, labels, seed=0))
+    assert not np.array_equal(m, validation_mask(index, labels, seed=1))
+
+
+def test_validation_mask_depends_on_source_index_not_row_order():
+    labels = np.repeat([0, 1], 40)
+    index = np.arange(80)
+    perm = np.random.default_rng(0).permutation(80)
+    m = validation_mask(index, labels)
+    assert np.array_equal(validation_mask(index[perm], labels[perm]), m[perm])
+
+
+def test_validation_mask_keeps_both_sides_of_tiny_classes():
+    labels = np.array([0, 0, 1, 1, 1, 2])
+    m = validation_mask(np.arange(6), labels)
+    assert m[labels == 0].sum() == 1 and (~m)[labels == 0].sum() == 1
+    assert not m[labels == 2].any()
+
+
+def test_stratified_subsample_keeps_proportions():
+    labels = np.repeat([0, 1], [300, 100])
+    keep = stratified_subsample(np.arange(400), labels, 100, seed=0)
+    assert len(keep) == 100 and (labels[keep] == 0).sum() == 75
+
+
+def _data(seed=0, flip=0.15):
+    X, y = blobs(n_per_class=60, n_classes=3, dim=10, sep=1.2, seed=seed)
+    rng = np.random.default_rng(seed)
+    noisy = rng.random(len(y)) < flip
+    y = np.where(noisy, rng.integers(0, 3, len(y)), y)
+    return ProbeData(X[:100], y[:100], X[100:140], y[100:140], X[140:], y[140:], ["a", "b", "c"])
+
+
+@pytest.mark.parametrize("head", ["logreg", "svm", "knn"])
+def test_scrambled_test_labels_change_score_not_selection(head):
+    data = _data()
+    first = run_probe(head, data, progress=False).result
+    rng = np.random.default_rng(1)
+    data.y_test = rng.permutation(data.y_test) if head != "knn" else (data.y_test + 1) % 3
+    second = run_probe(head, data, progress=False).result
+    assert first["hyperparameters"] == second["hyperparameters"]
+    def scores(r):
+        return [(g["params"], g["val_top1"]) for g in r["grid"]]
+    assert scores(first) == scores(second)
+    assert first["metrics"]["top1"] != second["metrics"]["top1"]
+
+
+def test_warm_path_selects_what_fresh_fits_select():
+    d = _data(seed=3, flip=0.2)  # label noise: not separable, so every C has one optimum
+    Xtr, ytr, Xva, yva = d.X_train, d.y_train, d.X_val, d.y_val
+    found = search("logreg", Xtr, ytr, Xva, yva, grid="paper", progress=False)
+    sc = StandardScaler().fit(Xtr)
+    fresh = []
+    with threadpool_limits(1):
+        for row in found.grid:
+            est = LogisticRegression(C=row["params"]["C"], max_iter=5000, tol=1e-7).fit(sc.transform(Xtr), ytr)
+            fresh.append(np.mean(est.predict(sc.transform(Xva)) == yva))
+    warm = [row["val_top1"] for row in found.grid]
+    assert np.mean(np.isclose(warm, fresh)) >= 0.9
+    assert max(warm) == pytest.approx(max(fresh))
+
+
+def test_fast_logreg_grid_refines_around_winner():
+    X, y = blobs(n_per_class=60, n_classes=3, dim=10, sep=1.0, seed=3)
+    found = search("logreg", X[:120], y[:120], X[120:], y[120:], grid="fast", progress=False)
+    Cs = [g["params"]["C"] for g in found.grid]
+    assert len(Cs) > 12 and len(set(Cs)) == len(Cs)
+    assert Cs[:12] == sorted(Cs[:12])
+
+
+def test_two_split_dataset_uses_val_as_test(tmp_path):
+    toy_cache(tmp_path, splits=("train", "val"))
+    data = load_probe_data(select_caches(tmp_path))
+    assert data.test_split == "val"
+    assert "no test split" in data.validation
+    assert data.sizes["train"] + data.sizes["val"] == 120
+
+
+def test_three_split_dataset_uses_its_own_val(tmp_path):
+    toy_cache(tmp_path, splits=("train", "val", "test"))
+    data = load_probe_data(select_caches(tmp_path))
+    assert data.test_split == "test" and data.validation == "the dataset's own 'val' split"
+    assert data.sizes == {"train": 120, "val": 60, "test": 60}
+
+
+def test_max_search_samples_subsamples_the_search_only():
+    data = _data(flip=0.0)
+    r = run_probe("svm-rbf", data, max_search_samples=30, progress=False).result
+    assert r["sizes"]["search_train"] == 30 and r["sizes"]["train"] == 100
+    assert "subsample" in r["validation"]
