@@ -35,17 +35,17 @@ class SplitResult:
 def weights_label(model: str, weights: str | None) -> tuple[str, str | None]:
     """(weights id for provenance, directory suffix or None for the model's default)."""
     spec = get_spec(model)
-    default = getattr(spec, "default_weights", None)
-    if weights in (None, "", "default") or weights == default:
-        return (default or "default"), None
-    if weights == "none":
+    if weights is None or weights.lower() == "none":
         return "none", "none"
+    if weights in ("", "default"):
+        return spec.default_weights, None
     if os.path.sep in weights or os.path.exists(weights) or weights.endswith((".pth", ".pt", ".th", ".tar", ".ckpt")):
         path = Path(weights)
         if not path.is_file():
             raise UserError(f"weights file {weights} does not exist")
         return str(path.resolve()), path.name.split(".")[0]
-    return weights, weights
+    tag = spec.weight(weights).tag
+    return tag, None if tag == spec.default_weights else tag
 
 
 def dataset_dir_name(dataset) -> str:
@@ -122,7 +122,6 @@ def extract(model: str = "efficientnet_lite0", data: str = "digits", *, weights:
                 layers = sorted(set(layers) | set(header["layers"]))
             if backbone is None or set(backbone.layers) != set(layers):
                 backbone = _load(spec.name, weights, layers)
-                _report_load(backbone, log)
             results[split] = _extract_split(backbone, dataset, source, path, key, dev, autocast, precision, dtype,
                                             batch_size, workers, on_error, progress, log)
         finally:
@@ -135,15 +134,6 @@ def _load(model: str, weights, layers):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return load_backbone(model, weights=weights, layers=layers)
-
-
-def _report_load(backbone, log) -> None:
-    report = getattr(backbone, "load_report", None) or {}
-    for kind in ("missing", "unexpected"):
-        keys = report.get(kind) or []
-        if keys:
-            log(f"warning: {len(keys)} {kind} keys loading {backbone.name} weights: {', '.join(keys[:5])}"
-                + (" ..." if len(keys) > 5 else ""))
 
 
 def _extract_split(backbone, dataset, source, path, key, dev, autocast, precision, dtype, batch_size, workers,

@@ -6,7 +6,7 @@ One file per (dataset, model, weights, split, dtype); it may hold several layers
     labels            (N,)    int64
     index             (N,)    int64   row -> position in the source split
     paths             (N,)    utf-8   where the images are files
-    skipped/index, skipped/path, skipped/reason   unreadable images
+    skipped/index, skipped/label, skipped/path, skipped/reason   unreadable images
 
 Attributes: `complete`, `provenance` (JSON), `key` (JSON: what must match for reuse), `versions`
 (JSON), `created`, `next_index` (source position to resume from), `n_rows`, and flat copies of
@@ -35,6 +35,7 @@ PARTIAL = ".partial"
 _STR = h5py.string_dtype("utf-8")
 _CHUNK_BYTES = 256 * 1024
 _SPACE_MARGIN = 256 * 1024
+_SKIP_COLUMNS = (("index", np.int64), ("label", np.int64), ("path", _STR), ("reason", _STR))
 
 
 class Features(NamedTuple):
@@ -143,7 +144,7 @@ class CacheWriter:
                              chunks=(rows, dim))
         for name, dt in (("labels", np.int64), ("index", np.int64), ("paths", _STR)):
             f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(4096,))
-        for name, dt in (("index", np.int64), ("path", _STR), ("reason", _STR)):
+        for name, dt in _SKIP_COLUMNS:
             f.create_dataset(f"skipped/{name}", shape=(0,), maxshape=(None,), dtype=dt, chunks=(256,))
         f.attrs.update({"format": FORMAT, "complete": False, "key": json.dumps(key, sort_keys=True),
                         "provenance": json.dumps(provenance, sort_keys=True), "versions": json.dumps(versions()),
@@ -162,8 +163,8 @@ class CacheWriter:
         for ds in list(f["features"].values()) + [f["labels"], f["index"], f["paths"]]:
             if ds.shape[0] != n:
                 ds.resize(n, axis=0)
-        n_skip = min(len(f["skipped/index"]), len(f["skipped/path"]), len(f["skipped/reason"]))
-        for name in ("index", "path", "reason"):
+        n_skip = min(len(f[f"skipped/{name}"]) for name, _ in _SKIP_COLUMNS)
+        for name, _ in _SKIP_COLUMNS:
             f[f"skipped/{name}"].resize(n_skip, axis=0)
 
     @property
@@ -179,8 +180,8 @@ class CacheWriter:
                 or time.monotonic() - self._last_flush >= self.flush_seconds):
             self.flush()
 
-    def skip(self, index: int, path: str | None, reason: str) -> None:
-        self._skips.append((index, path or "", reason))
+    def skip(self, index: int, path: str | None, reason: str, label: int = -1) -> None:
+        self._skips.append((index, label, path or "", reason))
 
     def _ensure_space(self) -> None:
         """Refuse to write when the disk cannot take it: a failed HDF5 write can corrupt the file."""
@@ -216,7 +217,7 @@ class CacheWriter:
             self._buffer.clear()
         if self._skips:
             start = f["skipped/index"].shape[0]
-            for col, name in enumerate(("index", "path", "reason")):
+            for col, (name, _) in enumerate(_SKIP_COLUMNS):
                 f[f"skipped/{name}"].resize(start + len(self._skips), axis=0)
                 f[f"skipped/{name}"][start:] = [s[col] for s in self._skips]
             self._skips.clear()
@@ -258,6 +259,10 @@ def write_features(path, features: dict[str, np.ndarray], labels, index=None, pr
         return writer.finish()
 
 
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _require_complete(path: Path) -> None:
     if path.name.endswith(PARTIAL) or (not path.exists() and partial_path(path).exists()):
         header = read_header(path if path.name.endswith(PARTIAL) else partial_path(path))
@@ -289,10 +294,9 @@ def load_features(path, layer: str | None = None, lazy: bool = False) -> Feature
             raise UserError(f"cache {path} has no layer {layer!r}; it has {', '.join(layers)}")
         X = f[f"features/{layer}"] if lazy else f[f"features/{layer}"][()]
         y = f["labels"][()]
-        paths = [p.decode() if isinstance(p, bytes) else p for p in f["paths"][()]] if len(f["paths"]) else None
-        skipped = [{"index": int(i), "path": p.decode() if isinstance(p, bytes) else p,
-                    "reason": r.decode() if isinstance(r, bytes) else r}
-                   for i, p, r in zip(f["skipped/index"][()], f["skipped/path"][()], f["skipped/reason"][()])]
+        paths = [_text(p) for p in f["paths"][()]] if len(f["paths"]) else None
+        skipped = [{"index": int(i), "label": int(lab), "path": _text(p), "reason": _text(r)}
+                   for i, lab, p, r in zip(*(f[f"skipped/{name}"][()] for name, _ in _SKIP_COLUMNS))]
         meta = {"path": str(path), "layer": layer, "layers": layers, "provenance": provenance,
                 "key": _attr_json(f, "key"), "versions": _attr_json(f, "versions"),
                 "classes": provenance.get("classes", json.loads(f.attrs.get("classes", "[]"))),

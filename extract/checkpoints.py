@@ -18,6 +18,7 @@ import socket
 import sys
 import urllib.error
 import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -74,8 +75,11 @@ def _offline() -> bool:
 
 
 def _reachable(url: str, timeout: float = 5.0) -> str | None:
-    """None if a TCP connection to the URL's host opens, else the reason it did not."""
+    """None if a TCP connection to the URL's host (or its proxy) opens, else the reason it did not."""
     parts = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
+        parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         socket.create_connection((parts.hostname, port), timeout=timeout).close()
@@ -193,9 +197,14 @@ def fit_state_dict(obj, net: nn.Module, head_prefixes: Iterable[str] = HEAD_PREF
                         f"(expected keys such as {sorted(wanted)[:3]})")
     container, prefix, _, tensors = best
     state, unexpected, dropped, ignored = {}, [], [], 0
+    parent = prefix.rstrip(".").rpartition(".")[0]
+    parent = parent + "." if parent else ""
     for k, v in tensors.items():
-        if not k.startswith(prefix):
-            ignored += 1
+        if not k.startswith(prefix):   # a sibling head (DINO's head., mmselfsup's neck.) or another encoder
+            if k.startswith(parent) and _is_head(k[len(parent):], head_prefixes):
+                dropped.append(k[len(parent):])
+            else:
+                ignored += 1
             continue
         name = k[len(prefix):]
         if name in wanted:
@@ -213,7 +222,7 @@ def fit_state_dict(obj, net: nn.Module, head_prefixes: Iterable[str] = HEAD_PREF
 def load_into(net: nn.Module, obj, head_prefixes: Iterable[str] = HEAD_PREFIXES, *, source: str = "checkpoint") -> dict:
     """Load a checkpoint object into `net` (strict=False); return the load report.
 
-    A shape mismatch is a UserError naming the key; missing non-head keys print a warning line.
+    A shape mismatch is a UserError naming the key; missing or unexpected trunk keys print a warning line.
     """
     state, report = fit_state_dict(obj, net, head_prefixes)
     own = net.state_dict()
@@ -226,4 +235,8 @@ def load_into(net: nn.Module, obj, head_prefixes: Iterable[str] = HEAD_PREFIXES,
         shown = ", ".join(report["missing"][:5]) + (" ..." if len(report["missing"]) > 5 else "")
         print(f"warning: {source} lacks {len(report['missing'])} weights of the network, left at random init: "
               f"{shown}", file=sys.stderr)
+    if report["unexpected"]:
+        shown = ", ".join(report["unexpected"][:5]) + (" ..." if len(report["unexpected"]) > 5 else "")
+        print(f"warning: {source} has {len(report['unexpected'])} weights this network does not use: {shown}",
+              file=sys.stderr)
     return report

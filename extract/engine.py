@@ -203,7 +203,7 @@ def run(embedder: Embedder, source, writer, *, batch_size: int = 64, workers: in
                     raise UserError(f"cannot read {path}: {reasons[k]} (the {writer.n_rows} images before it are "
                                     f"saved; fix or remove the file and rerun, or use --on-error skip)")
                 stats.skipped.append((int(positions[k]), path or "", reasons[k]))
-                writer.skip(int(positions[k]), path, reasons[k])
+                writer.skip(int(positions[k]), path, reasons[k], int(source.labels[positions[k]]))
             keep = np.array([not r for r in reasons])
             feats = embedder(x)
             if len(bad):
@@ -234,7 +234,7 @@ class _Collect:
         self.rows.append(features)
         self.n_rows += len(labels)
 
-    def skip(self, index, path, reason):
+    def skip(self, index, path, reason, label=-1):
         raise UserError(f"cannot read {path}: {reason}")
 
 

@@ -95,7 +95,9 @@ def _tv_preprocess(member) -> Preprocess:
 
 def _tv_weights(name: str) -> tuple[dict[str, WeightSpec], str]:
     enum = torchvision.models.get_model_weights(name)
-    weights = {m.name: WeightSpec(m.name, "torchvision", _tv_preprocess(m), url=m.url) for m in enum}
+    # VGG16 IMAGENET1K_FEATURES ships NaN classifier weights, so fc6/fc7 would be NaN: not offered.
+    weights = {m.name: WeightSpec(m.name, "torchvision", _tv_preprocess(m), url=m.url) for m in enum
+               if m.name != "IMAGENET1K_FEATURES"}
     return weights, enum.DEFAULT.name
 
 

@@ -9,6 +9,8 @@ import torch
 
 from extract.errors import UserError
 
+from .runtime import rng_state, set_rng_state
+
 LAST = "last.pt"
 BEST = "best.pt"
 
@@ -35,3 +37,60 @@ def config_mismatch(saved: dict, current: dict) -> list[str]:
     """Settings that differ between a checkpoint's run and this one ("key: saved -> now")."""
     keys = sorted(set(saved) | set(current))
     return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+
+
+def save_epoch(run_dir: Path, *, epoch: int, config: dict, model, optimizer, scheduler, scaler, history: list,
+               best: dict, improved: bool) -> None:
+    """Write last.pt (everything to continue exactly) and, when `improved`, best.pt (the weights)."""
+    if improved:
+        save(run_dir / BEST, {"epoch": epoch, "model": model.state_dict()})
+    save(run_dir / LAST, {"format": 1, "epoch": epoch, "config": config, "model": model.state_dict(),
+                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                          "scaler": scaler.state_dict() if scaler else None, "rng": rng_state(),
+                          "history": history, "best": best})
+
+
+def start_or_resume(run_dir: Path, config: dict, resume: bool | None, model, optimizer, scheduler, scaler,
+                    log=print) -> dict:
+    """{"epoch", "history", "best"}: fresh, or the last checkpoint's, loaded into the model, optimizer,
+    scheduler, scaler and global RNGs.
+
+    resume True continues (settings must match), False starts over, None starts over unless
+    an unfinished run is there (then UserError: say which).
+    """
+    fresh = {"epoch": 0, "history": [], "best": None}
+    last = run_dir / LAST
+    if resume is False or (resume is None and not last.exists()):
+        clear(run_dir)
+        return fresh
+    if not last.exists():
+        raise UserError(f"nothing to resume: no checkpoint at {last}")
+    ckpt = load(last)
+    done, planned = ckpt.get("epoch", 0), ckpt.get("config", {}).get("epochs")
+    if resume is None:
+        if done >= (planned or 0):
+            clear(run_dir)
+            return fresh
+        raise UserError(f"an unfinished run ({done} of {planned} epochs) is checkpointed in {run_dir}: "
+                        "pass --resume to continue it or --no-resume to start over")
+    diff = config_mismatch(ckpt.get("config", {}), config)
+    if diff:
+        raise UserError(f"cannot resume {last}: settings differ ({'; '.join(diff)}); "
+                        "use the original settings or --no-resume to start over")
+    if not (run_dir / BEST).exists():
+        raise UserError(f"cannot resume: {run_dir / BEST} is missing; --no-resume starts over")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    if done < config["epochs"]:
+        log(f"resuming {run_dir} after epoch {done} of {config['epochs']}")
+    return {"epoch": done, "history": list(ckpt["history"]), "best": ckpt["best"]}
+
+
+def clear(run_dir: Path) -> None:
+    """Remove a run's checkpoints."""
+    for name in (LAST, BEST):
+        (run_dir / name).unlink(missing_ok=True)

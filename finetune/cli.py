@@ -22,7 +22,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="default",
                    help="weights tag (e.g. IMAGENET1K_V2, swav), 'none' for random init, or a local checkpoint file")
     p.add_argument("--from-scratch", action="store_true",
-                   help="same architecture, random init (the baseline pretrained weights are compared against)")
+                   help="same architecture, random init (the baseline pretrained weights are compared against; "
+                        "the same as --weights none)")
     p.add_argument("--data", default="digits", help="dataset name (python -m extract --list-datasets)")
     p.add_argument("--root", help="dataset folder (imagefolder: the folder with train/val/test or class folders)")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
@@ -39,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float,
                    help=f"base learning rate (default: sgd {DEFAULT_LR['sgd']}, adamw {DEFAULT_LR['adamw']})")
     g.add_argument("--head-lr-mult", type=float,
-                   help="learning-rate multiplier of the new layer (default: 10, or 1 with --from-scratch)")
+                   help="learning-rate multiplier of the new layer (default: 10, or 1 for random init)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     g.add_argument("--weight-decay", type=float,
                    help=f"default: sgd {DEFAULT_WEIGHT_DECAY['sgd']}, adamw {DEFAULT_WEIGHT_DECAY['adamw']}; "
@@ -97,10 +98,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                        results_dir=args.results_dir, runs_dir=args.runs_dir, resume=args.resume,
                        progress=args.progress)
     except Interrupted as e:
-        where = (f"the checkpoint of epoch {e.epochs_done} is in {e.run_dir}" if e.epochs_done
-                 else "no epoch had finished")
-        print(f"error: interrupted after {e.epochs_done} of {e.epochs} epochs; {where}. Continue with:\n"
-              f"  {resume_command(argv)}", file=sys.stderr)
+        if e.epochs_done:
+            print(f"error: interrupted after {e.epochs_done} of {e.epochs} epochs; the checkpoint is in "
+                  f"{e.run_dir}. Continue with:\n  {resume_command(argv)}", file=sys.stderr)
+        else:
+            print(f"error: interrupted during the first epoch, before any checkpoint; "
+                  f"rerun the same command to start again", file=sys.stderr)
         return 130
     m = out.result["metrics"]
     print(f"{out.result['head']}: test top-1 {m['top1']:.4f}, balanced {m['balanced_accuracy']:.4f} "

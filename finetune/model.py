@@ -95,7 +95,7 @@ def frozen_modules(model: Classifier, start: str | None) -> set[str]:
     return {n for n in names[:pos] if n not in keep}
 
 
-def freeze(model: Classifier, spec: str, resolve: Callable[[str], nn.Module]) -> set[str]:
+def apply_freeze(model: Classifier, spec: str, resolve: Callable[[str], nn.Module]) -> set[str]:
     """Apply a --freeze spec: requires_grad False on frozen modules' parameters, True elsewhere.
 
     Returns the frozen module names (for `set_train_mode`).

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_history(history: list[dict], path: str | Path, title: str = "", best_epoch: int | None = None) -> Path:
@@ -27,8 +28,10 @@ def plot_history(history: list[dict], path: str | Path, title: str = "", best_ep
         ax.legend()
     axes[2].plot(epochs, [h["lr"] for h in history], "o-")
     axes[2].set_xlabel("epoch")
-    axes[2].set_ylabel("learning rate (end of epoch)")
+    axes[2].set_ylabel("base learning rate (end of epoch)")
     axes[2].grid(alpha=0.3)
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -1,4 +1,4 @@
-"""Precision handling and global RNG state for training (device and precision names follow extract)."""
+"""Autocast for a resolved precision (see extract.engine) and the global RNG state of a run."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from extract.engine import resolve_device, resolve_precision  # noqa: F401  (re-exported for finetune)
 from extract.errors import UserError
 
 

@@ -8,7 +8,6 @@ restore the best-validation weights -> one test pass -> result JSON + training-c
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from tqdm import tqdm
 
 from extract.api import dataset_dir_name, weights_label
 from extract.datasets import load_dataset
-from extract.engine import default_workers, effective_preprocess
+from extract.engine import default_workers, effective_preprocess, resolve_device, resolve_precision
 from extract.errors import UserError
 from extract.models import get_spec, load_backbone
 from probe.metrics import classification_metrics
@@ -31,10 +30,9 @@ from probe.results import SCHEMA, library_versions, write_result
 
 from . import checkpoint, schedule
 from .data import SplitLoader
-from .model import Classifier, freeze as apply_freeze, make_optimizer, param_groups, parse_freeze, set_train_mode
+from .model import Classifier, apply_freeze, make_optimizer, param_groups, parse_freeze, set_train_mode
 from .plot import plot_history
-from .runtime import (autocast, check_precision, precision_name, resolve_device, resolve_precision, rng_state,
-                      seed_everything, set_rng_state)
+from .runtime import autocast, check_precision, precision_name, seed_everything
 from .splits import SplitPlan, plan_splits
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -77,7 +75,7 @@ def finetune(model: str = "efficientnet_lite0", data: str = "digits", *, weights
     """Fine-tune `model` on `data` and write a result beside probe's; see `python -m finetune --help`.
 
     lr / weight_decay None pick the optimizer's default (sgd 0.01 / 1e-4, adamw 1e-4 / 0.05);
-    head_lr_mult None is 10 for pretrained weights and 1 from scratch. resume: True continues
+    head_lr_mult None is 10 for pretrained weights and 1 for random init. resume: True continues
     the run's last checkpoint, False starts over, None starts over unless an unfinished run exists.
     on_epoch_end(epoch, history_row, model) runs after each epoch's checkpoint is saved.
     """
@@ -90,11 +88,13 @@ def finetune(model: str = "efficientnet_lite0", data: str = "digits", *, weights
         raise UserError(f"unknown schedule {sched!r}: use {' or '.join(schedule.SCHEDULES)}")
     lr = DEFAULT_LR[optimizer] if lr is None else lr
     weight_decay = DEFAULT_WEIGHT_DECAY[optimizer] if weight_decay is None else weight_decay
-    head_lr_mult = (1.0 if from_scratch else 10.0) if head_lr_mult is None else head_lr_mult
 
     spec = get_spec(model)
     weights = "none" if from_scratch else weights
     weights_id, weights_dir = weights_label(spec.name, weights)
+    from_scratch = from_scratch or weights_id == "none"   # --weights none is the same baseline
+    if head_lr_mult is None:  # the new layer learns faster only on top of pretrained features
+        head_lr_mult = 1.0 if from_scratch else 10.0
     dataset = load_dataset(data, root=root, download=download, **(dataset_options or {}))
     plan = plan_splits(dataset, seed=seed, val_fraction=val_fraction)
     dev = resolve_device(device)
@@ -106,7 +106,6 @@ def finetune(model: str = "efficientnet_lite0", data: str = "digits", *, weights
 
     seed_everything(seed)
     backbone = load_backbone(spec.name, weights=weights)
-    _report_load(backbone, log)
     n_classes = len(dataset.classes)
     net = Classifier(backbone.net, backbone.head_path, backbone.dims["penultimate"], n_classes,
                      embed=backbone.spec.embed)
@@ -134,36 +133,32 @@ def finetune(model: str = "efficientnet_lite0", data: str = "digits", *, weights
              "lr": lr, "head_lr_mult": head_lr_mult, "momentum": momentum if optimizer == "sgd" else None,
              "weight_decay": weight_decay, "sched": sched, "warmup_epochs": warmup_epochs,
              "label_smoothing": label_smoothing, "seed": seed, "val_fraction": val_fraction,
-             "precision": precision_name(amp), "sizes": _sizes(plan)}
-    state = _start_or_resume(run_dir, hyper, resume, net, opt, scheduler, scaler, log)
-    history, best = state["history"], state["best"]
+             "precision": precision_name(amp), "sizes": _sizes(plan),
+             "fingerprints": {name: src.fingerprint() for name, src in dataset.splits.items()}}
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     total = sum(p.numel() for p in net.parameters())
-    if state["epoch"] < epochs:
-        log(f"fine-tuning {spec.name} ({weights_id}) on {dataset.name}: {head}, {trainable:,} of {total:,} "
-            f"parameters trained, {len(plan.train.indices)} train / {len(plan.val.indices)} val images, "
-            f"{dev} {precision_name(amp)}; checkpoints in {run_dir}")
+    log(f"fine-tuning {spec.name} ({weights_id}) on {dataset.name}: {head}, {trainable:,} of {total:,} "
+        f"parameters trained, {len(plan.train.indices)} train / {len(plan.val.indices)} val images, "
+        f"{dev} {precision_name(amp)}; checkpoints in {run_dir}")
+    state = checkpoint.start_or_resume(run_dir, hyper, resume, net, opt, scheduler, scaler, log)
+    history, best = state["history"], state["best"]
     skipped: dict[str, dict[int, str]] = {"train": {}, "val": {}, "test": {}}
-    epoch = state["epoch"]
     try:
         for epoch in range(state["epoch"] + 1, epochs + 1):
             t0 = time.perf_counter()
             loaders["train"].set_epoch(epoch)
             tr = train_epoch(net, loaders["train"], opt, scheduler, scaler, loss_fn, dev, amp, frozen,
                              skipped["train"], progress=progress, desc=f"epoch {epoch}/{epochs}")
-            va = evaluate(net, loaders["val"], dev, amp, skipped["val"], loss_fn=loss_fn)
+            va = evaluate(net, loaders["val"], dev, amp, skipped["val"])
             row = {"epoch": epoch, "train_loss": tr["loss"], "train_top1": tr["top1"], "val_loss": va["loss"],
-                   "val_top1": va["top1"], "lr": opt.param_groups[0]["lr"],
+                   "val_top1": va["top1"], "lr": lr * scheduler.lr_lambdas[0](scheduler.last_epoch),
                    "seconds": round(time.perf_counter() - t0, 3), "images_per_second": tr["images_per_second"]}
             history.append(row)
-            if best is None or (row["val_top1"], -row["val_loss"]) > (best["val_top1"], -best["val_loss"]):
+            improved = best is None or (row["val_top1"], -row["val_loss"]) > (best["val_top1"], -best["val_loss"])
+            if improved:
                 best = {"epoch": epoch, "val_top1": row["val_top1"], "val_loss": row["val_loss"]}
-                checkpoint.save(run_dir / checkpoint.BEST, {"epoch": epoch, "model": net.state_dict()})
-            checkpoint.save(run_dir / checkpoint.LAST, {
-                "format": 1, "epoch": epoch, "config": hyper, "model": net.state_dict(),
-                "optimizer": opt.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler else None, "rng": rng_state(),
-                "history": history, "best": best})
+            checkpoint.save_epoch(run_dir, epoch=epoch, config=hyper, model=net, optimizer=opt, scheduler=scheduler,
+                                  scaler=scaler, history=history, best=best, improved=improved)
             log(f"epoch {epoch}/{epochs}: train loss {row['train_loss']:.4f} top-1 {row['train_top1']:.4f}, "
                 f"val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.4f} ({row['seconds']:.1f} s)")
             if on_epoch_end is not None:
@@ -174,7 +169,10 @@ def finetune(model: str = "efficientnet_lite0", data: str = "digits", *, weights
     best_state = checkpoint.load(run_dir / checkpoint.BEST)
     net.load_state_dict(best_state["model"])
     t0 = time.perf_counter()
-    te = evaluate(net, loaders["test"], dev, amp, skipped["test"], keep_scores=True)
+    try:
+        te = evaluate(net, loaders["test"], dev, amp, skipped["test"], keep_scores=True)
+    except KeyboardInterrupt:
+        raise Interrupted(run_dir, len(history), epochs) from None
     predict_seconds = time.perf_counter() - t0
     _warn_skipped(skipped, plan, log)
     metrics = classification_metrics(te["y"], te["scores"].argmax(1), te["scores"] if n_classes > 5 else None,
@@ -184,7 +182,8 @@ def finetune(model: str = "efficientnet_lite0", data: str = "digits", *, weights
         "description": ("random init, " if from_scratch else "") + f"end-to-end fine-tuning, freeze {freeze}",
         "dataset": dataset.name, "model": spec.name, "model_dir": model_dir, "weights": backbone.weights,
         "layer": "penultimate", "metrics": metrics,
-        "hyperparameters": {k: v for k, v in hyper.items() if k not in ("model", "weights", "dataset", "sizes")},
+        "hyperparameters": {k: v for k, v in hyper.items()
+                            if k not in ("model", "weights", "dataset", "sizes", "fingerprints")},
         "grid": [], "epochs": epochs, "best_epoch": best_state["epoch"],
         "schedule": schedule.describe(name=sched, epochs=epochs, steps_per_epoch=steps_per_epoch,
                                       warmup_epochs=warmup_epochs, base_lr=lr),
@@ -196,7 +195,8 @@ def finetune(model: str = "efficientnet_lite0", data: str = "digits", *, weights
         "skipped": {k: len(v) for k, v in skipped.items()},
         "trainable_parameters": trainable, "parameters": total,
         "provenance": {**backbone.provenance(), "dataset": dataset.name, "dataset_identity": dataset.identity,
-                       "eval_preprocess": eval_pre.as_dict(), "device": str(dev), "run_dir": str(run_dir)},
+                       "dataset_fingerprints": hyper["fingerprints"], "eval_preprocess": eval_pre.as_dict(),
+                       "device": str(dev), "run_dir": str(run_dir)},
         "versions": {**library_versions(), "torchvision": _torchvision_version()},
         "seed": seed, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -252,8 +252,8 @@ def train_epoch(net, loader: SplitLoader, opt, scheduler, scaler, loss_fn, dev, 
 
 
 @torch.no_grad()
-def evaluate(net, loader: SplitLoader, dev, amp, skipped: dict, *, loss_fn=None, keep_scores: bool = False) -> dict:
-    """Eval-mode pass: mean loss and top-1; with keep_scores also softmax scores (N, C) and labels."""
+def evaluate(net, loader: SplitLoader, dev, amp, skipped: dict, *, keep_scores: bool = False) -> dict:
+    """Eval-mode pass: mean cross-entropy and top-1; with keep_scores also softmax scores (N, C) and labels."""
     net.eval()
     loss_sum, correct, seen, scores, labels = 0.0, 0, 0, [], []
     for batch in loader:
@@ -263,8 +263,7 @@ def evaluate(net, loader: SplitLoader, dev, amp, skipped: dict, *, loss_fn=None,
         with autocast(dev, amp):
             logits = net(batch.x)
         logits = logits.float()
-        if loss_fn is not None:
-            loss_sum += nn.functional.cross_entropy(logits, batch.y, reduction="sum").item()
+        loss_sum += nn.functional.cross_entropy(logits, batch.y, reduction="sum").item()
         correct += int((logits.argmax(1) == batch.y).sum())
         seen += len(batch.y)
         if keep_scores:
@@ -272,49 +271,10 @@ def evaluate(net, loader: SplitLoader, dev, amp, skipped: dict, *, loss_fn=None,
             labels.append(batch.y.cpu().numpy())
     if seen == 0:
         raise UserError("no evaluation image could be read")
-    out = {"loss": loss_sum / seen if loss_fn is not None else math.nan, "top1": correct / seen}
+    out = {"loss": loss_sum / seen, "top1": correct / seen}
     if keep_scores:
         out.update(scores=np.concatenate(scores), y=np.concatenate(labels))
     return out
-
-
-def _start_or_resume(run_dir: Path, hyper: dict, resume: bool | None, net, opt, scheduler, scaler, log) -> dict:
-    """Fresh state, or the last checkpoint's state loaded into net/opt/scheduler/scaler/RNGs."""
-    fresh = {"epoch": 0, "history": [], "best": None}
-    last = run_dir / checkpoint.LAST
-    if resume is False or (resume is None and not last.exists()):
-        _clear(run_dir)
-        return fresh
-    if not last.exists():
-        raise UserError(f"nothing to resume: no checkpoint at {last}")
-    ckpt = checkpoint.load(last)
-    done, planned = ckpt.get("epoch", 0), ckpt.get("config", {}).get("epochs")
-    if resume is None:
-        if done >= (planned or 0):
-            _clear(run_dir)
-            return fresh
-        raise UserError(f"an unfinished run ({done} of {planned} epochs) is checkpointed in {run_dir}: "
-                        "pass --resume to continue it or --no-resume to start over")
-    diff = checkpoint.config_mismatch(ckpt.get("config", {}), hyper)
-    if diff:
-        raise UserError(f"cannot resume {last}: settings differ ({'; '.join(diff)}); "
-                        "use the original settings or --no-resume to start over")
-    if not (run_dir / checkpoint.BEST).exists():
-        raise UserError(f"cannot resume: {run_dir / checkpoint.BEST} is missing; --no-resume starts over")
-    net.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    if scaler is not None and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
-    if done < hyper["epochs"]:
-        log(f"resuming {run_dir} after epoch {done} of {hyper['epochs']}")
-    return {"epoch": done, "history": list(ckpt["history"]), "best": ckpt["best"]}
-
-
-def _clear(run_dir: Path) -> None:
-    for name in (checkpoint.LAST, checkpoint.BEST):
-        (run_dir / name).unlink(missing_ok=True)
 
 
 def _check_numbers(**values) -> None:
@@ -330,15 +290,6 @@ def _sizes(plan: SplitPlan, skipped: dict | None = None) -> dict:
     skipped = skipped or {}
     return {role: int(len(getattr(plan, role).indices) - len(skipped.get(role, {})))
             for role in ("train", "val", "test")}
-
-
-def _report_load(backbone, log) -> None:
-    report = getattr(backbone, "load_report", None) or {}
-    for kind in ("missing", "unexpected"):
-        keys = report.get(kind) or []
-        if keys:
-            log(f"warning: {len(keys)} {kind} keys loading {backbone.name} weights: {', '.join(keys[:5])}"
-                + (" ..." if len(keys) > 5 else ""))
 
 
 def _warn_skipped(skipped: dict, plan: SplitPlan, log) -> None:

@@ -81,6 +81,10 @@ def select_caches(cache_dir="cache", *, model: str | None = None, data: str | No
     """The newest complete extraction under cache_dir matching the given filters."""
     found = [c for c in find_caches(cache_dir) if not Path(c["path"]).name.endswith(".partial")]
     if not found:
+        partial = sorted(Path(cache_dir).glob("**/*.h5.partial"))
+        if partial:
+            raise UserError(f"the only cache under {cache_dir} is incomplete ({partial[0]}): "
+                            "rerun the same extract command to finish it")
         raise UserError(f"no complete feature cache under {cache_dir}: run `python -m extract` first")
 
     def key(c):
@@ -96,7 +100,11 @@ def select_caches(cache_dir="cache", *, model: str | None = None, data: str | No
                                                  ("layer", layer)) if v)
         raise UserError(f"no complete cache under {cache_dir} for {what}; available: {'; '.join(have)}")
     newest = wanted[0]  # find_caches sorts newest first
-    group = [c for c in wanted if key(c) == key(newest) and Path(c["path"]).parent == Path(newest["path"]).parent]
+    def folder_and_dtype(c):  # train.h5 and train.float16.h5 are different extractions
+        p = Path(c["path"])
+        return p.parent, p.name.split(".", 1)[1]
+
+    group = [c for c in wanted if key(c) == key(newest) and folder_and_dtype(c) == folder_and_dtype(newest)]
     files: dict[str, Path] = {}
     for c in sorted(group, key=lambda c: -c["mtime"]):
         files.setdefault(c["split"], Path(c["path"]))

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import log_loss
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
@@ -100,14 +101,17 @@ def _path_search(head, grid, Xtr, ytr, Xva, yva, seed, n_jobs, progress, refine=
         est.set_params(**params)
         t0 = time.perf_counter()
         converged = _silence(est.fit, Xtr, ytr)
-        rows.append({"params": params, "val_top1": float(np.mean(est.predict(Xva) == yva)),
+        proba = est.predict_proba(Xva)
+        pred = est.classes_[proba.argmax(axis=1)]
+        rows.append({"params": params, "val_top1": float(np.mean(pred == yva)),
+                     "val_loss": float(log_loss(yva, proba, labels=est.classes_)),
                      "seconds": time.perf_counter() - t0, "converged": converged})
         states[params["C"]] = (est.coef_.copy(), est.intercept_.copy())
 
     for params in _bar(grid, f"{head.name} path", progress):
         fit_at(params)
     if refine:
-        best_C = max(rows, key=lambda r: r["val_top1"])["params"]["C"]
+        best_C = _winner(rows)["C"]
         for params in _refine_points(best_C, set(states)):
             stronger = [c for c in states if c < params["C"]]
             fit_at(params, states[max(stronger)] if stronger else None)
@@ -116,8 +120,9 @@ def _path_search(head, grid, Xtr, ytr, Xva, yva, seed, n_jobs, progress, refine=
 
 
 def _winner(rows: list[dict]) -> dict:
-    """Highest validation accuracy; ties go to the row tried first (the stronger regularisation)."""
-    return max(rows, key=lambda r: r["val_top1"])["params"]  # max keeps the first of equals
+    """Highest validation accuracy; ties go to the lower validation log-loss where recorded, then to
+    the row tried first (the stronger regularisation)."""
+    return max(rows, key=lambda r: (r["val_top1"], -r.get("val_loss", 0.0)))["params"]  # max keeps the first
 
 
 def search(head: Head | str, X_train, y_train, X_val, y_val, *, grid: str = "fast", scale: str | None = None,
@@ -227,8 +232,9 @@ def run_probe(head_name: str, data: ProbeData, *, grid: str = "fast", scale: str
         "dataset": data.dataset, "model": data.model, "model_dir": data.model_dir, "weights": data.weights,
         "layer": data.layer, "metrics": metrics,
         "hyperparameters": {**found.best, "scale": scale}, "grid_name": grid,
-        "grid": [{"params": r["params"], "val_top1": r["val_top1"], "seconds": round(r["seconds"], 4),
-                  "converged": r["converged"]} for r in found.grid],
+        "grid": [{"params": r["params"], "val_top1": r["val_top1"],
+                  **({"val_loss": round(r["val_loss"], 6)} if "val_loss" in r else {}),
+                  "seconds": round(r["seconds"], 4), "converged": r["converged"]} for r in found.grid],
         "timing": {"search_seconds": round(found.seconds, 4), "fit_seconds": round(fit_seconds, 4),
                    "predict_seconds": round(predict_seconds, 4)},
         "sizes": {**data.sizes, "search_train": int(len(ys))}, "validation": validation,

@@ -119,9 +119,9 @@ def test_skipped_images_are_recorded(tmp_path):
     path = tmp_path / "train.h5"
     w = CacheWriter(path, KEY, PROV, PROV["dims"])
     w.append(*rows(4), next_index=5)
-    w.skip(4, "/data/bad.jpg", "truncated image data")
+    w.skip(4, "/data/bad.jpg", "truncated image data", label=1)
     w.finish()
-    assert load_features(path).meta["skipped"] == [{"index": 4, "path": "/data/bad.jpg",
+    assert load_features(path).meta["skipped"] == [{"index": 4, "label": 1, "path": "/data/bad.jpg",
                                                      "reason": "truncated image data"}]
 
 
