@@ -12,7 +12,8 @@ import torch
 
 from . import cache
 from .datasets import load_dataset
-from .engine import Embedder, default_workers, effective_preprocess, resolve_device, resolve_precision, run
+from .engine import (Embedder, default_workers, effective_preprocess, precision_name, resolve_device,
+                     resolve_precision, run)
 from .errors import UserError
 from .models import get_spec, load_backbone
 
@@ -64,10 +65,12 @@ def _weights_stat(weights_id: str) -> list | None:
     return None
 
 
-def split_key(model: str, weights_id: str, dataset, split: str, fingerprint: str, dtype: str) -> dict:
+def split_key(model: str, weights_id: str, dataset, split: str, fingerprint: str, dtype: str,
+              precision: str) -> dict:
     """Everything that must match for a cache file to be reused."""
     return {"format": cache.FORMAT, "model": model, "weights": weights_id, "weights_file": _weights_stat(weights_id),
-            "dataset": dataset.identity, "split": split, "dataset_fingerprint": fingerprint, "dtype": dtype}
+            "dataset": dataset.identity, "split": split, "dataset_fingerprint": fingerprint, "dtype": dtype,
+            "precision": precision}
 
 
 def _describe(diff: list[str]) -> str:
@@ -105,8 +108,9 @@ def extract(model: str = "efficientnet_lite0", data: str = "digits", *, weights:
         source = dataset.splits[split]
         if len(source) == 0:
             raise UserError(f"split {split} of {data} has no images")
-        path = cache.cache_path(cache_dir, dataset_dir_name(dataset), spec.name, weights_dir, split, dtype)
-        key = split_key(spec.name, weights_id, dataset, split, source.fingerprint(), dtype)
+        path = cache.cache_path(cache_dir, dataset_dir_name(dataset), spec.name, weights_dir, split, dtype,
+                                precision_name(autocast))
+        key = split_key(spec.name, weights_id, dataset, split, source.fingerprint(), dtype, precision_name(autocast))
         lock = cache.lock_for(path)
         cache.acquire(lock, path, log)
         try:
@@ -142,7 +146,7 @@ def _extract_split(backbone, dataset, source, path, key, dev, autocast, precisio
     provenance = {**backbone.provenance(), "model": backbone.name, "weights": backbone.weights,
                   "preprocess": preprocess.as_dict(), "dataset": dataset.name, "dataset_identity": dataset.identity,
                   "dataset_fingerprint": key["dataset_fingerprint"], "split": source.name, "classes": dataset.classes,
-                  "n_images": len(source), "dtype": dtype, "precision": str(autocast or "fp32").replace("torch.", ""),
+                  "n_images": len(source), "dtype": dtype, "precision": key["precision"],
                   "precision_requested": precision, "device": str(dev), "layers": backbone.layers,
                   "dims": backbone.dims}
     writer = cache.CacheWriter(path, key, provenance, backbone.dims, dtype)

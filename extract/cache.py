@@ -47,10 +47,13 @@ class Features(NamedTuple):
 
 
 def cache_path(cache_dir, dataset: str, model: str, weights: str | None, split: str,
-               dtype: str = "float32") -> Path:
-    """<cache_dir>/<dataset>/<model>[.<weights>]/<split>[.<dtype>].h5; weights None = the model's default."""
+               dtype: str = "float32", precision: str = "fp32") -> Path:
+    """<cache_dir>/<dataset>/<model>[.<weights>]/<split>[.<precision>][.<dtype>].h5.
+
+    weights None = the model's default; fp32 compute and float32 storage add no suffix.
+    """
     model_dir = model if not weights else f"{model}.{weights}"
-    suffix = "" if dtype == "float32" else f".{dtype}"
+    suffix = ("" if precision == "fp32" else f".{precision}") + ("" if dtype == "float32" else f".{dtype}")
     return Path(cache_dir) / dataset / model_dir / f"{split}{suffix}.h5"
 
 
@@ -259,6 +262,11 @@ def write_features(path, features: dict[str, np.ndarray], labels, index=None, pr
         return writer.finish()
 
 
+def _column(f: h5py.File, name: str) -> np.ndarray:
+    """A skipped/ column; files written before labels were recorded there read as -1."""
+    return f[name][()] if name in f else np.full(len(f["skipped/index"]), -1)
+
+
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -296,7 +304,7 @@ def load_features(path, layer: str | None = None, lazy: bool = False) -> Feature
         y = f["labels"][()]
         paths = [_text(p) for p in f["paths"][()]] if len(f["paths"]) else None
         skipped = [{"index": int(i), "label": int(lab), "path": _text(p), "reason": _text(r)}
-                   for i, lab, p, r in zip(*(f[f"skipped/{name}"][()] for name, _ in _SKIP_COLUMNS))]
+                   for i, lab, p, r in zip(*(_column(f, f"skipped/{name}") for name, _ in _SKIP_COLUMNS))]
         meta = {"path": str(path), "layer": layer, "layers": layers, "provenance": provenance,
                 "key": _attr_json(f, "key"), "versions": _attr_json(f, "versions"),
                 "classes": provenance.get("classes", json.loads(f.attrs.get("classes", "[]"))),

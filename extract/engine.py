@@ -71,6 +71,10 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return None
 
 
+def precision_name(autocast: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast]
+
+
 def effective_preprocess(preprocess: Preprocess, in_memory: bool) -> Preprocess:
     """Small in-memory images (CIFAR, digits) are resized straight to the crop size, not cropped."""
     return dataclasses.replace(preprocess, resize=preprocess.crop) if in_memory else preprocess

@@ -48,7 +48,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", default="fast", choices=GRIDS, help="hyperparameter grid size (default: fast)")
     p.add_argument("--scale", choices=SCALES, help="feature scaling inside the pipeline (default: per head)")
     p.add_argument("--seed", type=int, default=0, help="validation carve, subsampling, estimator seeds")
-    p.add_argument("--n-jobs", type=int, default=None, help="parallel jobs for heads that support it (rf)")
+    p.add_argument("--n-jobs", type=int, default=None, help="threads for BLAS/OpenMP during fits and processes for rf "
+                   "(default: the libraries' choice; 1 is often fastest on a busy machine)")
     p.add_argument("--max-search-samples", type=int, default=None, metavar="N",
                    help="search hyperparameters on a stratified subsample of N train rows (refit uses all)")
     p.add_argument("--save", action=argparse.BooleanOptionalAction, default=True,

@@ -29,8 +29,11 @@ WARN_SECONDS = 120.0
 SMALL = 2_000_000  # below this many feature values, threads cost more than they save
 
 
-def _threads_for(X):
-    """One BLAS/OpenMP thread for small problems (thread start-up and spinning dominate them)."""
+def _threads_for(X, n_jobs: int | None = None):
+    """Cap BLAS/OpenMP threads: at n_jobs when given, at one for small problems (thread start-up and
+    spinning dominate them), else the libraries' default."""
+    if n_jobs is not None and n_jobs > 0:
+        return threadpool_limits(limits=n_jobs)
     return threadpool_limits(limits=1) if np.asarray(X).size < SMALL else nullcontext()
 
 
@@ -144,7 +147,7 @@ def search(head: Head | str, X_train, y_train, X_val, y_val, *, grid: str = "fas
         if estimate > WARN_SECONDS:
             notify(f"warning: the {head.name} search ({len(points)} fits on {stats['n']} rows) may take "
                    f"~{_human(estimate)}; --max-search-samples N searches on a stratified subsample")
-    with _threads_for(Xtr):
+    with _threads_for(Xtr, n_jobs):
         if head.name == "knn":
             rows, warm = _knn_search(head, points, Xtr, y_train, Xva, y_val, seed, n_jobs, progress)
         elif head.path:
@@ -167,7 +170,7 @@ def refit(head: Head, best: dict, X, y, *, scale=None, seed=0, n_jobs=None, warm
         est.set_params(warm_start=True)
         for k, v in warm.items():
             setattr(est, k, v.copy())
-    with _threads_for(X):
+    with _threads_for(X, n_jobs):
         _silence(pipe.fit, X, y)
     if warm:
         est.set_params(warm_start=False)

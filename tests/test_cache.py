@@ -27,6 +27,8 @@ def test_path_layout(tmp_path):
     assert cache_path(tmp_path, "cifar10", "resnet50", None, "train") == tmp_path / "cifar10/resnet50/train.h5"
     assert cache_path(tmp_path, "cifar10", "resnet50", "swav", "test", "float16") == \
         tmp_path / "cifar10/resnet50.swav/test.float16.h5"
+    assert cache_path(tmp_path, "cifar10", "resnet50", None, "test", "float32", "bf16") == \
+        tmp_path / "cifar10/resnet50/test.bf16.h5"
 
 
 def test_round_trip_keeps_layers_labels_index_and_provenance(tmp_path):

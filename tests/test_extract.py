@@ -196,6 +196,16 @@ def test_cli_lists_models_with_dims(tmp_path):
     assert "2048" in line
 
 
+def test_reduced_precision_features_live_beside_fp32_ones(tmp_path):
+    opts = dict(data="synthetic", cache_dir=tmp_path, dataset_options={"n": 16}, splits=["train"], **TINY)
+    fp32 = extract(precision="fp32", **opts)["train"].path
+    bf16 = extract(precision="bf16", **opts)["train"].path
+    assert bf16.name == "train.bf16.h5" and fp32.name == "train.h5"
+    a, b = load_features(fp32).X, load_features(bf16).X
+    assert not np.array_equal(a, b)
+    np.testing.assert_allclose(a, b, rtol=0.1, atol=0.1)
+
+
 def test_provenance_records_effective_preprocessing_and_precision(tmp_path):
     res = extract(data="synthetic", cache_dir=tmp_path, dataset_options={"n": 16}, splits=["train"],
                   precision="fp32", **TINY)
