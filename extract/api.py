@@ -32,6 +32,9 @@ class SplitResult:
     seconds: float = 0.0
     skipped: int = 0
 
+    def __fspath__(self) -> str:
+        return str(self.path)
+
 
 def weights_label(model: str, weights: str | None) -> tuple[str, str | None]:
     """(weights id for provenance, directory suffix or None for the model's default)."""

@@ -77,13 +77,20 @@ def acquire(lock: FileLock, path, notify=print) -> None:
 
 
 def versions() -> dict:
-    import sklearn
-    import torch
-    import torchvision
+    """Installed versions of what shapes the features (read from metadata: nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    from . import __version__
-    return {"featprobe": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "h5py": h5py.__version__, "numpy": np.__version__, "sklearn": sklearn.__version__}
+    out = {}
+    for name, dist in (("featprobe", "featprobe"), ("torch", "torch"), ("torchvision", "torchvision"),
+                       ("h5py", "h5py"), ("numpy", "numpy"), ("sklearn", "scikit-learn")):
+        try:
+            out[name] = version(dist)
+        except PackageNotFoundError:
+            out[name] = None
+    if out["featprobe"] is None:  # running from a source checkout
+        from . import __version__
+        out["featprobe"] = __version__
+    return out
 
 
 def _attr_json(f: h5py.File, name: str) -> dict:

@@ -41,7 +41,8 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _options(pairs: list[str]) -> dict:
+def parse_options(pairs: list[str]) -> dict:
+    """['n=500', 'name=x'] -> {'n': 500, 'name': 'x'} (dataset options from --option KEY=VALUE)."""
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
                       root=args.root, download=args.download, splits=_split_list(args.splits),
                       cache_dir=args.cache_dir, batch_size=args.batch_size, workers=args.workers, device=args.device,
                       precision=args.precision, dtype=args.dtype, on_error=args.on_error, overwrite=args.overwrite,
-                      progress=args.progress, dataset_options=_options(args.option))
+                      progress=args.progress, dataset_options=parse_options(args.option))
     for r in results.values():
         print(f"{r.split:>6}: {r.path} ({r.status})")
     print(summary(results, started))

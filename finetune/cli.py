@@ -6,6 +6,7 @@ import argparse
 import shlex
 import sys
 
+from extract.cli import parse_options
 from extract.errors import UserError, guarded
 
 from .data import CROP_SCALE
@@ -68,16 +69,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _options(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UserError(f"--option takes KEY=VALUE, got {pair!r}")
-        out[key] = int(value) if value.lstrip("-").isdigit() else value
-    return out
-
-
 def resume_command(argv: list[str]) -> str:
     """The command line that continues an interrupted run."""
     kept = [a for a in argv if a not in ("--resume", "--no-resume")]
@@ -89,7 +80,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     try:
         out = finetune(model=args.model, data=args.data, weights=args.weights, root=args.root,
-                       download=args.download, dataset_options=_options(args.option), freeze=args.freeze,
+                       download=args.download, dataset_options=parse_options(args.option), freeze=args.freeze,
                        from_scratch=args.from_scratch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                        head_lr_mult=args.head_lr_mult, optimizer=args.optimizer, momentum=args.momentum,
                        weight_decay=args.weight_decay, sched=args.sched, warmup_epochs=args.warmup_epochs,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from extract.errors import UserError
-from probe.splits import validation_mask
+from probe.splits import split_roles, validation_mask
 
 
 @dataclass
@@ -39,13 +39,11 @@ def plan_splits(dataset, seed: int = 0, val_fraction: float = 0.2) -> SplitPlan:
     splits = dataset.splits
     if "train" not in splits:
         raise UserError(f"dataset {dataset.name} has no train split (it has {', '.join(splits) or 'none'})")
-    if "test" in splits:
-        test_split, val_split = "test", ("val" if "val" in splits else None)
-    elif "val" in splits:
-        test_split, val_split = "val", None
-    else:
+    roles = split_roles(splits)
+    if roles is None:
         raise UserError(f"dataset {dataset.name} has only a train split; fine-tuning needs a held-out "
                         "test (or val) split, e.g. train/ and val/ folders under --root")
+    test_split, val_split = roles
     train = splits["train"]
     all_rows = np.arange(len(train))
     if val_split:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from extract.errors import UserError
+from extract.errors import UserError, guarded
 
 from .heads import GRIDS, SCALES, get_head, list_heads
 from .report import FORMATS
@@ -158,19 +158,17 @@ def run_report(args) -> int:
     return 0
 
 
+def _run(argv: list[str]) -> int:
+    if argv and argv[0] == "predict":
+        from .predict import run_predict
+        return run_predict(predict_parser().parse_args(argv[1:]), notify=_warn)
+    args = parser().parse_args(argv)
+    return run_report(args) if args.report else run_heads(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv and argv[0] == "predict":
-            from .predict import run_predict
-            return run_predict(predict_parser().parse_args(argv[1:]), notify=_warn)
-        args = parser().parse_args(argv)
-        return run_report(args) if args.report else run_heads(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return guarded(lambda: _run(argv))
     except SystemExit as e:  # --help
         return int(e.code or 0) if isinstance(e.code, int) or e.code is None else 2

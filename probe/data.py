@@ -14,7 +14,7 @@ import numpy as np
 from extract.cache import find_caches, load_features
 from extract.errors import UserError
 
-from .splits import validation_mask
+from .splits import split_roles, validation_mask
 
 SPLITS = ("train", "val", "test")
 
@@ -174,13 +174,11 @@ def _require_classes(y: np.ndarray, role: str, what: str) -> None:
 def load_probe_data(selection: Selection, seed: int = 0, val_fraction: float = 0.2) -> ProbeData:
     """Read the selected cache files, check they belong together, and assign train/val/test roles."""
     files = selection.files
-    if "test" in files:
-        test_split, val_split = "test", ("val" if "val" in files else None)
-    elif "val" in files:
-        test_split, val_split = "val", None
-    else:
+    roles = split_roles(files)
+    if roles is None:
         raise UserError(f"only a train split is cached ({files['train']}); a probe needs a held-out "
                         "test (or val) split: extract one, or pass --test-features")
+    test_split, val_split = roles
     arrays, metas = {}, {}
     for split in dict.fromkeys(["train", val_split, test_split]):
         if split:
@@ -196,7 +194,7 @@ def load_probe_data(selection: Selection, seed: int = 0, val_fraction: float = 0
         X_va, y_va = arrays[val_split]
         validation = f"the dataset's own '{val_split}' split"
     else:
-        mask = validation_mask(index_tr, y_tr, seed=seed, fraction=val_fraction)
+        mask = _validation_rows(index_tr, y_tr, train_meta.get("skipped") or [], seed, val_fraction)
         X_va, y_va = X_tr[mask], y_tr[mask]
         X_tr, y_tr, index_tr = X_tr[~mask], y_tr[~mask], index_tr[~mask]
         validation = f"stratified {val_fraction:.0%} of train (seed {seed})"
@@ -223,3 +221,11 @@ def load_probe_data(selection: Selection, seed: int = 0, val_fraction: float = 0
         layer=train_meta["layer"], provenance=train_meta.get("provenance", {}),
         sources={role: str(files[s]) for role, s in (("train", "train"), ("val", val_split), ("test", test_split)) if s},
         index_train=index_tr)
+
+
+def _validation_rows(index, labels, skipped: list[dict], seed: int, fraction: float) -> np.ndarray:
+    """validation_mask over every train image, unreadable ones included, so finetune carves the same rows."""
+    known = [s for s in skipped if s.get("label", -1) >= 0]
+    full_index = np.concatenate([index, np.asarray([s["index"] for s in known], dtype=index.dtype)])
+    full_labels = np.concatenate([labels, np.asarray([s["label"] for s in known], dtype=labels.dtype)])
+    return validation_mask(full_index, full_labels, seed=seed, fraction=fraction)[:len(index)]

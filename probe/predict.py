@@ -65,6 +65,7 @@ def predict_images(pipeline, sidecar: dict, paths: list[str], *, device="auto", 
     from extract.datasets import ImageSource
     from extract.engine import embed
     from extract.models import load_backbone
+    from extract.preprocess import Preprocess
 
     prov = sidecar.get("provenance") or {}
     name = prov.get("model") or prov.get("name") or sidecar.get("model")
@@ -72,6 +73,9 @@ def predict_images(pipeline, sidecar: dict, paths: list[str], *, device="auto", 
         raise UserError("the saved head records no backbone; refit it with `python -m probe`")
     layer = sidecar.get("layer") or "penultimate"
     backbone = load_backbone(name, weights=backbone_weights(prov), layers=[layer])
+    if prov.get("preprocess"):  # what the cache actually applied (e.g. no crop for small in-memory images)
+        recorded = prov["preprocess"]
+        backbone.preprocess = Preprocess(**{**recorded, "mean": tuple(recorded["mean"]), "std": tuple(recorded["std"])})
     if prov.get("weights_sha256") and backbone.weights_sha256 and prov["weights_sha256"] != backbone.weights_sha256:
         warnings.warn(f"the {name} weights file differs from the one the features were extracted with")
     classes = sidecar.get("classes") or []

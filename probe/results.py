@@ -135,5 +135,8 @@ def load_head(path):
             warnings.simplefilter("ignore", InconsistentVersionWarning)
         except ImportError:
             pass
-        pipeline = joblib.load(path)
+        try:
+            pipeline = joblib.load(path)
+        except Exception as e:  # truncated file, missing module, incompatible pickle
+            raise UserError(f"cannot load {path}: {type(e).__name__}: {e}; refit it with `python -m probe`") from None
     return pipeline, sidecar

@@ -55,3 +55,17 @@ def stratified_subsample(index, labels, n: int, seed: int = 0) -> np.ndarray:
         take = max(1, int(round(n * len(rows) / len(labels))))
         keep.append(rows[_ranked(index[rows], seed + 1)[:take]])
     return np.sort(np.concatenate(keep))
+
+
+def split_roles(available) -> tuple[str, str | None] | None:
+    """(test split, validation split or None) by the shared rule, or None when nothing is held out.
+
+    The dataset's own test split is the test set and its val split the validation set; a dataset
+    with only train and val uses val as its test set (validation is then carved from train).
+    """
+    available = set(available)
+    if "test" in available:
+        return "test", ("val" if "val" in available else None)
+    if "val" in available:
+        return "val", None
+    return None

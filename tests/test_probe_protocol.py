@@ -107,3 +107,14 @@ def test_max_search_samples_subsamples_the_search_only():
     r = run_probe("svm-rbf", data, max_search_samples=30, progress=False).result
     assert r["sizes"]["search_train"] == 30 and r["sizes"]["train"] == 100
     assert "subsample" in r["validation"]
+
+
+def test_expensive_search_warns_and_names_the_flag():
+    from dataclasses import replace
+
+    from probe.heads import HEADS
+    slow_rf = replace(HEADS["rf"], seconds_per_fit=lambda params, stats: 1e4)
+    X, y = blobs(n_per_class=20, n_classes=2, dim=4)
+    said = []
+    search(slow_rf, X[:30], y[:30], X[30:], y[30:], progress=False, notify=said.append)
+    assert len(said) == 1 and "may take" in said[0] and "--max-search-samples" in said[0]
