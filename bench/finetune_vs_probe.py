@@ -86,7 +86,7 @@ def run_probe(args, tmp: Path) -> dict:
     if len(found) != 1:
         sys.exit(f"expected one logreg.json under {results_dir}, found {found}")
     result = json.loads(found[0].read_text())
-    return {"extract_s": extract_s, "probe_s": probe_s, "result": result,
+    return {"extract_s": extract_s, "probe_s": probe_s, "result": result, "path": found[0],
             "images": sum(r.images for r in res.values())}
 
 
@@ -97,7 +97,7 @@ def run_finetune(args, tmp: Path, freeze: str, epochs: int, tag: str) -> dict:
                    batch_size=args.batch_size, lr=args.lr, seed=args.seed, precision=args.precision,
                    workers=args.workers, results_dir=tmp / "results", runs_dir=tmp / "runs", resume=False,
                    progress=False, log=lambda msg: print(f"  [{tag}] {msg}", flush=True))
-    return {"wall_s": time.perf_counter() - t0, "result": out.result}
+    return {"wall_s": time.perf_counter() - t0, "result": out.result, "path": out.path}
 
 
 def _fmt_s(v: float | None) -> str:
@@ -145,7 +145,7 @@ def main() -> None:
               f"benchmark short on this CPU")
     print(flush=True)
 
-    rows, extra = [], []
+    rows, extra, paths = [], [], []
     start, cpu_start = time.perf_counter(), _cpu_seconds()
     with tempfile.TemporaryDirectory(prefix="finetune_vs_probe.") as tmp_name:
         tmp = Path(tmp_name)
@@ -153,6 +153,7 @@ def main() -> None:
             print("(a) extract + logreg probe ...", flush=True)
             a = run_probe(args, tmp)
             r = a["result"]
+            paths.append(a["path"])
             total = a["extract_s"] + a["probe_s"]
             hp = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in r["hyperparameters"].items())
@@ -171,6 +172,7 @@ def main() -> None:
             print(f"{label} ...", flush=True)
             f = run_finetune(args, tmp, freeze, epochs, tag)
             r = f["result"]
+            paths.append(f["path"])
             hist = r["history"]
             per_epoch = sum(h["seconds"] for h in hist) / len(hist)
             ips = sum(h["images_per_second"] for h in hist) / len(hist)
@@ -182,6 +184,7 @@ def main() -> None:
             extra.append(f"{label[:3]} per epoch {per_epoch:.1f} s (train pass {ips:.1f} images/s + validation), "
                          f"epochs {epoch_s} s; val top-1 by epoch {val_top1}; test pass "
                          f"{r['timing']['predict_seconds']:.1f} s")
+        folders = sorted({str(p.parent.relative_to(tmp / "results")) for p in paths})
     elapsed = time.perf_counter() - start
     cpu_share = (_cpu_seconds() - cpu_start) / elapsed / _cores()
     load_after = _load()
@@ -197,6 +200,8 @@ def main() -> None:
     print()
     for line in extra:
         print(line)
+    where = f"all in results/{folders[0]}" if len(folders) == 1 else "SPLIT across " + ", ".join(folders)
+    print(f"result files: {where} (python -m probe --report shows them side by side when they share a folder)")
     print(f"total {elapsed:.0f} s; test set {sizes['test']} images, so one image is "
           f"{1 / sizes['test']:.4f} top-1")
     contended = max(os.getloadavg()[:2]) > _cores() + 0.5 or cpu_share < 0.6

@@ -164,8 +164,8 @@ def _extract_split(backbone, dataset, source, path, key, dev, autocast, precisio
         writer.finish()
     except KeyboardInterrupt:
         writer.close()
-        raise UserError(f"interrupted: {writer.saved_rows} of {len(source)} images of {source.name} saved in "
-                        f"{writer.partial}; rerun the same command to resume") from None
+        raise KeyboardInterrupt(f"{writer.saved_rows} of {len(source)} images of {source.name} saved in "
+                                f"{writer.partial}; rerun the same command to resume") from None
     except OSError as e:
         _close_quietly(writer, flush=False)
         raise UserError(f"could not write {writer.partial}: {e.strerror or e}; the {writer.saved_rows} rows "

@@ -9,12 +9,15 @@ class UserError(Exception):
 
 
 def guarded(body: Callable[[], int | None]) -> int:
-    """Run a CLI body: UserError -> 'error: ...' and exit 2; Ctrl-C -> exit 130; never a traceback for those."""
+    """Run a CLI body: UserError -> 'error: ...' and exit 2; Ctrl-C -> exit 130; never a traceback for those.
+
+    A KeyboardInterrupt raised with a message (what was saved, how to resume) prints that message.
+    """
     try:
         return body() or 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         return 130

@@ -43,8 +43,10 @@ class Preprocess:
 
     def resize_crop_pil(self, img: Image.Image) -> torch.Tensor:
         """RGB PIL image -> uint8 tensor (3, crop, crop)."""
-        img = TF.resize(img, self.resize, interpolation=_INTERPOLATIONS[self.interpolation])
-        img = TF.center_crop(img, self.crop)
+        if min(img.size) != self.resize:
+            img = TF.resize(img, self.resize, interpolation=_INTERPOLATIONS[self.interpolation])
+        if img.size != (self.crop, self.crop):
+            img = TF.center_crop(img, self.crop)
         return TF.pil_to_tensor(img)
 
     def resize_crop_batch(self, x: torch.Tensor) -> torch.Tensor:

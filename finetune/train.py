@@ -180,7 +180,7 @@ def finetune(model: str = "efficientnet_lite0", data: str = "digits", *, weights
     result = {
         "schema": SCHEMA, "kind": "finetune", "head": head,
         "description": ("random init, " if from_scratch else "") + f"end-to-end fine-tuning, freeze {freeze}",
-        "dataset": dataset.name, "model": spec.name, "model_dir": model_dir, "weights": backbone.weights,
+        "dataset": dataset_dir_name(dataset), "model": spec.name, "model_dir": model_dir, "weights": backbone.weights,
         "layer": "penultimate", "metrics": metrics,
         "hyperparameters": {k: v for k, v in hyper.items()
                             if k not in ("model", "weights", "dataset", "sizes", "fingerprints")},

@@ -7,7 +7,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib import ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -51,6 +52,8 @@ def plot_comparison(rows: list[dict], path, title: str = "") -> Path:
         a.text(v, i, f" {v:.1f}", va="center", fontsize=7)
     b.barh(y, secs, color="tab:orange")
     b.set_xscale("log")
+    b.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    b.xaxis.set_minor_formatter(ticker.NullFormatter())
     b.set_xlabel("fit seconds (search + refit, log)")
     for i, v in enumerate(secs):
         b.text(v, i, f" {v:.2g}", va="center", fontsize=7)
