@@ -110,10 +110,11 @@ def apply_freeze(model: Classifier, spec: str, resolve: Callable[[str], nn.Modul
 
 
 def set_train_mode(model: nn.Module, frozen: set[str]) -> None:
-    """model.train(), but frozen normalisation layers stay in eval so their running stats never move."""
+    """model.train(), but frozen modules stay in eval: running stats never move, and dropout or
+    stochastic depth never perturbs what a fixed feature extractor computes."""
     model.train()
     for name, m in model.named_modules():
-        if name in frozen and isinstance(m, nn.modules.batchnorm._NormBase):
+        if name in frozen:
             m.eval()
 
 

@@ -137,7 +137,7 @@ def finetune(model: str = "efficientnet_lite0", data: str = "digits", *, weights
              "fingerprints": {name: src.fingerprint() for name, src in dataset.splits.items()}}
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     total = sum(p.numel() for p in net.parameters())
-    log(f"fine-tuning {spec.name} ({weights_id}) on {dataset.name}: {head}, {trainable:,} of {total:,} "
+    log(f"fine-tuning {spec.name} ({weights_id}) on {dataset_dir_name(dataset)}: {head}, {trainable:,} of {total:,} "
         f"parameters trained, {len(plan.train.indices)} train / {len(plan.val.indices)} val images, "
         f"{dev} {precision_name(amp)}; checkpoints in {run_dir}")
     state = checkpoint.start_or_resume(run_dir, hyper, resume, net, opt, scheduler, scaler, log)

@@ -176,6 +176,7 @@ def test_image_folder_skips_unreadable_training_images(tmp_path, init_weights):
     out = finetune(MODEL, "imagefolder", root=str(root), weights=str(init_weights), epochs=1, batch_size=4,
                    workers=0, results_dir=tmp_path / "results", runs_dir=tmp_path / "runs", progress=False,
                    log=lambda _: None)
+    assert "pets" in out.path.parts, "image-folder results sit beside probe's, under the folder's name"
     r = out.result
     # 13 train files, one per class carved off for validation; the broken one is a training row
     assert r["skipped"] == {"train": 1, "val": 0, "test": 0}

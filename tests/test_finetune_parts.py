@@ -147,6 +147,18 @@ def test_frozen_batchnorm_keeps_its_running_stats():
     assert model.net.stem[0].weight.grad is None and model.net.block[0].weight.grad is not None
 
 
+def test_frozen_part_computes_fixed_features_while_the_rest_trains():
+    model = Classifier(_Tiny(), "fc", 4, 2)
+    model.net.stem.append(nn.Dropout(0.5))
+    model.net.block.append(nn.Dropout(0.5))
+    frozen = apply_freeze(model, "until:block", model.net.get_submodule)
+    set_train_mode(model, frozen)
+    x = torch.randn(4, 3, 9, 9)
+    assert torch.equal(model.net.stem(x), model.net.stem(x)), "no dropout in the frozen stem"
+    h = model.net.stem(x)
+    assert not torch.equal(model.net.block(h), model.net.block(h)), "the trained block still uses dropout"
+
+
 def _registry_taps():
     from extract.models import get_spec, list_models
     return [(name, tap) for name in list_models() for tap in get_spec(name).taps]
