@@ -15,7 +15,7 @@ from .datasets import load_dataset
 from .engine import (Embedder, default_workers, effective_preprocess, precision_name, resolve_device,
                      resolve_precision, run)
 from .errors import UserError
-from .models import get_spec, load_backbone
+from .models import get_spec, load_backbone, names_a_file
 
 DTYPES = ("float32", "float16")
 ON_ERROR = ("skip", "stop")
@@ -43,7 +43,7 @@ def weights_label(model: str, weights: str | None) -> tuple[str, str | None]:
         return "none", "none"
     if weights in ("", "default"):
         return spec.default_weights, None
-    if os.path.sep in weights or os.path.exists(weights) or weights.endswith((".pth", ".pt", ".th", ".tar", ".ckpt")):
+    if names_a_file(spec, weights):
         path = Path(weights)
         if not path.is_file():
             raise UserError(f"weights file {weights} does not exist")
@@ -105,15 +105,15 @@ def extract(model: str = "efficientnet_lite0", data: str = "digits", *, weights:
     layers = list(layers or ["penultimate"])
     dev = resolve_device(device)
     autocast = resolve_precision(precision, dev)
+    computed = precision_name(autocast)
     results: dict[str, SplitResult] = {}
     backbone = None
     for split in wanted:
         source = dataset.splits[split]
         if len(source) == 0:
             raise UserError(f"split {split} of {data} has no images")
-        path = cache.cache_path(cache_dir, dataset_dir_name(dataset), spec.name, weights_dir, split, dtype,
-                                precision_name(autocast))
-        key = split_key(spec.name, weights_id, dataset, split, source.fingerprint(), dtype, precision_name(autocast))
+        path = cache.cache_path(cache_dir, dataset_dir_name(dataset), spec.name, weights_dir, split, dtype, computed)
+        key = split_key(spec.name, weights_id, dataset, split, source.fingerprint(), dtype, computed)
         lock = cache.lock_for(path)
         cache.acquire(lock, path, log)
         try:

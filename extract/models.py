@@ -273,6 +273,11 @@ def build_network(name: str, keep_head: bool = False) -> nn.Module:
     return net
 
 
+def names_a_file(spec: ModelSpec, weights: str) -> bool:
+    """True when a --weights value names a checkpoint file rather than one of the spec's tags."""
+    return weights not in spec.weights and weights.upper() not in spec.aliases and _looks_like_path(weights)
+
+
 def _looks_like_path(weights: str) -> bool:
     return os.sep in weights or "/" in weights or weights.lower().endswith(_CHECKPOINT_SUFFIXES) or Path(weights).is_file()
 
@@ -295,7 +300,7 @@ def resolve_weights(spec: ModelSpec, weights: str | None, *, download: bool = Tr
     weights = str(weights)
     if weights.lower() == "default":
         weights = spec.default_weights
-    if weights not in spec.weights and weights.upper() not in spec.aliases and _looks_like_path(weights):
+    if names_a_file(spec, weights):
         path = Path(weights).expanduser()
         if not path.is_file():
             raise UserError(f"checkpoint file not found: {path}")

@@ -79,7 +79,7 @@ def cache_names(path: Path, meta_dataset: str, model: str, weights: str) -> tupl
 def select_caches(cache_dir="cache", *, model: str | None = None, data: str | None = None,
                   weights: str | None = None, layer: str | None = None) -> Selection:
     """The newest complete extraction under cache_dir matching the given filters."""
-    found = [c for c in find_caches(cache_dir) if not Path(c["path"]).name.endswith(".partial")]
+    found = find_caches(cache_dir)
     if not found:
         partial = sorted(Path(cache_dir).glob("**/*.h5.partial"))
         if partial:
@@ -100,7 +100,7 @@ def select_caches(cache_dir="cache", *, model: str | None = None, data: str | No
                                                  ("layer", layer)) if v)
         raise UserError(f"no complete cache under {cache_dir} for {what}; available: {'; '.join(have)}")
     newest = wanted[0]  # find_caches sorts newest first
-    def folder_and_dtype(c):  # train.h5 and train.float16.h5 are different extractions
+    def folder_and_dtype(c):  # train.h5, train.bf16.h5 and train.float16.h5 are different extractions
         p = Path(c["path"])
         return p.parent, p.name.split(".", 1)[1]
 
