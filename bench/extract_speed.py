@@ -46,12 +46,12 @@ def full_pipeline(model, root, batch_size, workers, precision, cache_dir) -> tup
     """(images/s of a fresh extraction, seconds of the cache hit that follows)."""
     start = time.perf_counter()
     res = extract(model=model, data="imagefolder", root=str(root), cache_dir=cache_dir, batch_size=batch_size,
-                  workers=workers, precision=precision, progress=False, log=lambda *_: None)
+                  workers=workers, precision=precision, progress=False)
     seconds = time.perf_counter() - start
     images = sum(r.images for r in res.values())
     start = time.perf_counter()
     extract(model=model, data="imagefolder", root=str(root), cache_dir=cache_dir, batch_size=batch_size,
-            workers=workers, precision=precision, progress=False, log=lambda *_: None)
+            workers=workers, precision=precision, progress=False)
     return images / seconds, time.perf_counter() - start
 
 

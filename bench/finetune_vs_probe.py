@@ -1,7 +1,7 @@
 """Frozen logistic-regression probe vs fine-tuning, side by side in one process, on ants/bees.
 
   (a) probe      extract penultimate features to a fresh HDF5 cache, then probe's logreg head
-                 through probe's own command line (`python -m probe --head logreg`)
+                 through probe's Python API (probe.api.evaluate, what `python -m probe --head logreg` runs)
   (b) backbone   finetune --freeze backbone: only the new linear layer trains (the PyTorch
                  tutorial's "fixed feature extractor"), on augmented images every epoch
   (c) none       finetune --freeze none: full fine-tuning
@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
-import json
+import logging
 import os
 import platform
 import resource
@@ -34,10 +33,11 @@ import torch
 from extract.api import extract
 from extract.datasets import load_dataset
 from extract.engine import default_workers, precision_name, resolve_device, resolve_precision
+from extract.errors import UserError
 from finetune import finetune
 from finetune.splits import plan_splits
 from finetune.train import DEFAULT_LR
-import probe.cli
+from probe.api import evaluate
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 TUTORIAL = ("PyTorch transfer-learning tutorial (ResNet-18, ImageNet weights, 25 epochs, GPU; its best epoch is "
@@ -66,37 +66,56 @@ def _cpu_seconds() -> float:
 
 
 def run_probe(args, tmp: Path) -> dict:
-    """(a): fresh extraction, then probe's logreg head via probe.cli.main; returns timings and the result."""
+    """(a): fresh extraction, then probe's logreg head via probe.api.evaluate; returns timings and the result."""
     t0 = time.perf_counter()
     res = extract(model=args.model, data="imagefolder", root=args.root, cache_dir=tmp / "cache",
                   batch_size=args.extract_batch_size, workers=args.workers, precision=args.precision,
-                  progress=False, log=lambda *_: None)
+                  progress=False)
     extract_s = time.perf_counter() - t0
-    results_dir = tmp / "results"
-    argv = ["--head", "logreg", "--features", str(res["train"].path), "--results-dir", str(results_dir),
-            "--seed", str(args.seed), "--no-progress"]
-    out, err = io.StringIO(), io.StringIO()
     t0 = time.perf_counter()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = probe.cli.main(argv)
+    try:
+        out = evaluate("logreg", features=res["train"].path, results_dir=tmp / "results", seed=args.seed,
+                       progress=False)
+    except UserError as e:
+        sys.exit(f"probe failed: {e}")
     probe_s = time.perf_counter() - t0
-    if rc != 0:
-        sys.exit(f"probe failed (exit {rc}):\n{out.getvalue()}{err.getvalue()}")
-    found = sorted(results_dir.rglob("logreg.json"))
-    if len(found) != 1:
-        sys.exit(f"expected one logreg.json under {results_dir}, found {found}")
-    result = json.loads(found[0].read_text())
-    return {"extract_s": extract_s, "probe_s": probe_s, "result": result, "path": found[0],
+    (run,), (path,) = out.runs, out.result_paths
+    return {"extract_s": extract_s, "probe_s": probe_s, "result": run.result, "path": path,
             "images": sum(r.images for r in res.values())}
+
+
+class _Tagged(logging.Handler):
+    """finetune's log lines on stdout as `  [tag] message`, between the benchmark's own lines."""
+
+    def __init__(self, tag: str):
+        super().__init__(logging.INFO)
+        self.tag = tag
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"  [{self.tag}] {record.getMessage()}", flush=True)
+
+
+@contextlib.contextmanager
+def _finetune_lines(tag: str):
+    logger = logging.getLogger("finetune")
+    handler, level = _Tagged(tag), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def run_finetune(args, tmp: Path, freeze: str, epochs: int, tag: str) -> dict:
     """(b) or (c): finetune.finetune in this process; returns wall seconds and the result dict."""
     t0 = time.perf_counter()
-    out = finetune(model=args.model, data="imagefolder", root=args.root, freeze=freeze, epochs=epochs,
-                   batch_size=args.batch_size, lr=args.lr, seed=args.seed, precision=args.precision,
-                   workers=args.workers, results_dir=tmp / "results", runs_dir=tmp / "runs", resume=False,
-                   progress=False, log=lambda msg: print(f"  [{tag}] {msg}", flush=True))
+    with _finetune_lines(tag):
+        out = finetune(model=args.model, data="imagefolder", root=args.root, freeze=freeze, epochs=epochs,
+                       batch_size=args.batch_size, lr=args.lr, seed=args.seed, precision=args.precision,
+                       workers=args.workers, results_dir=tmp / "results", runs_dir=tmp / "runs", resume=False,
+                       progress=False)
     return {"wall_s": time.perf_counter() - t0, "result": out.result, "path": out.path}
 
 

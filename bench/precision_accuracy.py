@@ -11,7 +11,6 @@ agreement.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -20,18 +19,17 @@ import numpy as np
 import torch
 
 from extract import extract, load_features
-from probe.cli import main as probe_main
+from extract.errors import UserError
+from probe.api import evaluate
 
 
 def logreg_top1(train_h5: Path, results: Path) -> float:
-    code = probe_main(["--head", "logreg", "--features", str(train_h5), "--results-dir", str(results),
-                       "--no-progress", "--no-save"])
-    if code:
-        raise SystemExit(f"probe failed on {train_h5}")
-    (result,) = results.glob("**/logreg.json")
-    top1 = json.loads(result.read_text())["metrics"]["top1"]
-    result.unlink()
-    return top1
+    """Test top-1 of probe's logreg head (fast grid) on one extraction (the train file and its siblings)."""
+    try:
+        (run,) = evaluate("logreg", features=train_h5, results_dir=results, save=False, progress=False).runs
+    except UserError as e:
+        raise SystemExit(f"probe failed on {train_h5}: {e}") from None
+    return run.result["metrics"]["top1"]
 
 
 def main() -> None:
@@ -50,7 +48,7 @@ def main() -> None:
             for precision in ("fp32", args.precision):
                 start = time.perf_counter()
                 res = extract(model=args.model, data="imagefolder", root=str(root), cache_dir=cache,
-                              precision=precision, progress=False, log=lambda *_: None)
+                              precision=precision, progress=False)
                 seconds = time.perf_counter() - start
                 row[precision] = (res, logreg_top1(res["train"].path, Path(tmp) / "results"), seconds)
             (res32, top32, s32), (res16, top16, s16) = row["fp32"], row[args.precision]

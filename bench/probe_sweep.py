@@ -13,20 +13,23 @@
    All three run under the same thread cap (probe's own --n-jobs mechanism). Seconds are medians of
    --repeats runs, whose order rotates from repeat to repeat.
 
-2. Every head (linear, logreg, svm, svm-rbf, rf, knn) through probe's command-line runner with the fast grids,
-   read back from the result JSON files: test top-1, balanced accuracy, fit seconds (search + refit).
-   svm-rbf and rf search on a stratified subsample (--max-search-samples; 0 = all train rows).
+2. Every head (linear, logreg, svm, svm-rbf, rf, knn) through probe.api.evaluate (what `python -m probe
+   --head NAME` runs) with the fast grids, read back from the result JSON files: test top-1, balanced
+   accuracy, fit seconds (search + refit). svm-rbf and rf search on a stratified subsample
+   (--max-search-samples; 0 = all train rows).
 
-    python bench/probe_sweep.py --train cache/cifar10-sub/efficientnet_lite0/train.h5 \\
-        --test cache/cifar10-sub/efficientnet_lite0/test.h5 --repeats 3 --n-jobs 1
+The cache files of an image folder DIR live under cache/<DIR's name>-<6 hex hash>/<model>/, as
+`python -m extract --model efficientnet_lite0 --data imagefolder --root DIR` writes them:
+
+    python bench/probe_sweep.py --train cache/cifar10-sub-*/efficientnet_lite0/train.h5 \\
+        --test cache/cifar10-sub-*/efficientnet_lite0/test.h5 --repeats 3 --n-jobs 1
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
+import logging
 import statistics
 import sys
 import tempfile
@@ -43,7 +46,8 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_info
 
 from extract import load_features
-from probe import cli
+from extract.errors import UserError
+from probe.api import evaluate
 from probe.data import load_probe_data, selection_from_paths
 from probe.heads import PAPER_WD, get_head, list_heads
 from probe.protocol import _threads_for, run_probe
@@ -89,7 +93,7 @@ def naive_sweep(data, n_jobs) -> dict:
 def featprobe_sweep(data, grid: str, n_jobs) -> dict:
     """`python -m probe --head logreg --grid GRID` minus the printing and file writing."""
     t0 = time.perf_counter()
-    run = run_probe("logreg", data, grid=grid, n_jobs=n_jobs, progress=False, notify=lambda *_: None)
+    run = run_probe("logreg", data, grid=grid, n_jobs=n_jobs, progress=False)
     total = time.perf_counter() - t0
     r = run.result
     rows = r["grid"]
@@ -146,25 +150,36 @@ def logreg_benchmark(data, repeats: int, n_jobs) -> list[str]:
     return lines
 
 
+class _Warnings(logging.Handler):
+    """Collects the warning lines probe logs during one evaluate() call."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
 def all_heads(train: str, test: str, n_jobs, max_search: int) -> list[str]:
-    """Each head through probe.cli.main into a scratch results folder; the table is read from the JSONs."""
+    """Each head through probe.api.evaluate into a scratch results folder; the table is read from the JSONs."""
     lines, notes = [], []
+    logger = logging.getLogger("probe")
     with tempfile.TemporaryDirectory(prefix="probe-sweep-") as tmp:
         for name in list_heads():
-            argv = ["--head", name, "--features", train, "--test-features", test, "--results-dir", tmp,
-                    "--no-progress", "--no-save"]
-            if n_jobs:
-                argv += ["--n-jobs", str(n_jobs)]
-            if name in SUBSAMPLED_HEADS and max_search:
-                argv += ["--max-search-samples", str(max_search)]
-            out, err = io.StringIO(), io.StringIO()
+            subsample = max_search if name in SUBSAMPLED_HEADS and max_search else None
+            caught = _Warnings()
+            logger.addHandler(caught)
             t0 = time.perf_counter()
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                rc = cli.main(argv)
+            try:
+                evaluate(name, features=train, test_features=test, results_dir=tmp, n_jobs=n_jobs,
+                         max_search_samples=subsample, save=False, progress=False)
+            except UserError as e:
+                raise SystemExit(f"probe head {name} failed: {e}") from None
+            finally:
+                logger.removeHandler(caught)
             wall = time.perf_counter() - t0
-            if rc != 0:
-                raise SystemExit(f"python -m probe {' '.join(argv)} exited {rc}:\n{out.getvalue()}{err.getvalue()}")
-            notes += [f"  {name}: {line}" for line in err.getvalue().splitlines() if line.startswith("warning")]
+            notes += [f"  {name}: {line}" for line in caught.lines if line.startswith("warning")]
             print(f"  {name}: done in {wall:.1f} s", flush=True)
         results = [json.loads(p.read_text()) for p in Path(tmp).glob("**/*.json")]
     results.sort(key=lambda r: -r["metrics"]["top1"])
@@ -189,15 +204,17 @@ def all_heads(train: str, test: str, n_jobs, max_search: int) -> list[str]:
 
 def describe(train: str, test: str, data) -> list[str]:
     X, _, meta = load_features(train)
-    root = ((meta.get("key") or {}).get("dataset") or {}).get("root", "?")
+    identity = meta["identity"]
+    root = identity.data.root or "?"
+    weights = meta["provenance"].get("weights") or "default"
     counts = np.bincount(np.concatenate([data.y_train, data.y_val]), minlength=len(data.classes))
     per_class = f"{counts.min()}" if counts.min() == counts.max() else f"{counts.min()}-{counts.max()}"
     return [
         f"data: {data.sizes['train'] + data.sizes['val']} train / {data.sizes['test']} test images, "
         f"{len(data.classes)} classes ({per_class} train per class), {X.shape[1]}-dim '{meta['layer']}' "
-        f"{meta.get('dtype', '')} features",
-        f"      {meta.get('model')} ({meta.get('weights') or 'default'} weights) embeddings of the image folder "
-        f"{root}, cached by `python -m extract --model {meta.get('model')} --data imagefolder --root {root}`",
+        f"{identity.dtype} features",
+        f"      {identity.model} ({weights} weights) embeddings of the image folder "
+        f"{root}, cached by `python -m extract --model {identity.model} --data imagefolder --root {root}`",
         f"      train: {train}",
         f"      test:  {test}",
         f"split: {data.sizes['train']} train / {data.sizes['val']} validation ({data.validation}) / "

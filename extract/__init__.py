@@ -2,9 +2,12 @@
 
 __version__ = "0.1.0"
 
-from .cache import Features, find_caches, iter_rows, load_features  # noqa: E402
+from .cache import Features, iter_rows, load_features  # noqa: E402
+from .catalog import feature_sets, find_caches  # noqa: E402
+from .identity import DataRef, FeatureIdentity  # noqa: E402
 
-__all__ = ["extract", "load_features", "iter_rows", "find_caches", "Features", "__version__"]
+__all__ = ["extract", "load_features", "iter_rows", "find_caches", "feature_sets", "Features", "FeatureIdentity",
+           "DataRef", "__version__"]
 
 
 def __getattr__(name):

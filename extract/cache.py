@@ -1,22 +1,22 @@
 """The HDF5 feature cache: a resumable writer, a reader that trusts only complete files, a lock.
 
-One file per (dataset, model, weights, split, dtype); it may hold several layers.
+One file per feature identity and split (`FeatureIdentity.cache_path`); it may hold several taps.
 
-    features/<layer>  (N, D)  float32 or float16, chunked, resizable
+    features/<tap>    (N, D)  float32 or float16, chunked, resizable
     labels            (N,)    int64
     index             (N,)    int64   row -> position in the source split
-    paths             (N,)    utf-8   where the images are files
+    paths             (N,)    utf-8   only where the images are files
     skipped/index, skipped/label, skipped/path, skipped/reason   unreadable images
 
-Attributes: `complete`, `provenance` (JSON), `key` (JSON: what must match for reuse), `versions`
-(JSON), `created`, `next_index` (source position to resume from), `n_rows`, and flat copies of
-model, weights, dataset, split, dtype for tools such as h5ls.
+Attributes: `identity` (JSON, see extract.identity) with flat copies (model, dataset, precision,
+dtype, format), `split`, `fingerprint` (of the split's images), `complete`, `provenance` (JSON),
+`versions` (JSON), `created`, `next_index` (source position to resume from), `n_rows`.
 """
 
 from __future__ import annotations
 
-import json
 import errno
+import json
 import os
 import shutil
 import time
@@ -29,8 +29,8 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from .errors import UserError
+from .identity import FeatureIdentity
 
-FORMAT = 1
 PARTIAL = ".partial"
 _STR = h5py.string_dtype("utf-8")
 _CHUNK_BYTES = 256 * 1024
@@ -39,22 +39,11 @@ _SKIP_COLUMNS = (("index", np.int64), ("label", np.int64), ("path", _STR), ("rea
 
 
 class Features(NamedTuple):
-    """What a cache file holds for one layer: X (N, D), y (N,), and everything else in meta."""
+    """What a cache file holds for one tap: X (N, D), y (N,), and everything else in meta."""
 
     X: np.ndarray
     y: np.ndarray
     meta: dict
-
-
-def cache_path(cache_dir, dataset: str, model: str, weights: str | None, split: str,
-               dtype: str = "float32", precision: str = "fp32") -> Path:
-    """<cache_dir>/<dataset>/<model>[.<weights>]/<split>[.<precision>][.<dtype>].h5.
-
-    weights None = the model's default; fp32 compute and float32 storage add no suffix.
-    """
-    model_dir = model if not weights else f"{model}.{weights}"
-    suffix = ("" if precision == "fp32" else f".{precision}") + ("" if dtype == "float32" else f".{dtype}")
-    return Path(cache_dir) / dataset / model_dir / f"{split}{suffix}.h5"
 
 
 def partial_path(path) -> Path:
@@ -62,13 +51,13 @@ def partial_path(path) -> Path:
 
 
 def lock_for(path, timeout: float = -1) -> FileLock:
-    """An inter-process lock guarding one cache key (final and partial file alike)."""
+    """An inter-process lock guarding one cache file (final and partial alike)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return FileLock(str(path) + ".lock", timeout=timeout)
 
 
-def acquire(lock: FileLock, path, notify=print) -> None:
-    """Take the key's lock, saying so if another process holds it and we have to wait."""
+def acquire(lock: FileLock, path, notify) -> None:
+    """Take the file's lock, saying so if another process holds it and we have to wait."""
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -98,79 +87,104 @@ def _attr_json(f: h5py.File, name: str) -> dict:
     return json.loads(raw) if raw is not None else {}
 
 
-def key_differences(stored: dict, wanted: dict) -> list[str]:
-    """Names of key fields whose values differ, e.g. ['dataset_fingerprint']."""
-    return sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
-
-
 def read_header(path) -> dict | None:
-    """Key, provenance, layers and completeness of a cache file; None if absent or unreadable."""
+    """Identity, provenance, taps and completeness of a cache file; None if absent.
+
+    A file that exists but cannot be read has `damaged` set to the reason.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
     try:
         # Unlocked read: a writer may hold the file open; writers are serialised by lock_for().
         with h5py.File(path, "r", locking=False) as f:
-            return {"key": _attr_json(f, "key"), "provenance": _attr_json(f, "provenance"),
+            return {"identity": FeatureIdentity.from_attrs(f.attrs), "split": str(f.attrs.get("split", "")),
+                    "fingerprint": str(f.attrs.get("fingerprint", "")), "provenance": _attr_json(f, "provenance"),
                     "complete": bool(f.attrs.get("complete", False)),
                     "layers": sorted(f["features"].keys()) if "features" in f else [],
                     "n_rows": int(f.attrs.get("n_rows", 0)), "next_index": int(f.attrs.get("next_index", 0)),
-                    "created": str(f.attrs.get("created", ""))}
-    except (OSError, KeyError, ValueError):
-        return None
+                    "created": str(f.attrs.get("created", "")), "damaged": None}
+    except (OSError, KeyError, ValueError) as e:
+        return {"identity": None, "complete": False, "layers": [], "n_rows": 0, "damaged": _first_line(e)}
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def damaged_message(path, reason: str) -> str:
+    return (f"cache {path} is damaged ({reason}): delete it and rerun the same `python -m extract` command "
+            "to rebuild it")
 
 
 class CacheWriter:
     """Append extracted rows to `<path>.partial`; durable progress after each flush; rename when done.
 
-    If a partial file with the same key exists it is resumed from its `next_index`. Use under
-    `lock_for(path)` so two processes never write one key.
+    A partial file of the same identity, split, images and taps is resumed from its `next_index`.
+    Use under `lock_for(path)` so two processes never write one file. `has_paths` is False for
+    in-memory sources, which then get no `paths` column.
     """
 
-    def __init__(self, path, key: dict, provenance: dict, dims: dict[str, int], dtype: str = "float32",
-                 flush_rows: int = 1024, flush_seconds: float = 2.0):
+    def __init__(self, path, identity: FeatureIdentity, split: str, fingerprint: str, provenance: dict,
+                 dims: dict[str, int], *, has_paths: bool = True, flush_rows: int = 1024,
+                 flush_seconds: float = 2.0):
         self.path = Path(path)
         self.partial = partial_path(path)
-        self.dtype = np.dtype(dtype)
+        self.dtype = np.dtype(identity.dtype)
+        self.has_paths = has_paths
         self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
         self._last_flush = time.monotonic()
         self.resumed_from = 0
         self._buffer: list[tuple] = []
         self._skips: list[tuple] = []
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        header = read_header(self.partial) if self.partial.exists() else None
-        if (header and header["key"] == key and set(header["layers"]) == set(dims)
+        header = read_header(self.partial)
+        if (header and header["identity"] == identity and header["split"] == split
+                and header["fingerprint"] == fingerprint and set(header["layers"]) == set(dims)
                 and header["provenance"].get("dims") == provenance.get("dims")):
             self.file = h5py.File(self.partial, "a")
             self._truncate(int(self.file.attrs["n_rows"]))
             self.resumed_from = int(self.file.attrs["next_index"])
         else:
-            self.file = self._create(key, provenance, dims)
+            self.file = self._create(identity, split, fingerprint, provenance, dims)
         self.next_index = self.resumed_from
         self.saved_rows = int(self.file["labels"].shape[0])
 
-    def _create(self, key, provenance, dims) -> h5py.File:
-        f = h5py.File(self.partial, "w")
-        for layer, dim in dims.items():
-            rows = min(2048, max(1, _CHUNK_BYTES // (dim * self.dtype.itemsize)))
-            f.create_dataset(f"features/{layer}", shape=(0, dim), maxshape=(None, dim), dtype=self.dtype,
-                             chunks=(rows, dim))
-        for name, dt in (("labels", np.int64), ("index", np.int64), ("paths", _STR)):
-            f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(4096,))
-        for name, dt in _SKIP_COLUMNS:
-            f.create_dataset(f"skipped/{name}", shape=(0,), maxshape=(None,), dtype=dt, chunks=(256,))
-        f.attrs.update({"format": FORMAT, "complete": False, "key": json.dumps(key, sort_keys=True),
-                        "provenance": json.dumps(provenance, sort_keys=True), "versions": json.dumps(versions()),
-                        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                        "next_index": 0, "n_rows": 0, "dtype": self.dtype.name,
-                        "classes": json.dumps(provenance.get("classes", []))})
-        for name in ("model", "weights", "dataset", "split"):
-            f.attrs[name] = str(provenance.get(name, ""))
-        f.attrs["layers"] = json.dumps(sorted(dims))
-        f.flush()
-        return f
+    def _create(self, identity, split, fingerprint, provenance, dims) -> h5py.File:
+        free = shutil.disk_usage(self.partial.parent).free
+        if free < _SPACE_MARGIN:
+            raise OSError(errno.ENOSPC, f"No space left on device ({free // 1024} KiB free)")
+        try:
+            f = h5py.File(self.partial, "w")
+            for layer, dim in dims.items():
+                rows = min(2048, max(1, _CHUNK_BYTES // (dim * self.dtype.itemsize)))
+                f.create_dataset(f"features/{layer}", shape=(0, dim), maxshape=(None, dim), dtype=self.dtype,
+                                 chunks=(rows, dim))
+            columns = (("labels", np.int64), ("index", np.int64)) + ((("paths", _STR),) if self.has_paths else ())
+            for name, dt in columns:
+                f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(4096,))
+            for name, dt in _SKIP_COLUMNS:
+                f.create_dataset(f"skipped/{name}", shape=(0,), maxshape=(None,), dtype=dt, chunks=(256,))
+            f.attrs.update({**identity.to_attrs(), "split": split, "fingerprint": fingerprint, "complete": False,
+                            "provenance": json.dumps(provenance, sort_keys=True), "versions": json.dumps(versions()),
+                            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                            "next_index": 0, "n_rows": 0})
+            f.flush()
+            return f
+        except (OSError, RuntimeError) as e:  # h5py reports a full disk on flush as RuntimeError
+            self.partial.unlink(missing_ok=True)
+            raise OSError(errno.ENOSPC if "space" in str(e).lower() or "flush" in str(e).lower() else errno.EIO,
+                          f"cannot create the cache file ({_first_line(e)})") from None
+
+    def _columns(self) -> list:
+        f = self.file
+        return list(f["features"].values()) + [f["labels"], f["index"]] + ([f["paths"]] if "paths" in f else [])
 
     def _truncate(self, n: int) -> None:
         """Drop rows written after the last recorded flush (a crash between data and attributes)."""
         f = self.file
-        for ds in list(f["features"].values()) + [f["labels"], f["index"], f["paths"]]:
+        for ds in self._columns():
             if ds.shape[0] != n:
                 ds.resize(n, axis=0)
         n_skip = min(len(f[f"skipped/{name}"]) for name, _ in _SKIP_COLUMNS)
@@ -197,7 +211,7 @@ class CacheWriter:
         """Refuse to write when the disk cannot take it: a failed HDF5 write can corrupt the file."""
         n = sum(len(b[1]) for b in self._buffer)
         start = self.file["labels"].shape[0]
-        datasets = list(self.file["features"].values()) + [self.file[k] for k in ("labels", "index", "paths")]
+        datasets = self._columns()
         need = _SPACE_MARGIN + len(self._skips) * 512 + n * 256  # path strings live in the global heap
         for ds in datasets:  # HDF5 allocates whole chunks
             rows = ds.chunks[0]
@@ -221,7 +235,7 @@ class CacheWriter:
             for name, values in (("labels", labels), ("index", np.concatenate([b[2] for b in self._buffer]))):
                 f[name].resize(start + n, axis=0)
                 f[name][start:] = values
-            if self._buffer[0][3] is not None:
+            if "paths" in f:
                 f["paths"].resize(start + n, axis=0)
                 f["paths"][start:] = [p for b in self._buffer for p in b[3]]
             self._buffer.clear()
@@ -255,16 +269,17 @@ class CacheWriter:
                 self.file.close()
 
 
-def write_features(path, features: dict[str, np.ndarray], labels, index=None, provenance: dict | None = None,
-                   paths=None, dtype: str = "float32", key: dict | None = None) -> Path:
-    """Write a complete cache file in one go (tests, imports from other tools)."""
+def write_features(identity: FeatureIdentity, cache_dir, split: str, features: dict[str, np.ndarray], labels,
+                   index=None, provenance: dict | None = None, paths=None, fingerprint: str = "") -> Path:
+    """Write a complete cache file in one go (tests, imports from other tools); returns its path."""
     labels = np.asarray(labels, np.int64)
     index = np.arange(len(labels)) if index is None else index
     provenance = dict(provenance or {})
     provenance.setdefault("dims", {k: int(v.shape[1]) for k, v in features.items()})
-    dims = provenance["dims"]
+    path = identity.with_taps(features).cache_path(cache_dir, split)
     with lock_for(path):
-        writer = CacheWriter(path, key or {"format": FORMAT}, provenance, dims, dtype)
+        writer = CacheWriter(path, identity.with_taps(features), split, fingerprint, provenance, provenance["dims"],
+                             has_paths=paths is not None)
         writer.append(features, labels, index, paths, next_index=len(labels))
         return writer.finish()
 
@@ -281,46 +296,60 @@ def _text(value) -> str:
 def _require_complete(path: Path) -> None:
     if path.name.endswith(PARTIAL) or (not path.exists() and partial_path(path).exists()):
         header = read_header(path if path.name.endswith(PARTIAL) else partial_path(path))
-        done = f" ({header['n_rows']} rows so far)" if header else ""
+        done = f" ({header['n_rows']} rows so far)" if header and not header["damaged"] else ""
         raise UserError(f"cache {path} is incomplete{done}: rerun the same extract command to finish it")
     if not path.exists():
         raise UserError(f"no cache file at {path}: run `python -m extract` first")
 
 
-def load_features(path, layer: str | None = None, lazy: bool = False) -> Features:
-    """Read one layer of a complete cache file: X (N, D), y (N,) and metadata.
+def load_features(path=None, layer: str | None = None, lazy: bool = False, *, data: str | None = None,
+                  model: str | None = None, split: str = "train", cache_dir="cache", precision: str | None = None,
+                  dtype: str | None = None) -> Features:
+    """Read one tap of a complete cache: X (N, D), y (N,) and metadata.
 
+    Give the file's path, or the request that made it (``data="digits", model="efficientnet_lite0",
+    split="train"``; `precision`/`dtype` choose among several extractions of one model).
     With lazy=True, X is an open h5py.Dataset read on demand (slice it in chunks for large caches).
     """
+    if path is None:
+        from .catalog import find_one
+        path = find_one(cache_dir, data=data, model=model, split=split, layer=layer, precision=precision,
+                        dtype=dtype)
     path = Path(path)
     _require_complete(path)
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise UserError(f"cannot read cache {path}: {e}") from None
+        raise UserError(damaged_message(path, _first_line(e))) from None
     try:
         if not f.attrs.get("complete", False) or "features" not in f:
             raise UserError(f"cache {path} is incomplete: rerun the same extract command to finish it")
+        identity = FeatureIdentity.from_attrs(f.attrs)
+        if identity is None:
+            raise UserError(f"cache {path} was written by an older featprobe: rerun the extract command with "
+                            "--overwrite to rebuild it")
         layers = sorted(f["features"].keys())
         provenance = _attr_json(f, "provenance")
-        default = provenance.get("layers", layers)[0] if provenance.get("layers") else layers[0]
-        layer = layer or default
+        layer = layer or identity.taps[0]
         if layer not in layers:
             raise UserError(f"cache {path} has no layer {layer!r}; it has {', '.join(layers)}")
         X = f[f"features/{layer}"] if lazy else f[f"features/{layer}"][()]
         y = f["labels"][()]
-        paths = [_text(p) for p in f["paths"][()]] if len(f["paths"]) else None
+        paths = [_text(p) for p in f["paths"][()]] if "paths" in f else None
         skipped = [{"index": int(i), "label": int(lab), "path": _text(p), "reason": _text(r)}
                    for i, lab, p, r in zip(*(_column(f, f"skipped/{name}") for name, _ in _SKIP_COLUMNS))]
-        meta = {"path": str(path), "layer": layer, "layers": layers, "provenance": provenance,
-                "key": _attr_json(f, "key"), "versions": _attr_json(f, "versions"),
-                "classes": provenance.get("classes", json.loads(f.attrs.get("classes", "[]"))),
-                "index": f["index"][()], "paths": paths, "skipped": skipped,
-                "created": str(f.attrs.get("created", "")), "dtype": str(f.attrs.get("dtype", "")),
-                **{k: str(f.attrs.get(k, "")) for k in ("model", "weights", "dataset", "split")}}
-    except BaseException:
+        meta = {"path": str(path), "layer": layer, "layers": layers, "identity": identity,
+                "split": str(f.attrs.get("split", "")), "fingerprint": str(f.attrs.get("fingerprint", "")),
+                "provenance": provenance, "versions": _attr_json(f, "versions"),
+                "classes": provenance.get("classes", []), "index": f["index"][()], "paths": paths,
+                "skipped": skipped, "created": str(f.attrs.get("created", "")), "dtype": identity.dtype,
+                "model": identity.model, "dataset": identity.data.label}
+    except UserError:
         f.close()
         raise
+    except (OSError, KeyError, ValueError) as e:
+        f.close()
+        raise UserError(damaged_message(path, _first_line(e))) from None
     if not lazy:
         f.close()
     else:
@@ -336,18 +365,3 @@ def iter_rows(path, layer: str | None = None, rows: int = 8192) -> Iterator[tupl
             yield feats.X[start:start + rows], feats.y[start:start + rows]
     finally:
         feats.meta["file"].close()
-
-
-def find_caches(cache_dir) -> list[dict]:
-    """Every complete cache file under `cache_dir`, newest first."""
-    found = []
-    for path in Path(cache_dir).glob("**/*.h5"):
-        header = read_header(path)
-        if not header or not header["complete"]:
-            continue
-        prov = header["provenance"]
-        found.append({"path": path, "dataset": prov.get("dataset", path.parent.parent.name),
-                      "model": prov.get("model", ""), "weights": prov.get("weights", ""),
-                      "split": prov.get("split", path.stem.split(".")[0]), "layers": header["layers"],
-                      "created": header["created"], "mtime": path.stat().st_mtime})
-    return sorted(found, key=lambda c: c["mtime"], reverse=True)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
+import logging
 import os
 import re
 import socket
@@ -38,6 +40,7 @@ PREFERRED_PREFIXES = ("", "module.", "backbone.", "module.encoder_q.", "encoder_
                       "encoder.", "module.encoder.", "_feature_blocks.", "online_network.encoder.")
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.")
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
+log = logging.getLogger(__name__)
 
 
 def hub_checkpoint_dir() -> Path:
@@ -45,25 +48,58 @@ def hub_checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
+def sha_cache_file() -> Path:
+    """Where file hashes are remembered across processes: $FEATPROBE_HOME or ~/.cache/featprobe."""
+    home = os.environ.get("FEATPROBE_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "featprobe")
+    return Path(home) / "sha256.json"
+
+
+def _read_sha_cache(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _remember_sha(key: str, digest: str) -> None:
+    """Best effort: a cache that cannot be written only costs a re-hash next time."""
+    path = sha_cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        known = _read_sha_cache(path)
+        known[key] = digest
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=0, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
 def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, remembered per (path, mtime, size) for this process."""
+    """Hex sha256 of a file, computed once per (path, size, mtime): remembered in this process and on disk."""
     path = Path(path).resolve()
     st = path.stat()
     key = (str(path), st.st_mtime_ns, st.st_size)
-    if key not in _SHA_CACHE:
+    if key in _SHA_CACHE:
+        return _SHA_CACHE[key]
+    disk_key = f"{key[0]}|{key[1]}|{key[2]}"
+    digest = _read_sha_cache(sha_cache_file()).get(disk_key)
+    if digest is None:
         h = hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
-        _SHA_CACHE[key] = h.hexdigest()
-    return _SHA_CACHE[key]
+        digest = h.hexdigest()
+        _remember_sha(disk_key, digest)
+    _SHA_CACHE[key] = digest
+    return digest
 
 
 def check_file_hash(path: Path, sha256: str | None = None) -> str:
     """Return the file's sha256; raise UserError if it contradicts `sha256` or the hash prefix in its name."""
     digest = sha256_file(path)
-    m = _HASH_IN_NAME.search(path.name)
-    expected = sha256 or (m.group(1) if m else None)
+    expected = sha256 or _hash_prefix(path.name)
     if expected and not digest.startswith(expected.lower()):
         raise UserError(f"checkpoint {path} is corrupt or not the published file: sha256 {digest[:16]}... "
                         f"does not match {expected[:16]}...; delete it and fetch it again")
@@ -110,18 +146,23 @@ def hub_file(url: str, filename: str | None = None, *, download: bool = True, sh
     if reason:
         raise missing(f"there is no network ({reason})")
     folder.mkdir(parents=True, exist_ok=True)
-    print(f"downloading {url} to {path}", file=sys.stderr)
-    old_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(60)
+    log.info(f"downloading {url} to {path}")
+    expected = sha256 or _hash_prefix(filename)
     try:
-        torch.hub.download_url_to_file(url, str(path), progress=sys.stderr.isatty())
+        # torch.hub writes to a temporary file, checks the sha256 prefix, then moves it into place.
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=expected, progress=sys.stderr.isatty())
+    except RuntimeError as e:  # hash mismatch
+        path.unlink(missing_ok=True)
+        raise UserError(f"downloaded {filename} is not the published file ({e}); try again") from None
     except (urllib.error.URLError, OSError, ConnectionError) as e:
         path.unlink(missing_ok=True)
         raise missing(f"the download failed ({getattr(e, 'reason', None) or e})") from None
-    finally:
-        socket.setdefaulttimeout(old_timeout)
-    check_file_hash(path, sha256)
     return path
+
+
+def _hash_prefix(filename: str) -> str | None:
+    m = _HASH_IN_NAME.search(filename)
+    return m.group(1) if m else None
 
 
 def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False):
@@ -219,10 +260,13 @@ def fit_state_dict(obj, net: nn.Module, head_prefixes: Iterable[str] = HEAD_PREF
     return state, report
 
 
-def load_into(net: nn.Module, obj, head_prefixes: Iterable[str] = HEAD_PREFIXES, *, source: str = "checkpoint") -> dict:
-    """Load a checkpoint object into `net` (strict=False); return the load report.
+def load_into(net: nn.Module, obj, head_prefixes: Iterable[str] = HEAD_PREFIXES, *, source: str = "checkpoint",
+              allow_missing: bool = False) -> dict:
+    """Load a checkpoint object into `net`; return the load report.
 
-    A shape mismatch is a UserError naming the key; missing or unexpected trunk keys print a warning line.
+    A shape mismatch is a UserError naming the key. Weights of the network that the checkpoint
+    lacks are refused (they would stay at random init) unless `allow_missing`; unused checkpoint
+    keys are logged as a warning.
     """
     state, report = fit_state_dict(obj, net, head_prefixes)
     own = net.state_dict()
@@ -230,13 +274,17 @@ def load_into(net: nn.Module, obj, head_prefixes: Iterable[str] = HEAD_PREFIXES,
         if tuple(v.shape) != tuple(own[k].shape):
             raise UserError(f"{source} does not fit this network: {k} has shape {tuple(v.shape)}, "
                             f"the network expects {tuple(own[k].shape)}")
+    missing = report["missing"]
+    if missing:
+        shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+        total = sum(not k.endswith("num_batches_tracked") for k in own)
+        what = f"{source} lacks {len(missing)} of the network's {total} weight tensors ({shown})"
+        if not allow_missing:
+            raise UserError(f"{what}: is it a checkpoint of another architecture? "
+                            "Pass --allow-missing-weights to leave them at random init")
+        log.warning(f"warning: {what}; left at random init (--allow-missing-weights)")
     net.load_state_dict(state, strict=False)
-    if report["missing"]:
-        shown = ", ".join(report["missing"][:5]) + (" ..." if len(report["missing"]) > 5 else "")
-        print(f"warning: {source} lacks {len(report['missing'])} weights of the network, left at random init: "
-              f"{shown}", file=sys.stderr)
     if report["unexpected"]:
         shown = ", ".join(report["unexpected"][:5]) + (" ..." if len(report["unexpected"]) > 5 else "")
-        print(f"warning: {source} has {len(report['unexpected'])} weights this network does not use: {shown}",
-              file=sys.stderr)
+        log.warning(f"warning: {source} has {len(report['unexpected'])} weights this network does not use: {shown}")
     return report

@@ -12,7 +12,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m extract",
                                 description="Run a frozen pretrained backbone over a dataset and cache the "
                                             "embeddings to HDF5 (one file per split).")
-    p.add_argument("--model", default="efficientnet_lite0", help="backbone name (see --list-models)")
+    p.add_argument("--model", default="efficientnet_lite0", help="backbone as arch or arch.weights (resnet50, resnet50.swav; see --list-models)")
     p.add_argument("--weights", default="default",
                    help="weights tag (e.g. IMAGENET1K_V2, swav), 'none' for random init, or a local checkpoint file")
     p.add_argument("--data", default="digits", help="dataset name (see --list-datasets)")
@@ -35,6 +35,8 @@ def parser() -> argparse.ArgumentParser:
                    help="unreadable images: skip and record them (default), or stop at the first")
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                    help="replace a cache made from different inputs")
+    p.add_argument("--allow-missing-weights", action=argparse.BooleanOptionalAction, default=False,
+                   help="use a checkpoint that leaves weights of the network at random init (recorded in provenance)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--list-models", action="store_true", help="list backbones with dims and weights, then exit")
     p.add_argument("--list-datasets", action="store_true", help="list datasets, then exit")
@@ -60,19 +62,24 @@ def print_models() -> None:
     from .models import describe_models
 
     rows = describe_models()
-    print(f"{'model':<22} {'dim':>5}  {'default weights':<26} taps")
+    print(f"{'model':<22} {'dim':>5}  {'default weights':<26} taps (width)")
     for r in rows:
-        taps = ", ".join(r.get("taps", []))
-        print(f"{r['name']:<22} {r.get('dim', ''):>5}  {str(r.get('default_weights', '')):<26} {taps}")
+        taps = ", ".join(f"{t} {d}" for t, d in r.get("taps", {}).items())
+        default = f"{r.get('default_weights', '')}{' (on disk)' if r.get('weights_on_disk') else ''}"
+        print(f"{r['name']:<22} {r.get('dim', ''):>5}  {default:<26} {taps}")
         tags = [t for t in r.get("weights", []) if t != r.get("default_weights")]
         if tags:
             print(f"{'':<22} {'':>5}  also: {', '.join(tags)}")
+    print("dim: width of the default tap (penultimate); widths measured on the meta device")
 
 
 def print_datasets() -> None:
-    from .datasets import list_datasets
+    from .datasets import describe_datasets
 
-    print("\n".join(list_datasets()))
+    rows = describe_datasets()
+    width = max(map(len, rows))
+    for name, text in rows.items():
+        print(f"{name:<{width}}  {text}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
                       root=args.root, download=args.download, splits=_split_list(args.splits),
                       cache_dir=args.cache_dir, batch_size=args.batch_size, workers=args.workers, device=args.device,
                       precision=args.precision, dtype=args.dtype, on_error=args.on_error, overwrite=args.overwrite,
-                      progress=args.progress, dataset_options=parse_options(args.option))
+                      progress=args.progress, dataset_options=parse_options(args.option),
+                      allow_missing_weights=args.allow_missing_weights)
     for r in results.values():
         print(f"{r.split:>6}: {r.path} ({r.status})")
     print(summary(results, started))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import logging
 import os
 import pickle
 from dataclasses import dataclass
@@ -18,7 +19,10 @@ import numpy as np
 from PIL import Image
 
 from .errors import UserError
+from .identity import DataRef
 from .images import ImageError, is_image_file, open_rgb
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Dataset", "ImageSource", "ImageError", "list_datasets", "describe_datasets",
            "load_dataset", "DEFAULT_ROOT", "SPLIT_ORDER"]
@@ -104,6 +108,12 @@ class Dataset:
     def __repr__(self) -> str:
         sizes = ", ".join(f"{k}={len(v)}" for k, v in self.splits.items())
         return f"Dataset({self.name!r}, {len(self.classes)} classes, {sizes})"
+
+    @property
+    def ref(self) -> DataRef:
+        """The dataset's part of a feature identity: name, folder (image folders only), options."""
+        root = self.identity.get("root") if self.name == "imagefolder" else None
+        return DataRef(self.name, root, tuple(sorted((self.identity.get("options") or {}).items())))
 
 
 @dataclass(frozen=True)
@@ -199,8 +209,14 @@ def _imagefolder(root=None, download=False) -> Dataset:
 
 
 def _subdirs(folder: str) -> list[str]:
+    def is_dir(e) -> bool:
+        try:
+            return e.is_dir()
+        except OSError:   # a looping link
+            return False
+
     with os.scandir(folder) as it:
-        return sorted(e.name for e in it if not _hidden(e.name) and e.is_dir())
+        return sorted(e.name for e in it if not _hidden(e.name) and is_dir(e))
 
 
 def _hidden(name: str) -> bool:
@@ -218,17 +234,32 @@ def _list_classes(folder: str) -> dict[str, list[str]]:
 
 
 def _list_images(folder: str) -> list[str]:
+    """Image files under `folder`, recursively, sorted. Linked folders are followed, except a link to a
+    folder that contains the link (a loop), which is skipped with a warning."""
     found, stack = [], [folder]
     while stack:
         d = stack.pop()
-        with os.scandir(d) as it:
-            for e in it:
-                if _hidden(e.name):
-                    continue
+        try:
+            with os.scandir(d) as it:
+                entries = list(it)
+        except OSError as e:
+            log.warning(f"warning: skipped folder {d}: {e.strerror or e}")
+            continue
+        here = os.path.realpath(d)
+        for e in entries:
+            if _hidden(e.name):
+                continue
+            try:
                 if e.is_dir():
+                    target = os.path.realpath(e.path)
+                    if e.is_symlink() and os.path.commonpath([target, here]) == target:
+                        log.warning(f"warning: skipped {e.path}: a link back to {target}, which contains it")
+                        continue
                     stack.append(e.path)
                 elif is_image_file(e.name) and e.is_file():
                     found.append(e.path)
+            except (OSError, ValueError):   # a dangling or looping link
+                continue
     found.sort()
     return found
 

@@ -2,6 +2,7 @@
 
 source -> uint8 batches (DataLoader workers decode + resize files; in-memory arrays are sliced)
 -> device (pinned, non-blocking) -> resize on device if needed -> normalise -> channels_last
+(those steps are extract.pipeline, shared with finetune)
 -> backbone under autocast -> pooled features -> writer thread -> HDF5.
 """
 
@@ -13,15 +14,14 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler
 from tqdm import tqdm
 
 from .errors import UserError
-from .images import ImageError
+from .pipeline import SourceBatches, to_model_input
 from .preprocess import Preprocess
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -72,6 +72,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 
 def precision_name(autocast: torch.dtype | None) -> str:
+    """'fp32', 'bf16' or 'fp16' for a resolved autocast dtype."""
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast]
 
 
@@ -80,41 +81,9 @@ def effective_preprocess(preprocess: Preprocess, in_memory: bool) -> Preprocess:
     return dataclasses.replace(preprocess, resize=preprocess.crop) if in_memory else preprocess
 
 
-class _Files(Dataset):
-    """Positions of a file source -> (uint8 (3, crop, crop), position, reason or '')."""
-
-    def __init__(self, source, preprocess: Preprocess, positions: range):
-        self.source, self.preprocess, self.positions = source, preprocess, positions
-
-    def __len__(self):
-        return len(self.positions)
-
-    def __getitem__(self, k):
-        i = self.positions[k]
-        try:
-            return self.preprocess.resize_crop_pil(self.source.load(i)), i, ""
-        except ImageError as e:
-            crop = self.preprocess.crop
-            return torch.zeros(3, crop, crop, dtype=torch.uint8), i, e.reason
-
-
 def default_workers(device: torch.device) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return min(8, cores) if device.type == "cuda" else max(1, min(4, cores - 1))
-
-
-def iter_batches(source, preprocess: Preprocess, start: int, batch_size: int, workers: int,
-                 pin: bool) -> Iterator[tuple[torch.Tensor, np.ndarray, list[str]]]:
-    """uint8 batches from `start` on, with their source positions and per-image error reasons."""
-    if source.arrays is not None:
-        for a in range(start, len(source), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(source.arrays[a:a + batch_size])).permute(0, 3, 1, 2)
-            yield (x.pin_memory() if pin else x), np.arange(a, a + len(x)), [""] * len(x)
-        return
-    loader = DataLoader(_Files(source, preprocess, range(start, len(source))), batch_size=batch_size,
-                        num_workers=workers, pin_memory=pin, prefetch_factor=4 if workers else None)
-    for x, positions, reasons in loader:
-        yield x, positions.numpy(), list(reasons)
 
 
 class Embedder:
@@ -129,12 +98,7 @@ class Embedder:
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = x.to(self.device, non_blocking=True)
-        if tuple(x.shape[-2:]) != (self.preprocess.crop, self.preprocess.crop):
-            x = self.preprocess.resize_crop_batch(x)
-        x = self.preprocess.normalize(x)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = to_model_input(x, self.preprocess, self.device, self.channels_last)
         with torch.autocast(self.device.type, dtype=self.precision or torch.float32,
                             enabled=self.precision is not None):
             out = self.backbone(x)
@@ -195,10 +159,12 @@ def run(embedder: Embedder, source, writer, *, batch_size: int = 64, workers: in
     pin = embedder.device.type == "cuda"
     bar = tqdm(total=len(source), initial=start, desc=desc, unit="img", disable=not progress, dynamic_ncols=True,
                smoothing=0.1)
+    batches = SourceBatches(source, embedder.preprocess, BatchSampler(range(start, len(source)), batch_size, False),
+                            workers=workers, pin=pin)
     sink = _WriterThread(writer)
     t0 = time.perf_counter()
     try:
-        for x, positions, reasons in iter_batches(source, embedder.preprocess, start, batch_size, workers, pin):
+        for x, positions, reasons in batches:
             bad = [k for k, r in enumerate(reasons) if r]
             for k in bad:
                 path = source.paths[positions[k]] if source.paths else None
@@ -229,27 +195,42 @@ def run(embedder: Embedder, source, writer, *, batch_size: int = 64, workers: in
 
 
 class _Collect:
-    """A writer that keeps rows in memory (for `embed`)."""
+    """A writer that keeps rows and skipped images in memory (for `embed`)."""
 
     def __init__(self):
-        self.next_index, self.rows, self.n_rows = 0, [], 0
+        self.next_index, self.rows, self.index, self.skipped, self.n_rows = 0, [], [], [], 0
 
     def append(self, features, labels, index, paths=None, next_index=None):
         self.rows.append(features)
+        self.index.append(np.asarray(index))
         self.n_rows += len(labels)
 
     def skip(self, index, path, reason, label=-1):
-        raise UserError(f"cannot read {path}: {reason}")
+        self.skipped.append((index, path, reason))
 
 
-def embed(backbone, source, *, batch_size: int = 64, device: str = "auto", precision: str = "auto",
-          workers: int = 0, progress: bool = False) -> dict[str, np.ndarray]:
-    """Embed a small source in memory: {layer: (N, D) float32}. Unreadable images raise UserError."""
+@dataclass
+class Embedded:
+    """Features of the readable images of a source, their positions, and the unreadable ones."""
+
+    features: dict[str, np.ndarray]      # {tap: (N, D) float32}
+    index: np.ndarray                    # source position of each row
+    skipped: list[tuple[int, str, str]]  # (position, path, reason)
+
+
+def embed(backbone, source, *, preprocess: Preprocess | None = None, precision: str = "auto", batch_size: int = 64,
+          device: str = "auto", workers: int = 0, progress: bool = False) -> Embedded:
+    """Embed a small source in memory; unreadable images are listed, not fatal.
+
+    `preprocess` defaults to the backbone's own (as extract applies it); pass a cache's recorded
+    preprocessing and precision to reproduce its features.
+    """
     dev = resolve_device(device)
-    embedder = Embedder(backbone, dev, resolve_precision(precision, dev),
-                        effective_preprocess(backbone.preprocess, source.arrays is not None))
+    preprocess = preprocess or effective_preprocess(backbone.preprocess, source.arrays is not None)
     sink = _Collect()
-    run(embedder, source, sink, batch_size=batch_size, workers=workers, progress=progress)
-    layers = sink.rows[0].keys() if sink.rows else backbone.layers
-    return {k: np.concatenate([r[k] for r in sink.rows]) if sink.rows else np.zeros((0, backbone.dims[k]), np.float32)
-            for k in layers}
+    run(Embedder(backbone, dev, resolve_precision(precision, dev), preprocess), source, sink,
+        batch_size=batch_size, workers=workers, progress=progress)
+    features = {k: np.concatenate([r[k] for r in sink.rows]) if sink.rows else np.zeros((0, d), np.float32)
+                for k, d in backbone.dims.items()}
+    index = np.concatenate(sink.index) if sink.index else np.zeros(0, np.int64)
+    return Embedded(features, index, sink.skipped)

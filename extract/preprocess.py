@@ -9,17 +9,15 @@ device, so workers ship compact uint8 tensors.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
-from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
-                   "nearest": InterpolationMode.NEAREST}
+_INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
 @dataclass(frozen=True)
@@ -41,16 +39,22 @@ class Preprocess:
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
 
-    def resize_crop_pil(self, img: Image.Image) -> torch.Tensor:
+    def resize_crop_pil(self, img: "Image.Image") -> "torch.Tensor":
         """RGB PIL image -> uint8 tensor (3, crop, crop)."""
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as TF
+
         if min(img.size) != self.resize:
-            img = TF.resize(img, self.resize, interpolation=_INTERPOLATIONS[self.interpolation])
+            img = TF.resize(img, self.resize, interpolation=InterpolationMode(self.interpolation))
         if img.size != (self.crop, self.crop):
             img = TF.center_crop(img, self.crop)
         return TF.pil_to_tensor(img)
 
-    def resize_crop_batch(self, x: torch.Tensor) -> torch.Tensor:
+    def resize_crop_batch(self, x: "torch.Tensor") -> "torch.Tensor":
         """uint8 or float batch (B, 3, h, w) on any device -> float batch (B, 3, crop, crop) in [0, 255]."""
+        import torch.nn.functional as F
+        from torchvision.transforms import functional as TF
+
         x = x.float()
         h, w = x.shape[-2:]
         if min(h, w) != self.resize:
@@ -62,8 +66,11 @@ class Preprocess:
             x = x.clamp_(0, 255)
         return TF.center_crop(x, [self.crop, self.crop])
 
-    def normalize(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Batch in [0, 255] (uint8 or float) -> normalised `dtype` batch, same device."""
+    def normalize(self, x: "torch.Tensor", dtype: "torch.dtype | None" = None) -> "torch.Tensor":
+        """Batch in [0, 255] (uint8 or float) -> normalised `dtype` (default float32) batch, same device."""
+        import torch
+
+        dtype = dtype or torch.float32
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1) * 255
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1) * 255
         return ((x.float() - mean) / std).to(dtype)

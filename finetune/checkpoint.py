@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -11,6 +12,9 @@ from extract.errors import UserError
 
 from .runtime import rng_state, set_rng_state
 
+logger = logging.getLogger(__name__)
+
+FORMAT = 2  # 2: torch schedulers (SequentialLR), RNG state of the run's own device
 LAST = "last.pt"
 BEST = "best.pt"
 
@@ -40,20 +44,20 @@ def config_mismatch(saved: dict, current: dict) -> list[str]:
 
 
 def save_epoch(run_dir: Path, *, epoch: int, config: dict, model, optimizer, scheduler, scaler, history: list,
-               best: dict, improved: bool) -> None:
+               best: dict, improved: bool, device: torch.device) -> None:
     """Write last.pt (everything to continue exactly) and, when `improved`, best.pt (the weights)."""
     if improved:
         save(run_dir / BEST, {"epoch": epoch, "model": model.state_dict()})
-    save(run_dir / LAST, {"format": 1, "epoch": epoch, "config": config, "model": model.state_dict(),
+    save(run_dir / LAST, {"format": FORMAT, "epoch": epoch, "config": config, "model": model.state_dict(),
                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                          "scaler": scaler.state_dict() if scaler else None, "rng": rng_state(),
+                          "scaler": scaler.state_dict() if scaler else None, "rng": rng_state(device),
                           "history": history, "best": best})
 
 
 def start_or_resume(run_dir: Path, config: dict, resume: bool | None, model, optimizer, scheduler, scaler,
-                    log=print) -> dict:
+                    device: torch.device) -> dict:
     """{"epoch", "history", "best"}: fresh, or the last checkpoint's, loaded into the model, optimizer,
-    scheduler, scaler and global RNGs.
+    scheduler, scaler and global RNGs (torch's CPU and `device`'s).
 
     resume True continues (settings must match), False starts over, None starts over unless
     an unfinished run is there (then UserError: say which).
@@ -73,6 +77,8 @@ def start_or_resume(run_dir: Path, config: dict, resume: bool | None, model, opt
             return fresh
         raise UserError(f"an unfinished run ({done} of {planned} epochs) is checkpointed in {run_dir}: "
                         "pass --resume to continue it or --no-resume to start over")
+    if ckpt.get("format") != FORMAT:
+        raise UserError(f"cannot resume {last}: it was written by an older version; --no-resume starts over")
     diff = config_mismatch(ckpt.get("config", {}), config)
     if diff:
         raise UserError(f"cannot resume {last}: settings differ ({'; '.join(diff)}); "
@@ -84,9 +90,9 @@ def start_or_resume(run_dir: Path, config: dict, resume: bool | None, model, opt
     scheduler.load_state_dict(ckpt["scheduler"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
+    set_rng_state(ckpt["rng"], device)
     if done < config["epochs"]:
-        log(f"resuming {run_dir} after epoch {done} of {config['epochs']}")
+        logger.info(f"resuming {run_dir} after epoch {done} of {config['epochs']}")
     return {"epoch": done, "history": list(ckpt["history"]), "best": ckpt["best"]}
 
 

@@ -1,4 +1,4 @@
-"""Batches for training and evaluation: augmentation, eval preprocessing, unreadable-image skipping.
+"""Batches for training and evaluation: augmentation here, everything else in extract.pipeline.
 
 Augmentation draws from a generator seeded by (seed, epoch, source index), so a batch's
 pixels do not depend on worker count or on where a run was interrupted and resumed.
@@ -12,14 +12,16 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from extract.pipeline import SourceBatches, to_model_input
 from extract.preprocess import Preprocess
 
 CROP_SCALE = (0.08, 1.0)   # RandomResizedCrop's area range, as torchvision
@@ -62,40 +64,14 @@ class Batch:
     skipped: list[tuple[int, str]]  # (source index, reason) of unreadable images
 
 
-class _Images(torch.utils.data.Dataset):
-    """Decoded, spatially transformed uint8 images of an ImageSource; items are source indices
-    (eval) or (source index, epoch) pairs (train)."""
-
-    def __init__(self, source, preprocess: Preprocess, train: bool, seed: int):
-        self.source, self.preprocess, self.train, self.seed = source, preprocess, train, seed
-
-    def __len__(self):
-        return len(self.source)
-
-    def __getitem__(self, item):
-        index, epoch = item if self.train else (item, 0)
-        label = int(self.source.labels[index])
-        try:
-            img = self.source.load(index)
-        except Exception as e:  # ImageError, or anything else a broken file throws at the decoder
-            return None, label, index, str(getattr(e, "reason", e)) or type(e).__name__
-        if not self.train:
-            return self.preprocess.resize_crop_pil(img), label, index, None
-        top, left, h, w, flip = augment_params(self.seed, epoch, index, img.height, img.width)
-        size = self.preprocess.crop
-        img = TF.resized_crop(img, top, left, h, w, [size, size],
-                              interpolation=InterpolationMode(self.preprocess.interpolation), antialias=True)
-        if flip:
-            img = TF.hflip(img)
-        return TF.pil_to_tensor(img), label, index, None
-
-
-def _collate(items):
-    ok = [it for it in items if it[0] is not None]
-    skipped = [(it[2], it[3]) for it in items if it[0] is None]
-    x = torch.stack([it[0] for it in ok]) if ok else None
-    y = torch.tensor([it[1] for it in ok], dtype=torch.long)
-    return x, y, skipped
+def augment_pil(img: Image.Image, item: tuple[int, int], *, preprocess: Preprocess, seed: int) -> torch.Tensor:
+    """Random resized crop + flip of one decoded file for item (source index, epoch) -> uint8 (3, crop, crop)."""
+    index, epoch = item
+    top, left, h, w, flip = augment_params(seed, epoch, index, img.height, img.width)
+    size = preprocess.crop
+    img = TF.resized_crop(img, top, left, h, w, [size, size],
+                          interpolation=InterpolationMode(preprocess.interpolation), antialias=True)
+    return TF.pil_to_tensor(TF.hflip(img) if flip else img)
 
 
 def batch_indices(indices: np.ndarray, batch_size: int, shuffle_key: Sequence[int] | None) -> list[np.ndarray]:
@@ -138,13 +114,10 @@ class SplitLoader:
         self.preprocess, self.train, self.batch_size, self.seed = preprocess, train, batch_size, seed
         self.device, self.channels_last = torch.device(device), channels_last
         self.epoch = 0
-        self.in_memory = getattr(source, "arrays", None) is not None
-        self._loader = None
-        if not self.in_memory:
-            self._loader = DataLoader(
-                _Images(source, preprocess, train, seed), batch_sampler=_EpochBatches(self),
-                num_workers=workers, collate_fn=_collate, pin_memory=self.device.type == "cuda",
-                persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+        self.in_memory = source.arrays is not None
+        transform = partial(augment_pil, preprocess=preprocess, seed=seed) if train else None
+        self._batches = SourceBatches(source, preprocess, _EpochBatches(self), transform=transform,
+                                      workers=workers, pin=self.device.type == "cuda", persistent=True)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -161,17 +134,21 @@ class SplitLoader:
         return len(self.indices)
 
     def __iter__(self) -> Iterator[Batch]:
-        if self.in_memory:
-            for b in self.batches():
-                x = torch.from_numpy(np.ascontiguousarray(self.source.arrays[b])).permute(0, 3, 1, 2)
-                y = torch.from_numpy(np.asarray(self.source.labels[b], dtype=np.int64))
-                x = x.to(self.device, non_blocking=True)
-                x = self._augment_on_device(x, b) if self.train else self.preprocess.resize_crop_batch(x)
-                yield self._finish(x, y, [])
-        else:
-            for x, y, skipped in self._loader:
-                yield self._finish(x, y, skipped)
+        for x, positions, reasons in self._batches:
+            keep = np.array([not r for r in reasons])
+            skipped = [(int(i), r) for i, r in zip(positions, reasons) if r]
+            if not keep.any():
+                yield Batch(None, None, skipped)
+                continue
+            if skipped:
+                x, positions = x[torch.from_numpy(keep)], positions[keep]
+            if self.train and self.in_memory:
+                x = self._augment_on_device(x.to(self.device, non_blocking=True), positions)
+            y = torch.from_numpy(self.source.labels[positions]).to(self.device, non_blocking=True)
+            yield Batch(to_model_input(x, self.preprocess, self.device, self.channels_last), y, skipped)
 
+    # Hand-written rather than torchvision's RandomResizedCrop so each crop is a pure function
+    # of (seed, epoch, index): a resumed run sees exactly the pixels of an uninterrupted one.
     def _augment_on_device(self, x: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
         """Random resized crop + flip of a (B, 3, H, W) uint8 batch straight to (B, 3, crop, crop)."""
         n, _, height, width = x.shape
@@ -185,11 +162,3 @@ class SplitLoader:
         size = self.preprocess.crop
         grid = F.affine_grid(theta.to(x.device), [n, 3, size, size], align_corners=False)
         return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-    def _finish(self, x, y, skipped) -> Batch:
-        if x is None:
-            return Batch(None, None, skipped)
-        x = self.preprocess.normalize(x.to(self.device, non_blocking=True))
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return Batch(x, y.to(self.device, non_blocking=True), skipped)

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from probe.plots import new_figure, save_png
 
 
 def plot_history(history: list[dict], path: str | Path, title: str = "", best_epoch: int | None = None) -> Path:
-    """Write a PNG with loss, accuracy and lr panels; returns its path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write history_figure as a PNG (atomically); returns path."""
+    return save_png(history_figure(history, title, best_epoch), path, dpi=100)
+
+
+def history_figure(history: list[dict], title: str = "", best_epoch: int | None = None) -> Figure:
+    """Loss, top-1 (train and validation) and learning-rate panels, one point per epoch."""
     epochs = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig = new_figure(figsize=(13, 3.8))
+    axes = fig.subplots(1, 3)
     for ax, key, label in ((axes[0], "loss", "loss"), (axes[1], "top1", "top-1 accuracy")):
         ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label="train")
         ax.plot(epochs, [h[f"val_{key}"] for h in history], "s-", label="validation")
@@ -35,6 +38,4 @@ def plot_history(history: list[dict], path: str | Path, title: str = "", best_ep
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig

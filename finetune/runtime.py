@@ -1,18 +1,15 @@
-"""Autocast for a resolved precision (see extract.engine) and the global RNG state of a run."""
+"""Autocast for a resolved precision (see extract.engine) and the random state a run owns."""
 
 from __future__ import annotations
 
 import random
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
 
 from extract.errors import UserError
-
-
-def precision_name(dtype: torch.dtype | None) -> str:
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def check_precision(dtype: torch.dtype | None, device: torch.device) -> None:
@@ -25,23 +22,39 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+@contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed python, numpy, torch's CPU RNG and `device`'s RNG; give the caller's states back on exit."""
+    saved = rng_state(device)
+    try:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        elif device.type == "mps":
+            torch.mps.manual_seed(seed)
+        yield
+    finally:
+        set_rng_state(saved, device)
 
 
-def rng_state() -> dict:
-    """Global RNG states of python, numpy and torch (CPU and CUDA)."""
+def rng_state(device: torch.device) -> dict:
+    """Global RNG states of python, numpy, torch's CPU and `device` (a CUDA or MPS device)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["device"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["device"] = torch.mps.get_rng_state()
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["device"], device)
+    elif device.type == "mps":
+        torch.mps.set_rng_state(state["device"])

@@ -1,60 +1,58 @@
-"""Learning-rate schedules: linear warmup, then step decay or cosine annealing, per optimizer step."""
+"""Learning-rate schedules from torch.optim.lr_scheduler: linear warmup, then step decay or cosine annealing.
+
+Every schedule is stepped once per optimizer step, and every param group keeps its own base lr.
+"""
 
 from __future__ import annotations
 
-import math
-
-import torch
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, MultiStepLR, SequentialLR
 
 SCHEDULES = ("step", "cosine")
 STEP_GAMMA = 0.1
-STEP_AT = (0.5, 0.75)  # fractions of the epochs after which the step schedule decays
+STEP_AT = (0.5, 0.75)  # fractions of the run at which the step schedule multiplies the lr by STEP_GAMMA
 
 
-def step_milestones(epochs: int, warmup_epochs: int = 0) -> list[int]:
-    """Epochs at whose start the step schedule multiplies the lr by STEP_GAMMA."""
-    marks = sorted({round(epochs * f) for f in STEP_AT})
-    return [m for m in marks if warmup_epochs < m < epochs]
-
-
-def lr_factor(step: int, *, name: str, epochs: int, steps_per_epoch: int, warmup_epochs: int = 0) -> float:
-    """Multiplier of the base lr before optimizer step `step` (0-based)."""
+def _steps(epochs: int, steps_per_epoch: int, warmup_epochs: int) -> tuple[int, int]:
+    """(total optimizer steps, warmup steps)."""
     total = max(1, epochs * steps_per_epoch)
-    warmup = min(warmup_epochs * steps_per_epoch, total)
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    if name == "cosine":
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-    if name == "step":
-        epoch = step // max(1, steps_per_epoch)
-        return STEP_GAMMA ** sum(epoch >= m for m in step_milestones(epochs, warmup_epochs))
-    raise ValueError(f"unknown schedule {name!r}; choose from {', '.join(SCHEDULES)}")
+    return total, min(warmup_epochs * steps_per_epoch, total)
 
 
-class _Factor:
-    """Picklable lr_lambda (LambdaLR only saves callable objects' __dict__)."""
-
-    def __init__(self, **kwargs):
-        self.kwargs = kwargs
-
-    def __call__(self, step: int) -> float:
-        return lr_factor(step, **self.kwargs)
+def step_milestones(epochs: int, steps_per_epoch: int, warmup_epochs: int = 0) -> list[int]:
+    """Optimizer steps after which the step schedule has multiplied the lr by STEP_GAMMA (none inside warmup)."""
+    total, warmup = _steps(epochs, steps_per_epoch, warmup_epochs)
+    return sorted({m for m in (int(total * f) for f in STEP_AT) if warmup < m < total})
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, *, name: str, epochs: int, steps_per_epoch: int,
-                   warmup_epochs: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR stepped once per optimizer step; every param group keeps its own base lr."""
+def make_scheduler(optimizer: Optimizer, *, name: str, epochs: int, steps_per_epoch: int,
+                   warmup_epochs: int = 0) -> LRScheduler:
+    """LinearLR warmup (when warmup_epochs > 0) then CosineAnnealingLR to 0 or MultiStepLR, chained by SequentialLR."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose from {', '.join(SCHEDULES)}")
-    fn = _Factor(name=name, epochs=epochs, steps_per_epoch=steps_per_epoch, warmup_epochs=warmup_epochs)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+    total, warmup = _steps(epochs, steps_per_epoch, warmup_epochs)
+    if name == "cosine":
+        main = CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
+    else:
+        milestones = [m - warmup for m in step_milestones(epochs, steps_per_epoch, warmup_epochs)]
+        main = MultiStepLR(optimizer, milestones=milestones, gamma=STEP_GAMMA)
+    if warmup == 0:
+        return main
+    # The lr before step s < warmup is base * (s + 1) / (warmup + 1): never 0, full at the end.
+    warm = LinearLR(optimizer, start_factor=1 / (warmup + 1), end_factor=1.0, total_iters=warmup)
+    return SequentialLR(optimizer, [warm, main], milestones=[warmup])
+
+
+def lr_scale(scheduler: LRScheduler) -> float:
+    """The factor the schedule applies to the base lr now (first param group's lr over its initial lr)."""
+    return scheduler.get_last_lr()[0] / scheduler.optimizer.param_groups[0]["initial_lr"]
 
 
 def describe(*, name: str, epochs: int, steps_per_epoch: int, warmup_epochs: int, base_lr: float) -> dict:
     """JSON-able description of the schedule for result files."""
+    total, warmup = _steps(epochs, steps_per_epoch, warmup_epochs)
     d = {"name": name, "base_lr": base_lr, "warmup_epochs": warmup_epochs, "epochs": epochs,
-         "steps_per_epoch": steps_per_epoch, "unit": "optimizer step"}
+         "steps_per_epoch": steps_per_epoch, "unit": "optimizer step", "warmup_steps": warmup, "total_steps": total}
     if name == "step":
-        d.update(milestones=step_milestones(epochs, warmup_epochs), gamma=STEP_GAMMA)
+        d.update(milestones=step_milestones(epochs, steps_per_epoch, warmup_epochs), gamma=STEP_GAMMA)
     return d

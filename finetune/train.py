@@ -8,6 +8,7 @@ restore the best-validation weights -> one test pass -> result JSON + training-c
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -20,11 +21,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from extract.api import dataset_dir_name, weights_label
-from extract.datasets import load_dataset
-from extract.engine import default_workers, effective_preprocess, resolve_device, resolve_precision
+from extract.api import plan as plan_features
+from extract.engine import default_workers, precision_name
 from extract.errors import UserError
-from extract.models import get_spec, load_backbone
+from extract.models import load_backbone
 from probe.metrics import classification_metrics
 from probe.results import SCHEMA, library_versions, write_result
 
@@ -32,12 +32,14 @@ from . import checkpoint, schedule
 from .data import SplitLoader
 from .model import Classifier, apply_freeze, make_optimizer, param_groups, parse_freeze, set_train_mode
 from .plot import plot_history
-from .runtime import autocast, check_precision, precision_name, seed_everything
+from .runtime import autocast, check_precision, seeded
 from .splits import SplitPlan, plan_splits
 
 OPTIMIZERS = ("sgd", "adamw")
 DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-4}
 DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 0.05}
+
+logger = logging.getLogger(__name__)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -70,14 +72,15 @@ def finetune(model: str = "efficientnet_lite0", data: str = "digits", *, weights
              warmup_epochs: int = 1, label_smoothing: float = 0.0, seed: int = 0, val_fraction: float = 0.2,
              precision: str = "auto", device: str = "auto", workers: int | None = None,
              results_dir: str | os.PathLike = "results", runs_dir: str | os.PathLike = "runs",
-             resume: bool | None = None, progress: bool = True, log: Callable[[str], None] = print,
+             resume: bool | None = None, progress: bool = True,
              on_epoch_end: Callable[[int, dict, nn.Module], None] | None = None) -> FinetuneResult:
     """Fine-tune `model` on `data` and write a result beside probe's; see `python -m finetune --help`.
 
     lr / weight_decay None pick the optimizer's default (sgd 0.01 / 1e-4, adamw 1e-4 / 0.05);
     head_lr_mult None is 10 for pretrained weights and 1 for random init. resume: True continues
     the run's last checkpoint, False starts over, None starts over unless an unfinished run exists.
-    on_epoch_end(epoch, history_row, model) runs after each epoch's checkpoint is saved.
+    on_epoch_end(epoch, history_row, model) runs after each epoch's checkpoint is saved. Progress is
+    logged to the `finetune.train` logger. The caller's global RNG states are the same afterwards.
     """
     _check_numbers(epochs=epochs, batch_size=batch_size, lr=lr, head_lr_mult=head_lr_mult, momentum=momentum,
                    weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing)
@@ -89,82 +92,83 @@ def finetune(model: str = "efficientnet_lite0", data: str = "digits", *, weights
     lr = DEFAULT_LR[optimizer] if lr is None else lr
     weight_decay = DEFAULT_WEIGHT_DECAY[optimizer] if weight_decay is None else weight_decay
 
-    spec = get_spec(model)
-    weights = "none" if from_scratch else weights
-    weights_id, weights_dir = weights_label(spec.name, weights)
+    features = plan_features(model, data, weights="none" if from_scratch else weights, root=root, download=download,
+                             dataset_options=dataset_options, device=device, precision=precision)
+    identity, dataset, spec = features.identity, features.dataset, features.weights.spec
+    weights_id = features.weights.tag
     from_scratch = from_scratch or weights_id == "none"   # --weights none is the same baseline
     if head_lr_mult is None:  # the new layer learns faster only on top of pretrained features
         head_lr_mult = 1.0 if from_scratch else 10.0
-    dataset = load_dataset(data, root=root, download=download, **(dataset_options or {}))
     plan = plan_splits(dataset, seed=seed, val_fraction=val_fraction)
-    dev = resolve_device(device)
-    amp = resolve_precision(precision, dev)
+    dev, amp = features.device, features.autocast
     check_precision(amp, dev)
     head = head_name(freeze, from_scratch)
-    model_dir = spec.name if weights_dir is None else f"{spec.name}.{weights_dir}"
-    run_dir = Path(runs_dir) / dataset_dir_name(dataset) / model_dir / head
+    run_dir = identity.results_dir(runs_dir, head)
 
-    seed_everything(seed)
-    backbone = load_backbone(spec.name, weights=weights)
-    n_classes = len(dataset.classes)
-    net = Classifier(backbone.net, backbone.head_path, backbone.dims["penultimate"], n_classes,
-                     embed=backbone.spec.embed)
-    frozen = apply_freeze(net, freeze, backbone.module_for)
-    channels_last = dev.type == "cuda"
-    net.to(dev, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    with seeded(seed, dev):  # the run's own RNG stream; the caller's is restored on exit
+        backbone = load_backbone(spec.name, weights=features.weights.argument)
+        n_classes = len(dataset.classes)
+        net = Classifier(backbone.net, backbone.head_path, backbone.dims["penultimate"], n_classes,
+                         embed=backbone.spec.embed)
+        frozen = apply_freeze(net, freeze, backbone.module_for)
+        channels_last = dev.type == "cuda"
+        net.to(dev, memory_format=torch.channels_last if channels_last else torch.preserve_format)
 
-    in_memory = plan.train.source.arrays is not None
-    eval_pre = effective_preprocess(backbone.preprocess, in_memory)
-    workers = (0 if in_memory else default_workers(dev)) if workers is None else workers
-    loaders = {role: SplitLoader(part.source, part.indices, preprocess=eval_pre, train=role == "train",
-                                 batch_size=batch_size, seed=seed, workers=workers, device=dev,
-                                 channels_last=channels_last)
-               for role, part in (("train", plan.train), ("val", plan.val), ("test", plan.test))}
-    steps_per_epoch = len(loaders["train"])
-    groups = param_groups(net, lr=lr, weight_decay=weight_decay, head_lr_mult=head_lr_mult)
-    opt = make_optimizer(groups, optimizer, lr=lr, momentum=momentum)
-    scheduler = schedule.make_scheduler(opt, name=sched, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                                        warmup_epochs=warmup_epochs)
-    scaler = torch.amp.GradScaler(dev.type) if amp == torch.float16 else None
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        in_memory = plan.train.source.arrays is not None
+        eval_pre = identity.preprocess
+        workers = (0 if in_memory else default_workers(dev)) if workers is None else workers
+        loaders = {role: SplitLoader(part.source, part.indices, preprocess=eval_pre, train=role == "train",
+                                     batch_size=batch_size, seed=seed, workers=workers, device=dev,
+                                     channels_last=channels_last)
+                   for role, part in (("train", plan.train), ("val", plan.val), ("test", plan.test))}
+        steps_per_epoch = len(loaders["train"])
+        groups = param_groups(net, lr=lr, weight_decay=weight_decay, head_lr_mult=head_lr_mult)
+        opt = make_optimizer(groups, optimizer, lr=lr, momentum=momentum)
+        scheduler = schedule.make_scheduler(opt, name=sched, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                                            warmup_epochs=warmup_epochs)
+        scaler = torch.amp.GradScaler(dev.type) if amp == torch.float16 else None
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
-    hyper = {"model": spec.name, "weights": weights_id, "dataset": dataset.identity, "freeze": freeze,
-             "from_scratch": from_scratch, "epochs": epochs, "batch_size": batch_size, "optimizer": optimizer,
-             "lr": lr, "head_lr_mult": head_lr_mult, "momentum": momentum if optimizer == "sgd" else None,
-             "weight_decay": weight_decay, "sched": sched, "warmup_epochs": warmup_epochs,
-             "label_smoothing": label_smoothing, "seed": seed, "val_fraction": val_fraction,
-             "precision": precision_name(amp), "sizes": _sizes(plan),
-             "fingerprints": {name: src.fingerprint() for name, src in dataset.splits.items()}}
-    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in net.parameters())
-    log(f"fine-tuning {spec.name} ({weights_id}) on {dataset_dir_name(dataset)}: {head}, {trainable:,} of {total:,} "
-        f"parameters trained, {len(plan.train.indices)} train / {len(plan.val.indices)} val images, "
-        f"{dev} {precision_name(amp)}; checkpoints in {run_dir}")
-    state = checkpoint.start_or_resume(run_dir, hyper, resume, net, opt, scheduler, scaler, log)
-    history, best = state["history"], state["best"]
-    skipped: dict[str, dict[int, str]] = {"train": {}, "val": {}, "test": {}}
-    try:
-        for epoch in range(state["epoch"] + 1, epochs + 1):
-            t0 = time.perf_counter()
-            loaders["train"].set_epoch(epoch)
-            tr = train_epoch(net, loaders["train"], opt, scheduler, scaler, loss_fn, dev, amp, frozen,
-                             skipped["train"], progress=progress, desc=f"epoch {epoch}/{epochs}")
-            va = evaluate(net, loaders["val"], dev, amp, skipped["val"])
-            row = {"epoch": epoch, "train_loss": tr["loss"], "train_top1": tr["top1"], "val_loss": va["loss"],
-                   "val_top1": va["top1"], "lr": lr * scheduler.lr_lambdas[0](scheduler.last_epoch),
-                   "seconds": round(time.perf_counter() - t0, 3), "images_per_second": tr["images_per_second"]}
-            history.append(row)
-            improved = best is None or (row["val_top1"], -row["val_loss"]) > (best["val_top1"], -best["val_loss"])
-            if improved:
-                best = {"epoch": epoch, "val_top1": row["val_top1"], "val_loss": row["val_loss"]}
-            checkpoint.save_epoch(run_dir, epoch=epoch, config=hyper, model=net, optimizer=opt, scheduler=scheduler,
-                                  scaler=scaler, history=history, best=best, improved=improved)
-            log(f"epoch {epoch}/{epochs}: train loss {row['train_loss']:.4f} top-1 {row['train_top1']:.4f}, "
-                f"val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.4f} ({row['seconds']:.1f} s)")
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, row, net)
-    except KeyboardInterrupt:
-        raise Interrupted(run_dir, len(history), epochs) from None
+        hyper = {"model": spec.name, "weights": weights_id, "dataset": dataset.identity, "freeze": freeze,
+                 "from_scratch": from_scratch, "epochs": epochs, "batch_size": batch_size, "optimizer": optimizer,
+                 "lr": lr, "head_lr_mult": head_lr_mult, "momentum": momentum if optimizer == "sgd" else None,
+                 "weight_decay": weight_decay, "sched": sched, "warmup_epochs": warmup_epochs,
+                 "label_smoothing": label_smoothing, "seed": seed, "val_fraction": val_fraction,
+                 "precision": precision_name(amp), "sizes": _sizes(plan),
+                 "fingerprints": {name: src.fingerprint() for name, src in dataset.splits.items()}}
+        trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in net.parameters())
+        state = checkpoint.start_or_resume(run_dir, hyper, resume, net, opt, scheduler, scaler, dev)
+        logger.info(f"fine-tuning {spec.name} ({weights_id}) on {identity.data.label}: {head}, "
+                    f"{trainable:,} of {total:,} parameters trained, {len(plan.train.indices)} train / "
+                    f"{len(plan.val.indices)} val images, {dev} {precision_name(amp)}; checkpoints in {run_dir}")
+        history, best = state["history"], state["best"]
+        skipped: dict[str, dict[int, str]] = {"train": {}, "val": {}, "test": {}}
+        try:
+            for epoch in range(state["epoch"] + 1, epochs + 1):
+                t0 = time.perf_counter()
+                loaders["train"].set_epoch(epoch)
+                tr = train_epoch(net, loaders["train"], opt, scheduler, scaler, loss_fn, dev, amp, frozen,
+                                 skipped["train"], progress=progress, desc=f"epoch {epoch}/{epochs}")
+                va = evaluate(net, loaders["val"], dev, amp, skipped["val"])
+                row = {"epoch": epoch, "train_loss": tr["loss"], "train_top1": tr["top1"], "val_loss": va["loss"],
+                       "val_top1": va["top1"], "lr": lr * schedule.lr_scale(scheduler),
+                       "seconds": round(time.perf_counter() - t0, 3), "images_per_second": tr["images_per_second"]}
+                history.append(row)
+                improved = best is None or \
+                    (row["val_top1"], -row["val_loss"]) > (best["val_top1"], -best["val_loss"])
+                if improved:
+                    best = {"epoch": epoch, "val_top1": row["val_top1"], "val_loss": row["val_loss"]}
+                checkpoint.save_epoch(run_dir, epoch=epoch, config=hyper, model=net, optimizer=opt,
+                                      scheduler=scheduler, scaler=scaler, history=history, best=best,
+                                      improved=improved, device=dev)
+                logger.info(f"epoch {epoch}/{epochs}: train loss {row['train_loss']:.4f} "
+                            f"top-1 {row['train_top1']:.4f}, val loss {row['val_loss']:.4f} "
+                            f"top-1 {row['val_top1']:.4f} ({row['seconds']:.1f} s)")
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch, row, net)
+        except KeyboardInterrupt:
+            raise Interrupted(run_dir, len(history), epochs) from None
 
     best_state = checkpoint.load(run_dir / checkpoint.BEST)
     net.load_state_dict(best_state["model"])
@@ -174,13 +178,14 @@ def finetune(model: str = "efficientnet_lite0", data: str = "digits", *, weights
     except KeyboardInterrupt:
         raise Interrupted(run_dir, len(history), epochs) from None
     predict_seconds = time.perf_counter() - t0
-    _warn_skipped(skipped, plan, log)
+    _warn_skipped(skipped, plan)
     metrics = classification_metrics(te["y"], te["scores"].argmax(1), te["scores"] if n_classes > 5 else None,
                                      classes=list(dataset.classes))
     result = {
         "schema": SCHEMA, "kind": "finetune", "head": head,
         "description": ("random init, " if from_scratch else "") + f"end-to-end fine-tuning, freeze {freeze}",
-        "dataset": dataset_dir_name(dataset), "model": spec.name, "model_dir": model_dir, "weights": backbone.weights,
+        "dataset": identity.data.label, "model": identity.model, "identity": identity.to_dict(),
+        "precision": identity.precision, "dtype": identity.dtype,
         "layer": "penultimate", "metrics": metrics,
         "hyperparameters": {k: v for k, v in hyper.items()
                             if k not in ("model", "weights", "dataset", "sizes", "fingerprints")},
@@ -202,8 +207,8 @@ def finetune(model: str = "efficientnet_lite0", data: str = "digits", *, weights
     }
     path = write_result(result, results_dir)
     curves = plot_history(history, path.with_name(f"{path.stem}.curves.png"),
-                          title=f"{head} · {dataset.name} · {model_dir}", best_epoch=best_state["epoch"])
-    log(f"test top-1 {metrics['top1']:.4f} (best epoch {best_state['epoch']} of {epochs}); result: {path}")
+                          title=f"{head} · {identity.data.label} · {identity.model}", best_epoch=best_state["epoch"])
+    logger.info(f"test top-1 {metrics['top1']:.4f} (best epoch {best_state['epoch']} of {epochs}); result: {path}")
     return FinetuneResult(result, path, curves, run_dir, net.cpu())
 
 
@@ -292,13 +297,13 @@ def _sizes(plan: SplitPlan, skipped: dict | None = None) -> dict:
             for role in ("train", "val", "test")}
 
 
-def _warn_skipped(skipped: dict, plan: SplitPlan, log) -> None:
+def _warn_skipped(skipped: dict, plan: SplitPlan) -> None:
     for role, found in skipped.items():
         if found:
             source = getattr(plan, role).source
             shown = "; ".join(f"{Path(source.paths[i]).name if source.paths else i}: {r}"
                               for i, r in list(found.items())[:3])
-            log(f"warning: skipped {len(found)} unreadable {role} image(s) ({shown}"
+            logger.warning(f"skipped {len(found)} unreadable {role} image(s) ({shown}"
                 + (" ..." if len(found) > 3 else "") + ")")
 
 

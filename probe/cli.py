@@ -8,7 +8,7 @@ from pathlib import Path
 
 from extract.errors import UserError, guarded
 
-from .heads import GRIDS, SCALES, get_head, list_heads
+from .heads import GRIDS, SCALES, list_heads
 from .report import FORMATS
 
 EPILOG = """examples:
@@ -27,10 +27,11 @@ class _Parser(argparse.ArgumentParser):
 
 def _selection_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("which features (default: the newest complete extraction under --cache-dir)")
-    g.add_argument("--model", help="backbone name used by extract (e.g. efficientnet_lite0)")
-    g.add_argument("--data", help="dataset name of the cache (e.g. cifar10, digits, an image folder's name)")
-    g.add_argument("--weights", help="weights id or the cache folder's weights suffix")
+    g.add_argument("--model", help="backbone as extract names it (efficientnet_lite0, resnet50.swav)")
+    g.add_argument("--data", help="dataset: registry name (cifar10, digits), or an image folder's name or path")
     g.add_argument("--layer", help="feature layer inside the cache (default: its first layer)")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="only features computed at this precision")
+    g.add_argument("--dtype", choices=["float32", "float16"], help="only features stored as this dtype")
     g.add_argument("--features", metavar="TRAIN_H5", help="explicit train cache file; sibling val/test files are used")
     g.add_argument("--test-features", metavar="TEST_H5", help="explicit test cache file")
     g.add_argument("--val-features", metavar="VAL_H5", help="explicit validation cache file")
@@ -38,10 +39,17 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--results-dir", default="results", help="where results go (default: ./results)")
 
 
+def _selection(args) -> dict:
+    return {"cache_dir": args.cache_dir, "data": args.data, "model": args.model, "layer": args.layer,
+            "precision": args.precision, "dtype": args.dtype, "features": args.features,
+            "test_features": args.test_features, "val_features": args.val_features}
+
+
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m probe", description="Fit, tune and compare classical heads on cached embeddings.",
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--head", default="logreg", help=f"one of {', '.join(list_heads())}, or all (default: logreg)")
+    p.add_argument("--head", default="logreg",
+                   help=f"one of {', '.join(list_heads())}, several comma-separated, or all (default: logreg)")
     p.add_argument("--report", action="store_true", help="collate every result JSON under --results-dir")
     p.add_argument("--format", default="table", choices=FORMATS, help="report format on stdout (default: table)")
     _selection_args(p)
@@ -55,48 +63,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--save", action=argparse.BooleanOptionalAction, default=True,
                    help="save the refit head with joblib beside its result (default: yes)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
+    sub = p.add_subparsers(dest="command", metavar="{predict}", parser_class=_Parser)
+    q = sub.add_parser("predict", help="label new images with a saved head",
+                       description="Label new images with a saved head and the backbone recorded in its cache.")
+    q.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
+    q.add_argument("--head", default="logreg", help="saved head to use (default: logreg)")
+    q.add_argument("--head-file", help="path of a saved <head>.joblib (instead of looking it up)")
+    _selection_args(q)
+    q.add_argument("--top", type=int, default=1, help="show the top K labels per image (default: 1)")
+    q.add_argument("--device", default="auto", help="device for the backbone (default: auto)")
+    q.add_argument("--batch-size", type=int, default=32)
     return p
-
-
-def predict_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m probe predict",
-                description="Label new images with a saved head and the backbone recorded in its cache.")
-    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
-    p.add_argument("--head", default="logreg", help="saved head to use (default: logreg)")
-    p.add_argument("--head-file", help="path of a saved <head>.joblib (instead of looking it up)")
-    _selection_args(p)
-    p.add_argument("--top", type=int, default=1, help="show the top K labels per image (default: 1)")
-    p.add_argument("--device", default="auto", help="device for the backbone (default: auto)")
-    p.add_argument("--batch-size", type=int, default=32)
-    return p
-
-
-def _say(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def _warn(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _selection(args, notify=_say):
-    from .data import select_caches, selection_from_paths
-    if args.features:
-        sel = selection_from_paths(args.features, args.test_features, args.val_features, args.layer)
-        notify("using " + ", ".join(f"{s}: {p}" for s, p in _ordered(sel.files)))
-        return sel
-    if args.test_features or args.val_features:
-        raise UserError("--test-features/--val-features need --features TRAIN_H5 as well")
-    sel = select_caches(args.cache_dir, model=args.model, data=args.data, weights=args.weights, layer=args.layer)
-    chosen = "" if any((args.model, args.data, args.weights, args.layer)) else "newest complete extraction, "
-    folder = Path(next(iter(sel.files.values()))).parent
-    notify(f"using {folder} ({chosen}splits: {', '.join(s for s, _ in _ordered(sel.files))})")
-    return sel
-
-
-def _ordered(files: dict) -> list:
-    order = {"train": 0, "val": 1, "test": 2}
-    return sorted(files.items(), key=lambda kv: order.get(kv[0], 3))
 
 
 def _pct(v) -> str:
@@ -108,43 +85,31 @@ def _params(h: dict) -> str:
 
 
 def run_heads(args) -> int:
-    from .data import load_probe_data
-    from .plots import plot_comparison
-    from .protocol import run_probe
+    from .api import evaluate
     from .report import format_rows, result_row
-    from .results import result_dir, save_head, write_result
 
-    names = list_heads() if args.head == "all" else [get_head(args.head).name]
-    if args.max_search_samples is not None and args.max_search_samples < 2:
-        raise UserError("--max-search-samples must be at least 2")
-    data = load_probe_data(_selection(args), seed=args.seed)
-    _say(f"{data.dataset} / {data.model_dir} / layer {data.layer}: {data.sizes['train']} train, "
-         f"{data.sizes['val']} validation, {data.sizes['test']} test ('{data.test_split}' split), "
-         f"{len(data.classes)} classes, {data.X_train.shape[1]} dims")
-    _say(f"validation: {data.validation}")
-    rows = []
-    for name in names:
-        run = run_probe(name, data, grid=args.grid, scale=args.scale, seed=args.seed, n_jobs=args.n_jobs,
-                        max_search_samples=args.max_search_samples, progress=args.progress, notify=_warn)
+    out = evaluate(args.head, **_selection(args), results_dir=args.results_dir, grid=args.grid, scale=args.scale,
+                   seed=args.seed, n_jobs=args.n_jobs, max_search_samples=args.max_search_samples, save=args.save,
+                   progress=args.progress)
+    data = out.data
+    print(f"{data.dataset} / {data.model} / layer {data.layer} ({data.identity.precision}, {data.identity.dtype}): "
+          f"{data.sizes['train']} train, {data.sizes['val']} validation, {data.sizes['test']} test "
+          f"('{data.test_split}' split), {len(data.classes)} classes, {data.X_train.shape[1]} dims")
+    print(f"validation: {data.validation}")
+    for run, path in zip(out.runs, out.result_paths):
         r = run.result
-        path = write_result(r, args.results_dir)
-        if args.save:
-            save_head(run.pipeline, r, args.results_dir)
         best_val = max(g["val_top1"] for g in r["grid"])
         m, t = r["metrics"], r["timing"]
-        _say(f"{name}: {_params(r['hyperparameters'])} (val top-1 {_pct(best_val)}) -> test top-1 {_pct(m['top1'])}"
-             + (f", top-5 {_pct(m['top5'])}" if m["top5"] is not None else "")
-             + f", balanced {_pct(m['balanced_accuracy'])}, macro-F1 {_pct(m['macro_f1'])}"
-             + f" [search {t['search_seconds']:.2f} s, refit {t['fit_seconds']:.2f} s]")
-        _say(f"  wrote {path}")
-        rows.append(result_row(r))
-    if len(names) > 1:
+        print(f"{r['head']}: {_params(r['hyperparameters'])} (val top-1 {_pct(best_val)}) -> test top-1 "
+              f"{_pct(m['top1'])}" + (f", top-5 {_pct(m['top5'])}" if m["top5"] is not None else "")
+              + f", balanced {_pct(m['balanced_accuracy'])}, macro-F1 {_pct(m['macro_f1'])}"
+              + f" [search {t['search_seconds']:.2f} s, refit {t['fit_seconds']:.2f} s]")
+        print(f"  wrote {path}")
+    if out.comparison:
+        rows = [result_row(r.result) for r in out.runs]
         cols = ("head", "top1", "balanced_acc", "macro_f1", "fit_s")
-        _say("\n" + format_rows(sorted(rows, key=lambda r: -(r["top1"] or 0)), "table", cols).rstrip())
-        png = plot_comparison([{"label": r["head"], "top1": r["top1"], "seconds": r["fit_s"]} for r in rows],
-                              result_dir(run.result, args.results_dir) / "comparison.png",
-                              title=f"{data.dataset} · {data.model_dir} · {data.layer}")
-        _say(f"wrote {png}")
+        print("\n" + format_rows(sorted(rows, key=lambda r: -(r["top1"] or 0)), "table", cols).rstrip())
+        print(f"wrote {out.comparison}")
     return 0
 
 
@@ -154,15 +119,30 @@ def run_report(args) -> int:
     if not rows:
         raise UserError(f"no result files under {args.results_dir}: run `python -m probe --head ...` first")
     print(format_rows(rows, args.format), end="")
-    _warn("wrote " + ", ".join(str(p) for p in paths.values()))
+    print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+    return 0
+
+
+def run_predict(args) -> int:
+    from .predict import find_head_file, predict_files
+
+    head_file = Path(args.head_file) if args.head_file else find_head_file(args.head, **_selection(args),
+                                                                             results_dir=args.results_dir)
+    out = predict_files(head_file, args.images, device=args.device, batch_size=args.batch_size, top=args.top)
+    for row in out.rows:
+        shown = ", ".join(f"{lab} {p:.3f}" if p is not None else lab for lab, p in row["labels"])
+        print(f"{row['path']}\t{shown}")
+    for path, reason in out.unreadable:
+        print(f"unreadable: {path}: {reason}", file=sys.stderr)
+    if not out.rows:
+        raise UserError(f"none of the {len(out.unreadable)} images could be read")
     return 0
 
 
 def _run(argv: list[str]) -> int:
-    if argv and argv[0] == "predict":
-        from .predict import run_predict
-        return run_predict(predict_parser().parse_args(argv[1:]), notify=_warn)
     args = parser().parse_args(argv)
+    if args.command == "predict":
+        return run_predict(args)
     return run_report(args) if args.report else run_heads(args)
 
 

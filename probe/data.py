@@ -11,8 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from extract.cache import find_caches, load_features
+from extract.cache import load_features
+from extract.catalog import FeatureSet, choose, select
 from extract.errors import UserError
+from extract.identity import FeatureIdentity, describe_differences, differences
 
 from .splits import split_roles, validation_mask
 
@@ -30,13 +32,10 @@ class ProbeData:
     X_test: np.ndarray
     y_test: np.ndarray
     classes: list[str]
+    identity: FeatureIdentity
+    layer: str = "penultimate"
     validation: str = "given"
     test_split: str = "test"
-    dataset: str = "unknown"
-    model: str = "unknown"
-    model_dir: str = "unknown"
-    weights: str = ""
-    layer: str = "penultimate"
     provenance: dict = field(default_factory=dict)
     sources: dict = field(default_factory=dict)    # role -> cache path
     index_train: np.ndarray | None = None          # source indices of the train rows (subsampling)
@@ -45,77 +44,40 @@ class ProbeData:
     def sizes(self) -> dict:
         return {"train": len(self.y_train), "val": len(self.y_val), "test": len(self.y_test)}
 
+    @property
+    def dataset(self) -> str:
+        return self.identity.data.label
+
+    @property
+    def model(self) -> str:
+        return self.identity.model
+
 
 @dataclass
 class Selection:
     """The cache files of one extraction: split name -> path."""
 
     files: dict[str, Path]
-    dataset: str
-    model: str
-    weights: str
     layer: str | None = None
     note: str = ""
 
 
 # --- choosing cache files ---------------------------------------------------------------------
 
-def _in_layout(path: Path, model: str) -> bool:
-    """True if path sits at <cache_dir>/<dataset>/<model>[.<weights>]/<split>.h5."""
-    return path.parent.name.split(".")[0] == model
-
-
-def cache_names(path: Path, meta_dataset: str, model: str, weights: str) -> tuple[str, str]:
-    """(dataset, model folder) as the cache layout names them; results mirror these names.
-
-    The dataset folder distinguishes image folders that all share the registry name "imagefolder".
-    """
-    path = Path(path)
-    if _in_layout(path, model):
-        return path.parent.parent.name, path.parent.name
-    return meta_dataset, (model if not weights else f"{model}.{weights}")
-
-
 def select_caches(cache_dir="cache", *, model: str | None = None, data: str | None = None,
-                  weights: str | None = None, layer: str | None = None) -> Selection:
-    """The newest complete extraction under cache_dir matching the given filters."""
-    found = find_caches(cache_dir)
-    if not found:
-        partial = sorted(Path(cache_dir).glob("**/*.h5.partial"))
-        if partial:
-            raise UserError(f"the only cache under {cache_dir} is incomplete ({partial[0]}): "
-                            "rerun the same extract command to finish it")
-        raise UserError(f"no complete feature cache under {cache_dir}: run `python -m extract` first")
-
-    def key(c):
-        return (c["dataset"], c["model"], c["weights"])
-
-    wanted = [c for c in found
-              if (data is None or data in (c["dataset"], Path(c["path"]).parent.parent.name)) and (model is None or c["model"] == model)
-              and (weights is None or c["weights"] == weights or Path(c["path"]).parent.name.endswith(f".{weights}"))
-              and (layer is None or layer in c["layers"])]
-    if not wanted:
-        have = sorted({f"--data {d} --model {m}" + (f" --weights {w}" if w else "") for d, m, w in map(key, found)})
-        what = " ".join(f"--{k} {v}" for k, v in (("data", data), ("model", model), ("weights", weights),
-                                                 ("layer", layer)) if v)
-        raise UserError(f"no complete cache under {cache_dir} for {what}; available: {'; '.join(have)}")
-    newest = wanted[0]  # find_caches sorts newest first
-    def folder_and_dtype(c):  # train.h5, train.bf16.h5 and train.float16.h5 are different extractions
-        p = Path(c["path"])
-        return p.parent, p.name.split(".", 1)[1]
-
-    group = [c for c in wanted if key(c) == key(newest) and folder_and_dtype(c) == folder_and_dtype(newest)]
-    files: dict[str, Path] = {}
-    for c in sorted(group, key=lambda c: -c["mtime"]):
-        files.setdefault(c["split"], Path(c["path"]))
-    if "train" not in files:
-        raise UserError(f"no complete train split cached for {newest['dataset']}/{newest['model']} "
-                        f"under {cache_dir}: run `python -m extract` for the train split")
-    return Selection(files, newest["dataset"], newest["model"], newest["weights"], layer)
+                  layer: str | None = None, precision: str | None = None, dtype: str | None = None) -> Selection:
+    """The newest complete extraction under cache_dir matching the given filters (read from the files'
+    identities); the default request's extraction wins over explicit-precision or -dtype ones."""
+    group: FeatureSet = choose(select(cache_dir, data=data, model=model, layer=layer, precision=precision,
+                                      dtype=dtype))
+    if "train" not in group.files:
+        raise UserError(f"no complete train split cached for {group.describe()} under {cache_dir}: "
+                        "run `python -m extract` for the train split")
+    return Selection(dict(group.files), layer, note=group.describe())
 
 
 def selection_from_paths(features, test_features=None, val_features=None, layer=None) -> Selection:
-    """Explicit files; with only --features, sibling val/test files of the same extraction are used."""
+    """Explicit files; with only --features, the other splits of the same identity in its folder are used."""
     train = Path(features)
     if not train.exists():
         if Path(str(train) + ".partial").exists():
@@ -127,12 +89,12 @@ def selection_from_paths(features, test_features=None, val_features=None, layer=
     if val_features:
         files["val"] = Path(val_features)
     if not test_features and not val_features:
-        suffix = train.name[len(train.name.split(".")[0]):]  # ".h5" or ".float16.h5"
+        suffix = train.name[len(train.name.split(".")[0]):]  # ".h5" or ".bf16.h5": the same variant
         for split in ("val", "test"):
             sibling = train.with_name(split + suffix)
             if sibling.exists():
                 files[split] = sibling
-    return Selection(files, "", "", "", layer)
+    return Selection(files, layer)
 
 
 # --- loading and checking ---------------------------------------------------------------------
@@ -149,16 +111,18 @@ def _load(path: Path, layer: str | None, role: str):
     return X, np.asarray(feats.y, np.int64), feats.meta
 
 
-def _check_same_source(metas: dict[str, dict], dims: dict[str, int]) -> None:
+def check_same_identity(metas: dict[str, dict]) -> None:
+    """Refuse files whose identities differ in anything but the split (and the taps they hold)."""
     ref_role, ref = next(iter(metas.items()))
     for role, meta in metas.items():
-        for field_ in ("model", "weights", "dataset", "layer"):
-            if meta.get(field_) != ref.get(field_):
-                raise UserError(f"{ref_role} and {role} caches come from different {field_}s: "
-                                f"{ref.get(field_)!r} ({ref['path']}) vs {meta.get(field_)!r} ({meta['path']})")
-        if dims[role] != dims[ref_role]:
-            raise UserError(f"{ref_role} and {role} features have different dimensions: "
-                            f"{dims[ref_role]} ({ref['path']}) vs {dims[role]} ({meta['path']})")
+        diff = differences(ref["identity"], meta["identity"])
+        if diff:
+            raise UserError(f"{ref_role} and {role} features come from different extractions: "
+                            f"{describe_differences(diff, ref['identity'], meta['identity'])} "
+                            f"({ref['path']} vs {meta['path']})")
+        if meta["layer"] != ref["layer"]:
+            raise UserError(f"{ref_role} and {role} features are of different layers: {ref['layer']!r} vs "
+                            f"{meta['layer']!r}")
         if list(meta.get("classes") or []) != list(ref.get("classes") or []):
             raise UserError(f"{ref_role} and {role} caches have different class lists "
                             f"({ref['path']} vs {meta['path']})")
@@ -184,7 +148,11 @@ def load_probe_data(selection: Selection, seed: int = 0, val_fraction: float = 0
         if split:
             X, y, meta = _load(files[split], selection.layer, split)
             arrays[split], metas[split] = (X, y), meta
-    _check_same_source(metas, {s: a[0].shape[1] for s, a in arrays.items()})
+    check_same_identity(metas)
+    dims = {role: X.shape[1] for role, (X, _) in arrays.items()}
+    if len(set(dims.values())) > 1:
+        raise UserError(f"the splits' features have different dimensions ({dims}): the files were not written "
+                        "by one extraction")
     train_meta = metas["train"]
     classes = [str(c) for c in (train_meta.get("classes") or [])]
     X_tr, y_tr = arrays["train"]
@@ -212,13 +180,9 @@ def load_probe_data(selection: Selection, seed: int = 0, val_fraction: float = 0
     top = int(max(y_tr.max(), y_va.max(), y_te.max()))
     if top >= len(classes) or min(y_tr.min(), y_va.min(), y_te.min()) < 0:
         raise UserError(f"labels in {files['train']} fall outside its {len(classes)} classes")
-    model = train_meta.get("model") or selection.model or "unknown"
-    weights = train_meta.get("weights") or ""
-    dataset, model_dir = cache_names(Path(files["train"]), train_meta.get("dataset") or "unknown", model, weights)
     return ProbeData(
-        X_tr, y_tr, X_va, y_va, X_te, y_te, classes, validation=validation, test_split=test_split,
-        dataset=dataset, model=model, weights=weights, model_dir=model_dir,
-        layer=train_meta["layer"], provenance=train_meta.get("provenance", {}),
+        X_tr, y_tr, X_va, y_va, X_te, y_te, classes, train_meta["identity"], layer=train_meta["layer"],
+        validation=validation, test_split=test_split, provenance=train_meta.get("provenance", {}),
         sources={role: str(files[s]) for role, s in (("train", "train"), ("val", val_split), ("test", test_split)) if s},
         index_train=index_tr)
 

@@ -1,47 +1,59 @@
-"""PNG charts (matplotlib Agg backend: no display needed)."""
+"""PNG charts drawn on plain matplotlib Figures and saved through the Agg canvas: no pyplot, no
+backend switch, so importing this never changes the plotting setup of the program that imports it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib import ticker
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.metrics import ConfusionMatrixDisplay
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-from matplotlib import ticker  # noqa: E402
-import numpy as np  # noqa: E402
+from extract.atomic import atomic_path, write_errors
 
 
 def plot_confusion(matrix, classes, path, title: str = "") -> Path:
+    """Write confusion_figure as a PNG; returns path."""
+    return save_png(confusion_figure(matrix, classes, title), path)
+
+
+def confusion_figure(matrix, classes, title: str = "") -> Figure:
     """Row-normalised confusion matrix as a heat map; cell values printed for up to 15 classes."""
     m = np.asarray(matrix, dtype=float)
     n = len(m)
     size = min(12.0, 2.5 + 0.45 * n)
-    fig, ax = plt.subplots(figsize=(size, size * 0.9))
-    im = ax.imshow(m, cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
-    if n <= 40:
-        ax.set_xticks(range(n), classes, rotation=90 if n > 6 else 0, fontsize=8)
-        ax.set_yticks(range(n), classes, fontsize=8)
-    if n <= 15:
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if m[i, j] > 0.5 else "black")
+    fig = new_figure(figsize=(size, size * 0.9))
+    ax = fig.add_subplot()
+    disp = ConfusionMatrixDisplay(m, display_labels=list(classes)).plot(
+        ax=ax, cmap="Blues", include_values=n <= 15, values_format=".2f",
+        xticks_rotation="vertical" if n > 6 else "horizontal", im_kw={"vmin": 0, "vmax": 1}, text_kw={"fontsize": 7})
+    disp.im_.colorbar.set_label("fraction of true class")
+    if n > 40:  # too many to read: an unlabelled heat map
+        ax.set_xticks([])
+        ax.set_yticks([])
+    ax.tick_params(labelsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def plot_comparison(rows: list[dict], path, title: str = "") -> Path:
+    """Write comparison_figure as a PNG; returns path."""
+    return save_png(comparison_figure(rows, title), path)
+
+
+def comparison_figure(rows: list[dict], title: str = "") -> Figure:
     """Two panels: test top-1 and fit seconds (log scale) per row; rows need label, top1, seconds."""
     labels = [r["label"] for r in rows]
     top1 = [100 * (r.get("top1") or 0) for r in rows]
     secs = [max(r.get("seconds") or 0, 1e-3) for r in rows]
     y = np.arange(len(rows))
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 1.2 + 0.38 * len(rows)), sharey=True)
+    fig = new_figure(figsize=(11, 1.2 + 0.38 * len(rows)))
+    a, b = fig.subplots(1, 2, sharey=True)
     a.barh(y, top1, color="tab:blue")
     a.set_yticks(y, labels, fontsize=8)
     a.invert_yaxis()
@@ -59,12 +71,21 @@ def plot_comparison(rows: list[dict], path, title: str = "") -> Path:
         b.text(v, i, f" {v:.2g}", va="center", fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
-def _save(fig, path) -> Path:
+def new_figure(**kwargs) -> Figure:
+    """A Figure (kwargs as for Figure) drawn by its own Agg canvas, outside pyplot's figure manager."""
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_png(fig: Figure, path, dpi: int = 110) -> Path:
+    """Render fig with the Agg canvas and write it to path as a PNG, atomically; returns path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    if not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    with write_errors(path), atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
     return path

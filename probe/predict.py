@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from extract.cache import load_features
 from extract.errors import UserError
+from extract.identity import FeatureIdentity
+
+log = logging.getLogger(__name__)
 
 
 def image_files(items) -> list[str]:
@@ -29,58 +35,61 @@ def image_files(items) -> list[str]:
     return out
 
 
-def head_file_for(args, notify) -> Path:
-    """<results>/<dataset>/<model>/<layer>/<head>.joblib for the selected cache."""
-    from extract.cache import load_features
-
-    from .cli import _selection
-    from .data import cache_names
+def find_head_file(head: str, *, results_dir="results", layer: str | None = None, **selection) -> Path:
+    """<results>/<identity>/<layer>/<head>.joblib of the features a selection picks (see probe.api)."""
+    from .api import choose_features
     from .heads import get_head
-    from .results import result_dir
 
-    if args.head_file:
-        return Path(args.head_file)
-    head = get_head(args.head).name
-    sel = _selection(args, notify)
-    train = sel.files["train"]
-    meta = load_features(train, sel.layer, lazy=True).meta
+    name = get_head(head).name
+    sel = choose_features(layer=layer, **selection)
+    meta = load_features(sel.files["train"], sel.layer, lazy=True).meta
     meta.pop("file").close()
-    dataset, model_dir = cache_names(Path(train), meta["dataset"], meta["model"], meta["weights"])
-    ident = {"dataset": dataset, "layer": meta["layer"], "model_dir": model_dir}
-    return result_dir(ident, args.results_dir) / f"{head}.joblib"
+    return meta["identity"].results_dir(results_dir, meta["layer"]) / f"{name}.joblib"
 
 
-def backbone_weights(prov: dict) -> str:
-    """The weights argument that rebuilds the backbone a cache was extracted with."""
-    wfile, wid = prov.get("weights_file"), prov.get("weights") or "default"
-    if wfile and Path(wfile).name.split(".")[0] == wid:  # a local checkpoint file, not a registry tag
-        if not os.path.isfile(wfile):
-            raise UserError(f"the cache was extracted with weights file {wfile}, which no longer exists")
-        return wfile
-    return wid
+def backbone_for(identity: FeatureIdentity, provenance: dict, layer: str):
+    """The frozen backbone that computed a feature set; refuses weights whose content changed."""
+    from extract.models import load_backbone
+
+    weights_file = provenance.get("weights_file")
+    local = identity.weights_sha256 and weights_file and identity.model.partition(".")[2] not in ("", "none") \
+        and Path(weights_file).name.split(".")[0] in identity.model
+    if local and not os.path.isfile(weights_file):
+        raise UserError(f"the features were extracted with weights file {weights_file}, which no longer exists")
+    backbone = load_backbone(identity.model, weights=weights_file if local else "default", layers=[layer],
+                             allow_missing=bool(provenance.get("allow_missing_weights")))
+    if backbone.weights_sha256 != identity.weights_sha256:
+        raise UserError(f"the {identity.model} weights file changed since the features were extracted "
+                        f"(sha256 {str(backbone.weights_sha256)[:12]} vs {str(identity.weights_sha256)[:12]}); "
+                        "re-extract and refit the head")
+    return backbone
 
 
-def predict_images(pipeline, sidecar: dict, paths: list[str], *, device="auto", batch_size=32, top=1) -> list[dict]:
-    """[{path, labels: [(class, probability or None)]}] for each image."""
+@dataclass
+class Predictions:
+    rows: list[dict]                        # [{path, labels: [(class, probability or None)]}]
+    unreadable: list[tuple[str, str]]       # (path, reason)
+
+
+def predict_images(pipeline, sidecar: dict, paths: list[str], *, device="auto", batch_size=32, top=1) -> Predictions:
+    """Label readable images with the saved head; unreadable ones are listed, not fatal."""
     from extract.datasets import ImageSource
     from extract.engine import embed
-    from extract.models import load_backbone
-    from extract.preprocess import Preprocess
 
-    prov = sidecar.get("provenance") or {}
-    name = prov.get("model") or prov.get("name") or sidecar.get("model")
-    if not name:
-        raise UserError("the saved head records no backbone; refit it with `python -m probe`")
-    layer = sidecar.get("layer") or "penultimate"
-    backbone = load_backbone(name, weights=backbone_weights(prov), layers=[layer])
-    if prov.get("preprocess"):  # what the cache actually applied (e.g. no crop for small in-memory images)
-        recorded = prov["preprocess"]
-        backbone.preprocess = Preprocess(**{**recorded, "mean": tuple(recorded["mean"]), "std": tuple(recorded["std"])})
-    if prov.get("weights_sha256") and backbone.weights_sha256 and prov["weights_sha256"] != backbone.weights_sha256:
-        warnings.warn(f"the {name} weights file differs from the one the features were extracted with")
+    if not sidecar.get("identity"):
+        raise UserError("the saved head records no feature identity; refit it with `python -m probe`")
+    identity = FeatureIdentity.from_dict(sidecar["identity"])
+    layer = sidecar.get("layer") or identity.taps[0]
+    backbone = backbone_for(identity, sidecar.get("provenance") or {}, layer)
     classes = sidecar.get("classes") or []
     source = ImageSource("predict", classes, np.zeros(len(paths), np.int64), paths=paths)
-    X = embed(backbone, source, batch_size=batch_size, device=device)[layer]
+    out = embed(backbone, source, preprocess=identity.preprocess, precision=identity.precision,
+                batch_size=batch_size, device=device)
+    X = out.features[layer]
+    kept = [paths[i] for i in out.index]
+    unreadable = [(p, r) for _, p, r in out.skipped]
+    if not len(X):
+        return Predictions([], unreadable)
     est_classes = np.asarray(pipeline.classes_)
     proba = pipeline.predict_proba(X) if hasattr(pipeline, "predict_proba") else None
     if proba is None and hasattr(pipeline, "decision_function"):
@@ -88,32 +97,29 @@ def predict_images(pipeline, sidecar: dict, paths: list[str], *, device="auto", 
         scores = np.stack([-scores, scores], axis=1) if scores.ndim == 1 else scores
     else:
         scores = proba
-    out = []
-    for i, path in enumerate(paths):
+    rows = []
+    for i, path in enumerate(kept):
         order = np.argsort(-scores[i])[:top] if scores is not None else [0]
         labels = []
         for j in order:
             cid = int(est_classes[j]) if scores is not None else int(pipeline.predict(X[i:i + 1])[0])
             label = classes[cid] if cid < len(classes) else str(cid)
             labels.append((label, float(proba[i, j]) if proba is not None else None))
-        out.append({"path": path, "labels": labels})
-    return out
+        rows.append({"path": path, "labels": labels})
+    return Predictions(rows, unreadable)
 
 
-def run_predict(args, notify=print) -> int:
+def predict_files(head_file, images, *, device="auto", batch_size=32, top=1) -> Predictions:
+    """Load a saved head (with its version check) and label the image files and folders given."""
     from .results import load_head
 
-    if args.top < 1:
+    if top < 1:
         raise UserError("--top must be at least 1")
-    paths = image_files(args.images)
-    head_file = head_file_for(args, notify)
+    paths = image_files(images)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pipeline, sidecar = load_head(head_file)
     for w in caught:
-        notify(f"warning: {w.message}")
-    notify(f"head {head_file} ({sidecar.get('head')}, {sidecar.get('model')} / {sidecar.get('layer')})")
-    for row in predict_images(pipeline, sidecar, paths, device=args.device, batch_size=args.batch_size, top=args.top):
-        shown = ", ".join(f"{lab} {p:.3f}" if p is not None else lab for lab, p in row["labels"])
-        print(f"{row['path']}\t{shown}")
-    return 0
+        log.warning(f"warning: {w.message}")
+    log.info(f"head {head_file} ({sidecar.get('head')}, {sidecar.get('model')} / {sidecar.get('layer')})")
+    return predict_images(pipeline, sidecar, paths, device=device, batch_size=batch_size, top=top)

@@ -6,6 +6,7 @@ winning pipeline has been refit, once.
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from contextlib import nullcontext
@@ -26,6 +27,7 @@ from .results import SCHEMA, library_versions
 from .splits import stratified_subsample
 
 WARN_SECONDS = 120.0
+log = logging.getLogger(__name__)
 SMALL = 2_000_000  # below this many feature values, threads cost more than they save
 
 
@@ -129,7 +131,7 @@ def _winner(rows: list[dict]) -> dict:
 
 
 def search(head: Head | str, X_train, y_train, X_val, y_val, *, grid: str = "fast", scale: str | None = None,
-           seed: int = 0, n_jobs: int | None = None, progress: bool = True, notify=print) -> SearchResult:
+           seed: int = 0, n_jobs: int | None = None, progress: bool = True) -> SearchResult:
     """Try every grid point: fit on train, score top-1 on validation. Scaling is fit on train only."""
     head = get_head(head) if isinstance(head, str) else head
     t0 = time.perf_counter()
@@ -145,7 +147,7 @@ def search(head: Head | str, X_train, y_train, X_val, y_val, *, grid: str = "fas
         cores = n_jobs if n_jobs and n_jobs > 0 and head.name == "rf" else 1
         estimate = sum(head.seconds_per_fit(p, stats) for p in points) / cores
         if estimate > WARN_SECONDS:
-            notify(f"warning: the {head.name} search ({len(points)} fits on {stats['n']} rows) may take "
+            log.warning(f"warning: the {head.name} search ({len(points)} fits on {stats['n']} rows) may take "
                    f"~{_human(estimate)}; --max-search-samples N searches on a stratified subsample")
     with _threads_for(Xtr, n_jobs):
         if head.name == "knn":
@@ -200,8 +202,7 @@ class ProbeRun:
 
 
 def run_probe(head_name: str, data: ProbeData, *, grid: str = "fast", scale: str | None = None, seed: int = 0,
-              n_jobs: int | None = None, max_search_samples: int | None = None, progress: bool = True,
-              notify=print) -> ProbeRun:
+              n_jobs: int | None = None, max_search_samples: int | None = None, progress: bool = True) -> ProbeRun:
     """Search on validation, refit on train+val, score once on test; returns the result dict and head."""
     head = get_head(head_name)
     scale = scale or head.default_scale
@@ -213,14 +214,14 @@ def run_probe(head_name: str, data: ProbeData, *, grid: str = "fast", scale: str
         Xs, ys = Xs[keep], ys[keep]
         validation += f"; search fit on a stratified subsample of {len(keep)} of {len(data.y_train)} train rows"
     found = search(head, Xs, ys, data.X_val, data.y_val, grid=grid, scale=scale, seed=seed, n_jobs=n_jobs,
-                   progress=progress, notify=notify)
+                   progress=progress)
     X_fit = np.concatenate([data.X_train, data.X_val])
     y_fit = np.concatenate([data.y_train, data.y_val])
     if head.seconds_per_fit:
         stats = {"n": len(y_fit), "d": X_fit.shape[1]}
         estimate = head.seconds_per_fit(found.best, stats)
         if estimate > WARN_SECONDS:
-            notify(f"warning: refitting {head.name} on {len(y_fit)} train+val rows may take ~{_human(estimate)}")
+            log.warning(f"warning: refitting {head.name} on {len(y_fit)} train+val rows may take ~{_human(estimate)}")
     t0 = time.perf_counter()
     pipe = refit(head, found.best, X_fit, y_fit, scale=scale, seed=seed, n_jobs=n_jobs, warm=found.warm)
     fit_seconds = time.perf_counter() - t0
@@ -232,7 +233,8 @@ def run_probe(head_name: str, data: ProbeData, *, grid: str = "fast", scale: str
     metrics = classification_metrics(data.y_test, pred, scores, classes=data.classes)
     result = {
         "schema": SCHEMA, "kind": "probe", "head": head.name, "description": head.description,
-        "dataset": data.dataset, "model": data.model, "model_dir": data.model_dir, "weights": data.weights,
+        "dataset": data.dataset, "model": data.model, "identity": data.identity.to_dict(),
+        "precision": data.identity.precision, "dtype": data.identity.dtype,
         "layer": data.layer, "metrics": metrics,
         "hyperparameters": {**found.best, "scale": scale}, "grid_name": grid,
         "grid": [{"params": r["params"], "val_top1": r["val_top1"],

@@ -6,34 +6,57 @@ import csv
 import io
 from pathlib import Path
 
+from extract.atomic import write_errors, write_text_atomic
+
 from .plots import plot_comparison
 from .results import load_results
 
-COLUMNS = ("kind", "head", "dataset", "model", "layer", "top1", "balanced_acc", "macro_f1", "fit_s")
+
+def _metric(name: str):
+    return lambda r: (r.get("metrics") or {}).get(name)
+
+
+def _fit_seconds(r: dict):
+    t = r.get("timing") or {}
+    return (t.get("search_seconds") or 0) + (t.get("fit_seconds") or 0) if t else None
+
+
+# Report column -> its value in a result JSON. A column added here reaches every format.
+FIELDS = {
+    "kind": lambda r: r.get("kind", "probe"),
+    "head": lambda r: r.get("head", ""),
+    "dataset": lambda r: r.get("dataset", ""),
+    "model": lambda r: r.get("model", ""),
+    "layer": lambda r: r.get("layer", ""),
+    "precision": lambda r: r.get("precision", ""),
+    "dtype": lambda r: r.get("dtype", ""),
+    "top1": _metric("top1"),
+    "balanced_acc": _metric("balanced_accuracy"),
+    "macro_f1": _metric("macro_f1"),
+    "fit_s": _fit_seconds,
+}
+COLUMNS = tuple(FIELDS)
+PERCENT = ("top1", "balanced_acc", "macro_f1")  # fractions, shown as percentages
+NUMERIC = (*PERCENT, "fit_s")  # right-aligned in Markdown
 FORMATS = ("table", "csv", "markdown")
 
 
 def result_row(result: dict) -> dict:
     """One report row of a result: identity, headline metrics and seconds spent fitting."""
-    m = result.get("metrics") or {}
-    t = result.get("timing") or {}
-    return {"kind": result.get("kind", "probe"), "head": result.get("head", ""),
-            "dataset": result.get("dataset", ""), "model": result.get("model_dir") or result.get("model", ""),
-            "layer": result.get("layer", ""), "top1": m.get("top1"), "balanced_acc": m.get("balanced_accuracy"),
-            "macro_f1": m.get("macro_f1"),
-            "fit_s": (t.get("search_seconds") or 0) + (t.get("fit_seconds") or 0) if t else None}
+    return {column: get(result) for column, get in FIELDS.items()}
 
 
 def collect_rows(results_dir="results") -> list[dict]:
     rows = [result_row(r) for r in load_results(results_dir)]
-    return sorted(rows, key=lambda r: (r["dataset"], r["model"], r["layer"], r["kind"] != "probe",
+    return sorted(rows, key=lambda r: (r["dataset"], r["model"], r["layer"], r["precision"], r["dtype"],
+                                       r["kind"] != "probe",
                                        -(r["top1"] or 0)))
 
 
 def _cell(value, column: str) -> str:
     if value is None:
         return "-"
-    if column in ("top1", "balanced_acc", "macro_f1"):
+    if column in PERCENT:
         return f"{100 * value:.2f}"
     if column == "fit_s":
         return f"{value:.2f}" if value < 100 else f"{value:.0f}"
@@ -51,8 +74,7 @@ def format_rows(rows: list[dict], fmt: str = "table", columns=COLUMNS) -> str:
     cells = [[_cell(r.get(c), c) for c in columns] for r in rows]
     if fmt == "markdown":
         lines = ["| " + " | ".join(columns) + " |",
-                 "|" + "|".join("---:" if c in ("top1", "balanced_acc", "macro_f1", "fit_s") else "---"
-                                for c in columns) + "|"]
+                 "|" + "|".join("---:" if c in NUMERIC else "---" for c in columns) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in cells]
         return "\n".join(lines) + "\n"
     if fmt != "table":
@@ -64,13 +86,17 @@ def format_rows(rows: list[dict], fmt: str = "table", columns=COLUMNS) -> str:
 
 
 def write_report(results_dir="results") -> tuple[list[dict], dict[str, Path]]:
-    """Write report.csv, report.md and report.png in results_dir; returns (rows, paths)."""
+    """Write report.csv, report.md and report.png in results_dir, each atomically; returns (rows, paths).
+
+    A file that cannot be written is a UserError naming it.
+    """
     rows = collect_rows(results_dir)
     folder = Path(results_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     paths = {"csv": folder / "report.csv", "markdown": folder / "report.md", "png": folder / "report.png"}
-    paths["csv"].write_text(format_rows(rows, "csv"))
-    paths["markdown"].write_text(format_rows(rows, "markdown"))
-    plot_comparison([{"label": f"{r['dataset']}/{r['model']}/{r['layer']} · {r['head']}", "top1": r["top1"],
-                      "seconds": r["fit_s"]} for r in rows], paths["png"], title="featprobe results")
+    for fmt in ("csv", "markdown"):
+        with write_errors(paths[fmt]):
+            write_text_atomic(paths[fmt], format_rows(rows, fmt))
+    with write_errors(paths["png"]):
+        plot_comparison([{"label": f"{r['dataset']}/{r['model']}/{r['layer']} · {r['head']}", "top1": r["top1"],
+                          "seconds": r["fit_s"]} for r in rows], paths["png"], title="featprobe results")
     return rows, paths

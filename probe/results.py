@@ -17,6 +17,7 @@ from pathlib import Path
 import joblib
 import numpy as np
 
+from extract.atomic import atomic_path, write_errors, write_text_atomic
 from extract.errors import UserError
 
 SCHEMA = "featprobe.result/1"
@@ -46,8 +47,9 @@ def _safe(name: str) -> str:
 
 
 def result_dir(result: dict, results_dir="results") -> Path:
-    model = result.get("model_dir") or result.get("model") or "unknown"
-    return Path(results_dir) / _safe(result.get("dataset")) / _safe(model) / _safe(result.get("layer"))
+    """<results_dir>/<data label>/<model>[/<variant>]/<layer>: decided by the result's feature identity."""
+    from extract.identity import FeatureIdentity
+    return FeatureIdentity.from_dict(result["identity"]).results_dir(results_dir, _safe(result.get("layer")))
 
 
 def _default(o):
@@ -63,17 +65,21 @@ def _default(o):
 
 
 def write_result(result: dict, results_dir="results", confusion_png: bool = True) -> Path:
-    """Write <results_dir>/<dataset>/<model>/<layer>/<head>.json (+ <head>.confusion.png)."""
+    """Write <results_dir>/<dataset>/<model>/<layer>/<head>.json (+ <head>.confusion.png), each atomically.
+
+    A file that cannot be written (disk full, no permission) is a UserError naming it; what was there stays.
+    """
     folder = result_dir(result, results_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{_safe(result['head'])}.json"
-    path.write_text(json.dumps(result, indent=1, default=_default))
+    with write_errors(path):
+        write_text_atomic(path, json.dumps(result, indent=1, default=_default))
     matrix = (result.get("metrics") or {}).get("confusion_matrix")
     if confusion_png and matrix:
         from .plots import plot_confusion
+        png = folder / f"{_safe(result['head'])}.confusion.png"
         title = f"{result['head']} · {result.get('dataset')} · {result.get('model')} · {result.get('layer')}"
-        plot_confusion(matrix, result.get("classes") or [str(i) for i in range(len(matrix))],
-                       folder / f"{_safe(result['head'])}.confusion.png", title=title)
+        with write_errors(png):
+            plot_confusion(matrix, result.get("classes") or [str(i) for i in range(len(matrix))], png, title=title)
     return path
 
 
@@ -92,18 +98,23 @@ def load_results(results_dir="results") -> list[dict]:
 
 
 def save_head(pipeline, result: dict, results_dir="results") -> Path:
-    """joblib-dump the refit pipeline beside its result JSON, with a version sidecar."""
+    """joblib-dump the refit pipeline beside its result JSON, with a version sidecar; atomically.
+
+    Both files are complete before either is renamed into place, the sidecar last: a crash in between
+    leaves a head without a sidecar, which load_head refuses. A write failure is a UserError.
+    """
     import sklearn
-    folder = result_dir(result, results_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{_safe(result['head'])}.joblib"
-    joblib.dump(pipeline, path)
+    path = result_dir(result, results_dir) / f"{_safe(result['head'])}.joblib"
+    side_path = Path(str(path) + ".json")
     sidecar = {"schema": HEAD_SCHEMA, "sklearn": sklearn.__version__, "head": result["head"],
                "classes": result.get("classes"), "dataset": result.get("dataset"), "model": result.get("model"),
-               "weights": result.get("weights"), "layer": result.get("layer"),
+               "identity": result.get("identity"), "layer": result.get("layer"),
                "hyperparameters": result.get("hyperparameters"), "provenance": result.get("provenance"),
                "created": result.get("created")}
-    Path(str(path) + ".json").write_text(json.dumps(sidecar, indent=1, default=_default))
+    with write_errors(path), atomic_path(side_path) as side_tmp, atomic_path(path) as head_tmp:
+        joblib.dump(pipeline, head_tmp)
+        side_tmp.write_text(json.dumps(sidecar, indent=1, default=_default), encoding="utf-8")
+        side_path.unlink(missing_ok=True)  # the old sidecar must not vouch for the new head
     return path
 
 
@@ -121,7 +132,7 @@ def load_head(path):
         raise UserError(f"{path} has no {side_path.name} sidecar; refusing to load an unverified joblib file")
     try:
         sidecar = json.loads(side_path.read_text())
-    except ValueError:
+    except (OSError, ValueError):
         raise UserError(f"cannot read {side_path}") from None
     saved = sidecar.get("sklearn")
     if saved != sklearn.__version__:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -12,6 +13,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("FEATPROBE_ASSETS", REPO.parent / "shared" / "assets"))
 CIFAR10_JPG = Path(os.environ.get("FEATPROBE_CIFAR10_JPG", "/tmp/cifar10-jpg"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def featprobe_home(tmp_path_factory):
+    """Remembered file hashes go to a temporary folder, never the user's ~/.cache (subprocesses too)."""
+    home = tmp_path_factory.mktemp("featprobe-home")
+    old = os.environ.get("FEATPROBE_HOME")
+    os.environ["FEATPROBE_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("FEATPROBE_HOME", None)
+    else:
+        os.environ["FEATPROBE_HOME"] = old
 
 
 @pytest.fixture(scope="session")
@@ -58,5 +72,17 @@ def lite0_hymenoptera(hymenoptera, tmp_path_factory) -> Path:
 
     cache = tmp_path_factory.mktemp("lite0-cache")
     extract(model="efficientnet_lite0", data="imagefolder", root=str(hymenoptera), cache_dir=cache,
-            progress=False, log=lambda *_: None)
+            progress=False)
     return cache
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 1 MiB filesystem (tmpfs), to run out of space for real."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)])

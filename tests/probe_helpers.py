@@ -6,7 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from extract.cache import cache_path, write_features
+from extract.cache import write_features
+from extract.identity import DataRef, FeatureIdentity
+from extract.preprocess import Preprocess
 
 
 def blobs(n_per_class=40, n_classes=3, dim=16, sep=6.0, seed=0):
@@ -19,13 +21,20 @@ def blobs(n_per_class=40, n_classes=3, dim=16, sep=6.0, seed=0):
     return X[perm].astype(np.float32), y[perm]
 
 
-def write_split(cache_dir, split, X, y, *, dataset="toy", model="tinynet", weights=None, layer="penultimate",
-                classes=None, index=None) -> Path:
+def toy_identity(dataset="toy", model="tinynet", precision="fp32", precision_requested="auto",
+                 dtype="float32", **changes) -> FeatureIdentity:
+    """A feature identity for hand-made caches; keyword arguments replace any component."""
+    return FeatureIdentity(data=DataRef(dataset), model=model, weights_sha256=None, preprocess=Preprocess(),
+                           precision=precision, precision_requested=precision_requested, dtype=dtype, **changes)
+
+
+def write_split(cache_dir, split, X, y, *, layer="penultimate", classes=None, index=None, identity=None,
+                **identity_kw) -> Path:
     classes = classes or [f"c{i}" for i in range(int(np.max(y)) + 1 if len(y) else 2)]
-    path = cache_path(cache_dir, dataset, model, weights, split)
-    prov = {"model": model, "name": model, "weights": weights or "default", "dataset": dataset, "split": split,
-            "classes": classes, "layers": [layer], "dims": {layer: int(X.shape[1])}}
-    return write_features(path, {layer: np.asarray(X, np.float32)}, y, index, prov)
+    identity = identity or toy_identity(**identity_kw)
+    prov = {"model": identity.model, "dataset": identity.data.name, "split": split, "classes": classes,
+            "layers": [layer]}
+    return write_features(identity, cache_dir, split, {layer: np.asarray(X, np.float32)}, y, index, prov)
 
 
 def toy_cache(cache_dir, splits=("train", "test"), seed=0, n_classes=3, dim=16, n_per_class=40, **kw) -> dict:

@@ -1,19 +1,23 @@
-"""The HDF5 cache on its own: layout, resume, partial files, the reader's refusals."""
+"""The HDF5 cache on its own: round trip, resume, partial and damaged files, the reader's refusals."""
 
-import json
 import os
 
 import h5py
 import numpy as np
 import pytest
 
-from extract.cache import (CacheWriter, cache_path, find_caches, iter_rows, load_features, partial_path,
-                           read_header, write_features)
+from extract.cache import CacheWriter, iter_rows, load_features, partial_path, read_header, write_features
+from extract.catalog import feature_sets, find_caches
 from extract.errors import UserError
+from probe_helpers import toy_identity
 
-KEY = {"format": 1, "model": "m", "split": "train"}
+IDENT = toy_identity(dataset="d", model="m", taps=("penultimate", "layer4"))
 PROV = {"model": "m", "weights": "w", "dataset": "d", "split": "train", "classes": ["a", "b", "c"],
         "layers": ["penultimate", "layer4"], "dims": {"penultimate": 16, "layer4": 8}}
+
+
+def writer(path, identity=IDENT, fingerprint="f0", has_paths=False, **kw):
+    return CacheWriter(path, identity, "train", fingerprint, PROV, PROV["dims"], has_paths=has_paths, **kw)
 
 
 def rows(n, start=0, seed=0):
@@ -23,19 +27,12 @@ def rows(n, start=0, seed=0):
             np.arange(start, start + n) % 3, np.arange(start, start + n))
 
 
-def test_path_layout(tmp_path):
-    assert cache_path(tmp_path, "cifar10", "resnet50", None, "train") == tmp_path / "cifar10/resnet50/train.h5"
-    assert cache_path(tmp_path, "cifar10", "resnet50", "swav", "test", "float16") == \
-        tmp_path / "cifar10/resnet50.swav/test.float16.h5"
-    assert cache_path(tmp_path, "cifar10", "resnet50", None, "test", "float32", "bf16") == \
-        tmp_path / "cifar10/resnet50/test.bf16.h5"
-
-
-def test_round_trip_keeps_layers_labels_index_and_provenance(tmp_path):
-    path = tmp_path / "train.h5"
+def test_round_trip_keeps_layers_labels_index_identity_and_provenance(tmp_path):
     feats, labels, index = rows(50)
-    write_features(path, feats, labels, index, PROV, paths=[f"img{i}.jpg" for i in range(50)])
+    path = write_features(IDENT, tmp_path, "train", feats, labels, index, PROV, paths=[f"img{i}.jpg" for i in range(50)])
+    assert path == tmp_path / "d" / "m" / "train.h5"
     X, y, meta = load_features(path)
+    assert meta["identity"] == IDENT and meta["split"] == "train"
     np.testing.assert_array_equal(X, feats["penultimate"])
     np.testing.assert_array_equal(y, labels)
     np.testing.assert_array_equal(meta["index"], index)
@@ -48,21 +45,21 @@ def test_round_trip_keeps_layers_labels_index_and_provenance(tmp_path):
     with h5py.File(path) as f:
         ds = f["features/penultimate"]
         assert ds.maxshape == (None, 16) and ds.chunks is not None
-        assert f.attrs["complete"] and json.loads(f.attrs["provenance"])["model"] == "m"
+        assert f.attrs["complete"] and f.attrs["model"] == "m" and f.attrs["precision"] == "fp32"
 
 
 def test_float16_storage(tmp_path):
-    path = tmp_path / "train.float16.h5"
     feats, labels, index = rows(10)
-    write_features(path, feats, labels, index, PROV, dtype="float16")
+    path = write_features(toy_identity(dataset="d", model="m", dtype="float16"), tmp_path, "train", feats, labels,
+                          index, PROV)
+    assert path.name == "train.float16.h5"
     X, _, meta = load_features(path)
     assert X.dtype == np.float16 and meta["dtype"] == "float16"
     np.testing.assert_allclose(X, feats["penultimate"], rtol=1e-2, atol=1e-3)
 
 
 def test_unknown_layer_and_missing_file_are_user_errors(tmp_path):
-    path = tmp_path / "train.h5"
-    write_features(path, *rows(5), PROV)
+    path = write_features(IDENT, tmp_path, "train", *rows(5), PROV)
     with pytest.raises(UserError, match="no layer 'layer9'.*layer4, penultimate"):
         load_features(path, layer="layer9")
     with pytest.raises(UserError, match="no cache file"):
@@ -71,7 +68,7 @@ def test_unknown_layer_and_missing_file_are_user_errors(tmp_path):
 
 def test_reader_refuses_partial_files_and_writer_resumes_them(tmp_path):
     path = tmp_path / "train.h5"
-    w = CacheWriter(path, KEY, PROV, PROV["dims"], flush_rows=10)
+    w = writer(path, flush_rows=10)
     for start in range(0, 30, 10):
         w.append(*rows(10, start), next_index=start + 10)
     w.close()  # as after Ctrl-C
@@ -80,9 +77,9 @@ def test_reader_refuses_partial_files_and_writer_resumes_them(tmp_path):
         load_features(path)
     with pytest.raises(UserError, match="incomplete"):
         load_features(partial_path(path))
-    assert find_caches(tmp_path) == []
+    assert feature_sets(tmp_path) == [] and find_caches(tmp_path) == []  # .partial files are not caches
 
-    w = CacheWriter(path, KEY, PROV, PROV["dims"])
+    w = writer(path)
     assert w.resumed_from == 30
     w.append(*rows(20, 30), next_index=50)
     w.finish()
@@ -95,23 +92,26 @@ def test_reader_refuses_partial_files_and_writer_resumes_them(tmp_path):
 
 def test_partial_from_other_inputs_is_discarded_not_mixed(tmp_path):
     path = tmp_path / "train.h5"
-    w = CacheWriter(path, KEY, PROV, PROV["dims"], flush_rows=1)
+    w = writer(path, flush_rows=1)
     w.append(*rows(10), next_index=10)
     w.close()
-    w = CacheWriter(path, {**KEY, "dataset_fingerprint": "changed"}, PROV, PROV["dims"])
+    w = writer(path, fingerprint="changed")
     assert w.resumed_from == 0 and w.n_rows == 0
+    w.close()
+    w = writer(path, identity=toy_identity(dataset="d", model="m", precision="bf16", taps=IDENT.taps))
+    assert w.resumed_from == 0
     w.close()
 
 
 def test_rows_beyond_the_recorded_progress_are_dropped_on_resume(tmp_path):
     path = tmp_path / "train.h5"
-    w = CacheWriter(path, KEY, PROV, PROV["dims"], flush_rows=1)
+    w = writer(path, flush_rows=1)
     w.append(*rows(10), next_index=10)
     w.close()
     with h5py.File(partial_path(path), "a") as f:  # data written, crash before progress was recorded
         for ds in list(f["features"].values()) + [f["labels"], f["index"]]:
             ds.resize(ds.shape[0] + 5, axis=0)
-    w = CacheWriter(path, KEY, PROV, PROV["dims"])
+    w = writer(path)
     assert w.resumed_from == 10 and w.n_rows == 10
     w.finish()
     assert load_features(path).X.shape == (10, 16)
@@ -119,7 +119,7 @@ def test_rows_beyond_the_recorded_progress_are_dropped_on_resume(tmp_path):
 
 def test_skipped_images_are_recorded(tmp_path):
     path = tmp_path / "train.h5"
-    w = CacheWriter(path, KEY, PROV, PROV["dims"])
+    w = writer(path)
     w.append(*rows(4), next_index=5)
     w.skip(4, "/data/bad.jpg", "truncated image data", label=1)
     w.finish()
@@ -128,21 +128,43 @@ def test_skipped_images_are_recorded(tmp_path):
 
 
 def test_streaming_reader_yields_every_row_in_blocks(tmp_path):
-    path = tmp_path / "train.h5"
     feats, labels, index = rows(25)
-    write_features(path, feats, labels, index, PROV)
+    path = write_features(IDENT, tmp_path, "train", feats, labels, index, PROV)
     blocks = list(iter_rows(path, rows=10))
     assert [len(b[1]) for b in blocks] == [10, 10, 5]
     np.testing.assert_array_equal(np.concatenate([b[0] for b in blocks]), feats["penultimate"])
 
 
-def test_find_caches_lists_complete_files_newest_first(tmp_path):
-    a = cache_path(tmp_path, "d", "m1", None, "train")
-    b = cache_path(tmp_path, "d", "m2", None, "train")
-    write_features(a, *rows(3), PROV)
-    write_features(b, *rows(3), {**PROV, "model": "m2"})
+def test_feature_sets_group_splits_by_identity_newest_first(tmp_path):
+    a = write_features(toy_identity(dataset="d", model="m1"), tmp_path, "train", *rows(3), PROV)
+    write_features(toy_identity(dataset="d", model="m1"), tmp_path, "test", *rows(3), PROV)
+    b = write_features(toy_identity(dataset="d", model="m2"), tmp_path, "train", *rows(3), PROV)
     os.utime(a, (1e9, 1e9))
-    found = find_caches(tmp_path)
-    assert [c["path"] for c in found] == [b, a]
-    assert found[0]["model"] == "m2" and found[0]["split"] == "train"
+    os.utime(a.with_name("test.h5"), (1e9, 1e9))
+    groups = feature_sets(tmp_path)
+    assert [g.identity.model for g in groups] == ["m2", "m1"]
+    assert set(groups[1].files) == {"train", "test"} and groups[0].files == {"train": b}
     assert read_header(b)["complete"]
+
+
+def test_in_memory_rows_have_no_paths_column_even_after_resume(tmp_path):
+    path = tmp_path / "train.h5"
+    w = writer(path, flush_rows=1)
+    w.append(*rows(10), next_index=10)
+    w.close()
+    w = writer(path)
+    assert w.resumed_from == 10
+    w.append(*rows(5, 10), next_index=15)
+    w.finish()
+    with h5py.File(path) as f:
+        assert "paths" not in f
+    assert load_features(path).meta["paths"] is None
+
+
+def test_truncated_cache_is_called_damaged_with_how_to_rebuild(tmp_path):
+    path = write_features(IDENT, tmp_path, "train", *rows(2000), PROV)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(UserError, match="damaged.*rerun the same `python -m extract` command"):
+        load_features(path)
+    assert read_header(path)["damaged"]

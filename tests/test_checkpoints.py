@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 
 import pytest
@@ -91,20 +92,25 @@ def test_load_backbone_from_a_local_moco_file(trunk, tmp_path, capsys):
     bb = load_backbone("resnet50", weights=str(path), layers=["layer4", "penultimate"])
     net_sd = bb.net.state_dict()
     assert all(torch.equal(net_sd[k], trunk[k]) for k in trunk)
-    assert bb.weights == "moco_v2_800ep_pretrain" and bb.weights_file == str(path.resolve())
+    assert bb.weights == "moco_v2_800ep_pretrain-" + hashlib.sha256(path.read_bytes()).hexdigest()[:8]
+    assert bb.weights_file == str(path.resolve())
     assert bb.weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert bb.load_report["prefix"] == "module.encoder_q." and bb.load_report["ignored"] > 300
     assert bb.preprocess == get_spec("resnet50").preprocess
     assert "warning" not in capsys.readouterr().err
 
 
-def test_missing_trunk_weights_are_reported_and_warned(trunk, resnet50_net, tmp_path, capsys):
+def test_missing_trunk_weights_are_refused_unless_allowed(trunk, resnet50_net, tmp_path, caplog):
     partial = {k: v for k, v in trunk.items() if not k.startswith("layer4.2.")}
     partial["layer9.extra"] = torch.zeros(1)
-    report = checkpoints.load_into(resnet50_net, partial, source="partial.pth")
+    with pytest.raises(UserError, match="partial.pth lacks 15 of the network's 265 .*--allow-missing-weights"):
+        checkpoints.load_into(resnet50_net, partial, source="partial.pth")
+    with caplog.at_level("WARNING", logger="extract"):
+        report = checkpoints.load_into(resnet50_net, partial, source="partial.pth", allow_missing=True)
     assert report["missing"] and all(k.startswith("layer4.2.") for k in report["missing"])
     assert report["unexpected"] == ["layer9.extra"]
-    assert "warning: partial.pth lacks" in capsys.readouterr().err
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "partial.pth lacks" in said and "layer9.extra" in said
 
 
 def test_checkpoints_that_do_not_fit_give_clear_errors(tmp_path):
@@ -128,6 +134,20 @@ def test_sha256_is_cached_per_path_and_follows_changes(tmp_path):
     assert any(key[0] == str(f.resolve()) for key in checkpoints._SHA_CACHE)
     f.write_bytes(b"abcd")
     assert checkpoints.sha256_file(f) == hashlib.sha256(b"abcd").hexdigest()
+
+
+def test_sha256_is_remembered_across_processes_by_path_size_and_mtime(tmp_path):
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"weights")
+    digest = checkpoints.sha256_file(f)
+    checkpoints._SHA_CACHE.clear()   # as in a new process: only the file on disk remembers
+    known = json.loads(checkpoints.sha_cache_file().read_text())
+    (key,) = [k for k in known if k.startswith(str(f.resolve()) + "|")]
+    known[key] = "remembered"
+    checkpoints.sha_cache_file().write_text(json.dumps(known))
+    assert checkpoints.sha256_file(f) == "remembered"   # read back, not recomputed
+    os.utime(f, ns=(1, 1))
+    assert checkpoints.sha256_file(f) == digest          # another mtime: hashed again
 
 
 def test_missing_hub_file_offline_names_file_and_folder(tmp_path, monkeypatch):

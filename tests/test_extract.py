@@ -1,5 +1,6 @@
 """Extraction end to end: caches per split, hits, invalidation, bad images, interruption, the CLI."""
 
+import json
 import os
 import signal
 import subprocess
@@ -12,13 +13,18 @@ import pytest
 from PIL import Image
 
 from extract import load_features
-from extract.api import extract
+from extract.api import extract, plan
 from extract.cache import partial_path, read_header
 from extract.cli import main
 from extract.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"model": "cifar_resnet20", "weights": "none", "progress": False}
+
+
+def cache_file(cache, split="train", **request):
+    """Where extract puts a split for a request: asked of the identity, never spelled by hand."""
+    return plan(**request).identity.cache_path(cache, split)
 
 
 def make_folder(root, per_class=6, size=40, classes=("cat", "dog"), splits=("train", "val")):
@@ -43,11 +49,14 @@ def test_every_split_gets_a_complete_cache_with_labels_and_provenance(tmp_path):
     assert set(res) == {"train", "test"}
     X, y, meta = load_features(res["train"].path)
     assert X.shape == (len(y), 64) and X.dtype == np.float32 and np.isfinite(X).all()
-    assert meta["model"] == "cifar_resnet20" and meta["split"] == "train"
+    assert meta["model"] == "cifar_resnet20.none" and meta["split"] == "train"
     prov = meta["provenance"]
     assert prov["dataset"] == "synthetic" and prov["preprocess"]["crop"] == 32 and prov["classes"]
     assert set(meta["versions"]) >= {"torch", "torchvision", "featprobe", "h5py"}
-    assert res["train"].path == tmp_path / "synthetic" / "cifar_resnet20.none" / "train.h5"
+    # the default request's path is the same on every CPU, whatever precision `auto` chose
+    assert res["train"].path.relative_to(tmp_path).parts[1:] == ("cifar_resnet20.none", "train.h5")
+    assert res["train"].path.parent.parent.name.startswith("synthetic-")
+    assert meta["identity"].precision == prov["precision"] and meta["identity"].precision_requested == "auto"
 
 
 def test_matching_cache_is_a_hit_and_is_not_rewritten(tmp_path):
@@ -104,7 +113,7 @@ def test_stop_on_error_names_the_file_and_keeps_what_was_done(tmp_path):
     cache = tmp_path / "cache"
     with pytest.raises(UserError, match="zz-broken.jpg"):
         extract(data="imagefolder", root=str(root), cache_dir=cache, batch_size=2, on_error="stop", **TINY)
-    final = cache / "pets" / "cifar_resnet20.none" / "train.h5"
+    final = cache_file(cache, model="cifar_resnet20", weights="none", data="imagefolder", root=str(root))
     header = read_header(partial_path(final))
     assert not final.exists() and header["n_rows"] == 12
     res = extract(data="imagefolder", root=str(root), cache_dir=cache, batch_size=2, **TINY)
@@ -119,7 +128,8 @@ def test_killed_run_resumes_to_the_same_features_as_an_uninterrupted_one(tmp_pat
     proc = subprocess.Popen([sys.executable, "-m", "extract", *args, "--cache-dir", str(killed)], cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": REPO}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    partial = partial_path(killed / "pets" / "resnet18.none" / "train.h5")
+    request = dict(model="resnet18", weights="none", data="imagefolder", root=str(root), precision="fp32")
+    partial = partial_path(cache_file(killed, **request))
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         header = read_header(partial) if partial.exists() else None
@@ -136,8 +146,8 @@ def test_killed_run_resumes_to_the_same_features_as_an_uninterrupted_one(tmp_pat
     assert "resuming" in resumed.stdout + resumed.stderr
     whole = cli(*args, "--cache-dir", str(tmp_path / "whole"), cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr
-    a = load_features(killed / "pets" / "resnet18.none" / "train.h5")
-    b = load_features(tmp_path / "whole" / "pets" / "resnet18.none" / "train.h5")
+    a = load_features(cache_file(killed, **request))
+    b = load_features(cache_file(tmp_path / "whole", **request))
     np.testing.assert_array_equal(a.meta["index"], b.meta["index"])
     np.testing.assert_allclose(a.X, b.X, rtol=1e-5, atol=1e-5)
 
@@ -148,7 +158,9 @@ def test_second_process_on_one_key_waits_then_reuses_the_first_ones_work(tmp_pat
     env = {**os.environ, "PYTHONPATH": REPO}
     first = subprocess.Popen([sys.executable, "-m", "extract", *args], cwd=tmp_path, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    partial = partial_path(tmp_path / "cache" / "synthetic" / "resnet18.none" / "train.h5")
+    final = cache_file(tmp_path / "cache", model="resnet18", weights="none", data="synthetic",
+                       dataset_options={"n": 160})
+    partial = partial_path(final)
     deadline = time.time() + 120
     while not partial.exists() and time.time() < deadline and first.poll() is None:
         time.sleep(0.05)
@@ -157,22 +169,10 @@ def test_second_process_on_one_key_waits_then_reuses_the_first_ones_work(tmp_pat
     out_first = first.communicate(timeout=300)[0]
     assert first.returncode == 0 and second.returncode == 0, out_first + second.stderr
     assert "(extracted)" in out_first
-    assert "waiting for another process" in second.stdout
+    assert "waiting for another process" in second.stderr
     assert "train: " in second.stdout and "(hit)" in second.stdout
-    X, y, _ = load_features(tmp_path / "cache" / "synthetic" / "resnet18.none" / "train.h5")
+    X, y, _ = load_features(final)
     assert X.shape == (160, 512) and len(y) == 160
-
-
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A real 1 MiB filesystem (tmpfs), to run out of space for real."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-                      capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)])
 
 
 def test_full_disk_gives_a_message_and_keeps_what_was_written(tmp_path, tiny_disk):
@@ -181,7 +181,9 @@ def test_full_disk_gives_a_message_and_keeps_what_was_written(tmp_path, tiny_dis
     assert proc.returncode == 2, proc.stderr
     assert "error: could not write" in proc.stderr and "No space left" in proc.stderr
     assert "Traceback" not in proc.stderr
-    header = read_header(partial_path(tiny_disk / "synthetic" / "cifar_resnet20.none" / "train.h5"))
+    final = cache_file(tiny_disk, model="cifar_resnet20", weights="none", data="synthetic",
+                       dataset_options={"n": 6000}, layers=["penultimate", "layer1"])
+    header = read_header(partial_path(final))
     assert header is not None and header["n_rows"] > 0, "rows flushed before the disk filled are kept"
 
 
@@ -212,9 +214,12 @@ def test_cli_lists_models_with_dims(capsys):
 
 def test_reduced_precision_features_live_beside_fp32_ones(tmp_path):
     opts = dict(data="synthetic", cache_dir=tmp_path, dataset_options={"n": 16}, splits=["train"], **TINY)
+    auto = extract(**opts)["train"].path
     fp32 = extract(precision="fp32", **opts)["train"].path
     bf16 = extract(precision="bf16", **opts)["train"].path
-    assert bf16.name == "train.bf16.h5" and fp32.name == "train.h5"
+    assert (auto.name, fp32.name, bf16.name) == ("train.h5", "train.fp32.h5", "train.bf16.h5")
+    assert load_features(fp32).meta["identity"].precision == "fp32"
+    assert load_features(bf16).meta["identity"].precision == "bf16"
     a, b = load_features(fp32).X, load_features(bf16).X
     assert not np.array_equal(a, b)
     np.testing.assert_allclose(a, b, rtol=0.1, atol=0.1)
@@ -224,6 +229,94 @@ def test_provenance_records_effective_preprocessing_and_precision(tmp_path):
     res = extract(data="synthetic", cache_dir=tmp_path, dataset_options={"n": 16}, splits=["train"],
                   precision="fp32", **TINY)
     with h5py.File(res["train"].path) as f:
-        assert f.attrs["model"] == "cifar_resnet20" and f.attrs["complete"]
+        assert f.attrs["model"] == "cifar_resnet20.none" and f.attrs["complete"]
     prov = load_features(res["train"].path).meta["provenance"]
     assert prov["precision"] == "fp32" and prov["weights"] == "none"
+
+
+def test_same_named_folders_never_share_a_cache(tmp_path):
+    a = make_folder(tmp_path / "a" / "pets")
+    b = make_folder(tmp_path / "b" / "pets", per_class=4)
+    ra = extract(data="imagefolder", root=str(a), cache_dir=tmp_path / "cache", **TINY)
+    rb = extract(data="imagefolder", root=str(b), cache_dir=tmp_path / "cache", **TINY)
+    assert rb["train"].status == "extracted" and ra["train"].path != rb["train"].path
+    assert len(load_features(ra["train"].path).y) == 12 and len(load_features(rb["train"].path).y) == 8
+    assert extract(data="imagefolder", root=str(a), cache_dir=tmp_path / "cache", **TINY)["train"].status == "hit"
+
+
+def test_changed_preprocessing_is_never_a_silent_hit(tmp_path):
+    res = extract(data="synthetic", cache_dir=tmp_path, dataset_options={"n": 16}, splits=["train"], **TINY)
+    with h5py.File(res["train"].path, "a") as f:  # as if the registry's mean/std had been fixed since
+        ident = json.loads(f.attrs["identity"])
+        ident["preprocess"]["mean"] = [0.5, 0.5, 0.5]
+        f.attrs["identity"] = json.dumps(ident)
+    with pytest.raises(UserError, match="preprocessing changed.*--overwrite"):
+        extract(data="synthetic", cache_dir=tmp_path, dataset_options={"n": 16}, splits=["train"], **TINY)
+
+
+def test_in_memory_sources_have_no_paths_column(tmp_path):
+    res = extract(data="synthetic", cache_dir=tmp_path, dataset_options={"n": 16}, splits=["train"], **TINY)
+    assert load_features(res["train"].path).meta["paths"] is None
+
+
+def test_checkpoint_missing_network_weights_is_refused_unless_allowed(tmp_path, capsys):
+    import torch
+    from extract.models import build_network
+
+    small = tmp_path / "resnet20-mine.pth"
+    torch.save(build_network("cifar_resnet20").state_dict(), small)
+    args = ["--model", "cifar_resnet56", "--weights", str(small), "--data", "synthetic", "--option", "n=8",
+            "--split", "train", "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--allow-missing-weights" in err and len(err.strip().splitlines()) == 1
+    assert main([*args, "--allow-missing-weights"]) == 0
+    path = next((tmp_path / "cache").glob("**/train.h5"))
+    assert load_features(path).meta["provenance"]["allow_missing_weights"] is True
+
+
+def test_nearly_full_disk_at_creation_is_one_line(tmp_path, tiny_disk):
+    filler = tiny_disk / "filler"
+    with open(filler, "wb") as f:   # leave well under the space a new cache file needs
+        try:
+            f.write(b"\0" * (1 << 20))
+        except OSError:
+            pass
+    proc = cli("--model", "cifar_resnet20", "--weights", "none", "--data", "synthetic", "--option", "n=8",
+               "--cache-dir", str(tiny_disk), "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("error: could not create") and "free space" in proc.stderr
+
+
+def test_symlink_loop_in_an_image_folder_is_skipped(tmp_path):
+    root = make_folder(tmp_path / "pets")
+    os.symlink(root / "train", root / "train" / "cat" / "loop")
+    res = extract(data="imagefolder", root=str(root), cache_dir=tmp_path / "cache", **TINY)
+    assert len(load_features(res["train"].path).y) == 12
+
+
+def test_damaged_cache_is_extracted_again(tmp_path):
+    res = extract(data="synthetic", cache_dir=tmp_path, dataset_options={"n": 16}, splits=["train"], **TINY)
+    res["train"].path.write_bytes(b"not hdf5")
+    again = extract(data="synthetic", cache_dir=tmp_path, dataset_options={"n": 16}, splits=["train"], **TINY)
+    assert again["train"].status == "extracted" and len(load_features(again["train"].path).y) == 16
+
+
+def test_model_and_weights_spellings_name_one_identity(tmp_path):
+    first = extract(data="synthetic", cache_dir=tmp_path, dataset_options={"n": 8}, splits=["train"],
+                    model="cifar_resnet20.none", progress=False)
+    again = extract(data="synthetic", cache_dir=tmp_path, dataset_options={"n": 8}, splits=["train"],
+                    model="cifar_resnet20", weights="none", progress=False)
+    assert again["train"].status == "hit" and again["train"].path == first["train"].path
+
+
+def test_weights_file_under_home_is_read_with_tilde(tmp_path, monkeypatch):
+    import torch
+    from extract.models import build_network, resolve_weights
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    torch.save(build_network("cifar_resnet20").state_dict(), tmp_path / "ckpt.pth")
+    by_tilde = resolve_weights("cifar_resnet20", "~/ckpt.pth")
+    by_path = resolve_weights("cifar_resnet20", str(tmp_path / "ckpt.pth"))
+    assert by_tilde == by_path and by_tilde.file == tmp_path / "ckpt.pth"
+    assert by_tilde.name.startswith("cifar_resnet20.ckpt-") and by_tilde.sha256

@@ -6,6 +6,8 @@ A tiny CIFAR ResNet-20 on the generated `synthetic` set keeps every run to a few
 from __future__ import annotations
 
 import json
+import logging
+import random
 
 import numpy as np
 import pytest
@@ -24,7 +26,7 @@ from probe.results import load_results
 
 MODEL = "cifar_resnet20"
 DATA = {"n": 32, "size": 16}
-FAST = dict(dataset_options=DATA, batch_size=16, lr=0.05, warmup_epochs=0, progress=False, log=lambda _: None)
+FAST = dict(dataset_options=DATA, batch_size=16, lr=0.05, warmup_epochs=0, progress=False)
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +57,8 @@ def test_learns_a_tiny_task_above_chance_and_writes_a_result(tmp_path):
                dataset_options={"n": 48, "size": 16})
     r = out.result
     assert r["kind"] == "finetune" and r["head"] == "scratch-none" and r["layer"] == "penultimate"
-    assert r["weights"] == "none" and r["schema"] == "featprobe.result/1"
+    assert r["model"] == f"{MODEL}.none" and r["schema"] == "featprobe.result/1"
+    assert r["identity"]["model"] == r["model"] and r["precision"] == r["identity"]["precision"]
     assert r["metrics"]["top1"] > 0.5  # 4 classes: chance is 0.25
     assert [h["epoch"] for h in r["history"]] == [1, 2]
     assert set(r["history"][0]) >= {"epoch", "train_loss", "train_top1", "val_loss", "val_top1", "lr", "seconds"}
@@ -106,7 +109,7 @@ def test_frozen_tensors_stay_bit_identical_and_the_rest_trains(tmp_path, init_we
     # the run is a row of probe's report
     assert [r["kind"] for r in load_results(tmp_path / "results")] == ["finetune"]
     rows = collect_rows(tmp_path / "results")
-    assert rows[0]["head"] == out.result["head"] and rows[0]["model"] == "cifar_resnet20.tiny"
+    assert rows[0]["head"] == out.result["head"] and rows[0]["model"].startswith("cifar_resnet20.tiny-")
     assert rows[0]["fit_s"] > 0 and 0 <= rows[0]["top1"] <= 1
 
 
@@ -127,15 +130,16 @@ def test_until_a_parameter_free_tap_starts_at_the_layer_feeding_it():
     # VGG16's fc6 tap is the ReLU after classifier.0: until:fc6 trains fc6, fc7 and the new layer.
     with torch.device("meta"):
         bb_net = build_network("vgg16")
-    from extract.models import get_spec
+    from extract.models import PENULTIMATE, get_spec, measure_dims
     spec = get_spec("vgg16")
-    model = Classifier(bb_net, spec.head_path, spec.dim, 5)
-    apply_freeze(model, "until:fc6", lambda tap: bb_net.get_submodule(spec.taps[tap][0]))
+    model = Classifier(bb_net, spec.head_path, measure_dims(spec, [PENULTIMATE])[PENULTIMATE], 5)
+    apply_freeze(model, "until:fc6", lambda tap: bb_net.get_submodule(spec.taps[tap]))
     trained = sorted({n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad})
     assert trained == ["net.classifier.0", "net.classifier.3", "net.classifier.6"]
 
 
-def test_resume_after_an_interrupt_reproduces_the_uninterrupted_run(tmp_path, init_weights):
+def test_resume_after_an_interrupt_reproduces_the_uninterrupted_run(tmp_path, init_weights, caplog):
+    caplog.set_level(logging.INFO, logger="finetune")
     common = dict(weights=str(init_weights), epochs=2, label_smoothing=0.1, warmup_epochs=1)
     whole = _run(tmp_path / "whole", **common)
 
@@ -151,6 +155,7 @@ def test_resume_after_an_interrupt_reproduces_the_uninterrupted_run(tmp_path, in
     with pytest.raises(UserError, match="settings differ"):
         _run(tmp_path / "split", resume=True, **{**common, "label_smoothing": 0.0})
     resumed = _run(tmp_path / "split", resume=True, **common)
+    assert any(r.name == "finetune.checkpoint" and "after epoch 1 of 2" in r.getMessage() for r in caplog.records)
     a = torch.load(whole.run_dir / LAST, weights_only=False)
     b = torch.load(resumed.run_dir / LAST, weights_only=False)
     for key in a["model"]:
@@ -159,6 +164,36 @@ def test_resume_after_an_interrupt_reproduces_the_uninterrupted_run(tmp_path, in
     assert strip == [{k: v for k, v in h.items() if k not in ("seconds", "images_per_second")}
                      for h in b["history"]]
     assert whole.result["metrics"] == resumed.result["metrics"]
+    b["format"] = 1   # a checkpoint from before the torch schedulers cannot be continued
+    torch.save(b, resumed.run_dir / LAST)
+    with pytest.raises(UserError, match="older version"):
+        _run(tmp_path / "split", resume=True, **common)
+
+
+def _global_rng():
+    state = [random.getstate(), np.random.get_state(), torch.get_rng_state()]
+    return state + ([torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [])
+
+
+def _same_rng(a, b):
+    return a[0] == b[0] and all(np.array_equal(x, y) for x, y in zip(a[1], b[1])) and torch.equal(a[2], b[2]) \
+        and all(torch.equal(x, y) for x, y in zip(a[3:], b[3:]))
+
+
+def test_runs_are_seeded_and_leave_the_callers_random_state_alone(tmp_path):
+    random.seed(7)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    before = _global_rng()
+    first = _run(tmp_path / "a", weights="none", epochs=1, precision="fp32")
+    assert _same_rng(before, _global_rng())
+    torch.manual_seed(8)   # another caller state: the same run all the same
+    random.random()
+    second = _run(tmp_path / "b", weights="none", epochs=1, precision="fp32")
+    for key, value in first.model.state_dict().items():
+        assert torch.equal(value, second.model.state_dict()[key]), key
+    third = _run(tmp_path / "c", weights="none", epochs=1, precision="fp32", seed=1)
+    assert not torch.equal(first.model.head.weight, third.model.head.weight)
 
 
 def _png(path, colour):
@@ -166,7 +201,7 @@ def _png(path, colour):
     Image.new("RGB", (20, 12), colour).save(path)
 
 
-def test_image_folder_skips_unreadable_training_images(tmp_path, init_weights):
+def test_image_folder_skips_unreadable_training_images(tmp_path, init_weights, caplog):
     root = tmp_path / "pets"
     for split, n in (("train", 6), ("val", 3)):
         for c, colour in (("cats", (200, 30, 30)), ("dogs", (30, 30, 200))):
@@ -174,15 +209,21 @@ def test_image_folder_skips_unreadable_training_images(tmp_path, init_weights):
                 _png(root / split / c / f"{i}.png", colour)
     (root / "train" / "cats" / "broken.png").write_bytes(b"not a png")
     out = finetune(MODEL, "imagefolder", root=str(root), weights=str(init_weights), epochs=1, batch_size=4,
-                   workers=0, results_dir=tmp_path / "results", runs_dir=tmp_path / "runs", progress=False,
-                   log=lambda _: None)
-    assert "pets" in out.path.parts, "image-folder results sit beside probe's, under the folder's name"
+                   workers=0, results_dir=tmp_path / "results", runs_dir=tmp_path / "runs", progress=False)
+    from extract.api import plan
+    identity = plan(MODEL, "imagefolder", root=str(root), weights=str(init_weights)).identity
+    assert out.path.parent == identity.results_dir(tmp_path / "results", "penultimate"), \
+        "image-folder results sit beside probe's, under the same identity"
+    assert out.path.parts[-4].startswith("pets-")
     r = out.result
     # 13 train files, one per class carved off for validation; the broken one is a training row
     assert r["skipped"] == {"train": 1, "val": 0, "test": 0}
     assert r["sizes"]["train"] == 10 and r["sizes"]["val"] == 2
     assert r["test_split"] == "val" and "no test split" in r["validation"]
     assert r["sizes"]["test"] == 6
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "1 unreadable train image" in warned[0].getMessage()
+    assert "broken.png" in warned[0].getMessage()
 
 
 @pytest.mark.parametrize("argv, message", [

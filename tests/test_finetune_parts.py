@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -12,36 +14,87 @@ from extract.errors import UserError
 from extract.preprocess import Preprocess
 from finetune.data import SplitLoader, augment_params, crop_params
 from finetune.model import Classifier, apply_freeze, parse_freeze, set_train_mode
-from finetune.schedule import lr_factor, make_scheduler, step_milestones
+from finetune.schedule import describe, lr_scale, make_scheduler, step_milestones
 from finetune.splits import plan_splits
 from probe.splits import validation_mask
 
 
-def test_warmup_then_cosine_reaches_zero():
-    f = [lr_factor(s, name="cosine", epochs=4, steps_per_epoch=10, warmup_epochs=1) for s in range(40)]
-    assert f[0] < f[5] < f[9] < 1 and all(a < b for a, b in zip(f[:10], f[1:10]))
-    assert f[10] == pytest.approx(1.0) and f[39] == pytest.approx(0.0, abs=0.01)
-    assert all(a >= b for a, b in zip(f[10:], f[11:]))
-
-
-def test_step_schedule_decays_at_half_and_three_quarters():
-    assert step_milestones(8) == [4, 6]
-    f = [lr_factor(e * 5, name="step", epochs=8, steps_per_epoch=5) for e in range(8)]
-    assert f == pytest.approx([1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01])
-
-
-def test_scheduler_keeps_the_ratio_between_param_groups():
-    a, b = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 1.0}], lr=0.1)
-    sched = make_scheduler(opt, name="cosine", epochs=2, steps_per_epoch=3, warmup_epochs=1)
-    for _ in range(4):
+def _lrs(name, epochs, steps_per_epoch, warmup_epochs, base=(0.1,)):
+    """Each group's lr before every optimizer step, and after the last one."""
+    params = [nn.Parameter(torch.zeros(1)) for _ in base]
+    opt = torch.optim.SGD([{"params": [p], "lr": lr} for p, lr in zip(params, base)], lr=base[0])
+    sched = make_scheduler(opt, name=name, epochs=epochs, steps_per_epoch=steps_per_epoch, warmup_epochs=warmup_epochs)
+    out = []
+    for _ in range(epochs * steps_per_epoch):
+        out.append([g["lr"] for g in opt.param_groups])
         opt.step()
         sched.step()
-        assert opt.param_groups[1]["lr"] == pytest.approx(10 * opt.param_groups[0]["lr"])
-    state = sched.state_dict()
-    sched2 = make_scheduler(opt, name="cosine", epochs=2, steps_per_epoch=3, warmup_epochs=1)
-    sched2.load_state_dict(state)
-    assert sched2.last_epoch == 4
+    out.append([g["lr"] for g in opt.param_groups])
+    return np.array(out), sched
+
+
+def test_warmup_rises_linearly_then_cosine_decays_to_zero():
+    lrs, _ = _lrs("cosine", epochs=4, steps_per_epoch=10, warmup_epochs=1)
+    lr = lrs[:, 0]
+    assert lr[:10] == pytest.approx([0.1 * (s + 1) / 11 for s in range(10)])
+    assert lr[10] == pytest.approx(0.1)
+    assert np.all(np.diff(lr[10:]) < 0)
+    assert lr[25] == pytest.approx(0.05)          # half way through the cosine part
+    assert lr[-2] < 0.001 and lr[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cosine_without_warmup_starts_at_the_base_lr():
+    lrs, _ = _lrs("cosine", epochs=2, steps_per_epoch=5, warmup_epochs=0)
+    assert lrs[0, 0] == pytest.approx(0.1) and lrs[5, 0] == pytest.approx(0.05) and lrs[-1, 0] == pytest.approx(0)
+
+
+def test_step_schedule_decays_tenfold_at_half_and_three_quarters_of_the_steps():
+    assert step_milestones(8, 5) == [20, 30]
+    lrs, _ = _lrs("step", epochs=8, steps_per_epoch=5, warmup_epochs=0)
+    assert lrs[:20, 0] == pytest.approx([0.1] * 20)
+    assert lrs[20:30, 0] == pytest.approx([0.01] * 10)
+    assert lrs[30:, 0] == pytest.approx([0.001] * 11)
+    lrs, _ = _lrs("step", epochs=8, steps_per_epoch=5, warmup_epochs=2)
+    assert lrs[0, 0] == pytest.approx(0.1 / 11) and lrs[10:20, 0] == pytest.approx([0.1] * 10)
+    assert lrs[20, 0] == pytest.approx(0.01) and lrs[30, 0] == pytest.approx(0.001)
+    assert step_milestones(4, 5, warmup_epochs=2) == [15], "a milestone inside the warmup is dropped"
+    assert describe(name="step", epochs=8, steps_per_epoch=5, warmup_epochs=0, base_lr=0.1)["milestones"] == [20, 30]
+
+
+@pytest.mark.parametrize("name", ["cosine", "step"])
+def test_scheduler_keeps_the_ratio_between_param_groups_and_resumes_exactly(name):
+    lrs, _ = _lrs(name, epochs=4, steps_per_epoch=3, warmup_epochs=1, base=(0.1, 1.0))
+    assert lrs[:, 1] == pytest.approx(10 * lrs[:, 0])
+    # stop after 5 steps, rebuild optimizer + scheduler from their state dicts, continue
+    params = [nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))]
+
+    def build():
+        opt = torch.optim.SGD([{"params": [params[0]], "lr": 0.1}, {"params": [params[1]], "lr": 1.0}], lr=0.1)
+        return opt, make_scheduler(opt, name=name, epochs=4, steps_per_epoch=3, warmup_epochs=1)
+
+    opt, sched = build()
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    saved = torch.load(_roundtrip(opt.state_dict(), sched.state_dict()), weights_only=False)
+    opt, sched = build()
+    opt.load_state_dict(saved[0])
+    sched.load_state_dict(saved[1])
+    assert sched.last_epoch == 5 and lr_scale(sched) == pytest.approx(lrs[5, 0] / 0.1)
+    resumed = []
+    for _ in range(7):
+        resumed.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    resumed.append([g["lr"] for g in opt.param_groups])
+    assert np.array_equal(np.array(resumed), lrs[5:])
+
+
+def _roundtrip(*objects):
+    buf = io.BytesIO()
+    torch.save(objects, buf)
+    buf.seek(0)
+    return buf
 
 
 def test_crops_stay_inside_the_image_and_follow_the_key():
@@ -173,10 +226,11 @@ def test_every_registry_tap_is_a_valid_freeze_point(name, tap):
             net = build_network(name)
     except NotImplementedError:      # an init that reads tensor values
         net = build_network(name)
-    model = Classifier(net, spec.head_path, spec.dim, 3, embed=spec.embed)
-    apply_freeze(model, f"until:{tap}", lambda t: model.net.get_submodule(spec.taps[t][0]))
+    from extract.models import PENULTIMATE, measure_dims
+    model = Classifier(net, spec.head_path, measure_dims(spec, [PENULTIMATE])[PENULTIMATE], 3, embed=spec.embed)
+    apply_freeze(model, f"until:{tap}", lambda t: model.net.get_submodule(spec.taps[t]))
     assert all(p.requires_grad for p in model.head.parameters())
-    tapped = model.net.get_submodule(spec.taps[tap][0])
+    tapped = model.net.get_submodule(spec.taps[tap])
     first = next(model.parameters())
     if any(p is first for p in tapped.parameters()):   # e.g. VGG's pool5 is the whole convolutional trunk
         assert all(p.requires_grad for p in model.parameters())

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from extract.cache import cache_path, partial_path
+from extract.cache import partial_path
 from probe.cli import main
 from probe_helpers import blobs, toy_cache, write_split
 
@@ -22,11 +22,12 @@ def run_cli(args, capsys):
     return code, out, err
 
 
-def assert_user_error(code, err, *words, only_line=True):
+def assert_user_error(code, err, *words):
+    """Exit 2 and one `error:` line, the last on stderr (progress notes may precede it)."""
     assert code == 2
     lines = err.strip().splitlines()
     assert lines[-1].startswith("error: ") and "Traceback" not in err, err
-    assert len(lines) == 1 or not only_line, err
+    assert sum(line.startswith("error: ") for line in lines) == 1, err
     for w in words:
         assert w in lines[-1], lines[-1]
 
@@ -37,7 +38,7 @@ def test_default_picks_newest_extraction_and_writes_results(tmp_path, capsys):
     code, out, err = run_cli(["--head", "svm", "--cache-dir", tmp_path / "cache", "--results-dir",
                               tmp_path / "results", "--no-progress"], capsys)
     assert code == 0, err
-    assert "newest complete extraction" in out and "newer" in out
+    assert "newest complete extraction" in err and "newer" in err
     assert "no test split" in out  # train+val only: val is the test split, and we say so
     folder = tmp_path / "results" / "newer" / "m2" / "penultimate"
     result = json.loads((folder / "svm.json").read_text())
@@ -57,7 +58,7 @@ def test_explicit_selection_and_all_heads(tmp_path, capsys):
     table = out[out.index("head "):]
     assert all(h in table for h in ("linear", "logreg", "svm-rbf", "rf", "knn"))
     code, out, err = run_cli(["--report", "--format", "csv", "--results-dir", tmp_path / "results"], capsys)
-    assert code == 0 and out.startswith("kind,head,dataset,model,layer,top1,balanced_acc,macro_f1,fit_s")
+    assert code == 0 and out.startswith("kind,head,dataset,model,layer,precision,dtype,top1,balanced_acc,macro_f1,fit_s")
     assert len(out.strip().splitlines()) == 7
     assert (tmp_path / "results" / "report.md").exists() and (tmp_path / "results" / "report.png").exists()
 
@@ -106,7 +107,7 @@ def _bad(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind,words", [
-    ("missing", ["no complete feature cache"]), ("partial", ["incomplete"]), ("models", ["different models"]),
+    ("missing", ["no complete feature cache"]), ("partial", ["incomplete"]), ("models", ["different extractions", "model or weights differ"]),
     ("dims", ["different dimensions"]), ("nan", ["NaN or inf"]), ("inf", ["NaN or inf", "test"]),
     ("one-class", ["only one class"]), ("empty", ["empty"])])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, kind, words):
@@ -143,4 +144,33 @@ def test_predict_missing_head_is_user_error(tmp_path, capsys):
     img.write_bytes(b"not really")
     code, out, err = run_cli(["predict", "--head", "svm", "--cache-dir", tmp_path / "cache", "--results-dir",
                               tmp_path / "r", img], capsys)
-    assert_user_error(code, err, "no saved head", only_line=False)  # after the "using ..." note
+    assert_user_error(code, err, "no saved head")
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_fp32_and_bf16_results_coexist(tmp_path, capsys, explicit):
+    """Two precisions of one model and dataset never overwrite each other's results or heads."""
+    for precision in ("fp32", "bf16"):
+        requested = precision if explicit or precision == "bf16" else "auto"
+        toy_cache(tmp_path / "cache", precision=precision, precision_requested=requested)
+    written = []
+    for precision in ("fp32", "bf16"):
+        code, out, err = run_cli(["--head", "linear", "--precision", precision, "--cache-dir", tmp_path / "cache",
+                                  "--results-dir", tmp_path / "r", "--no-progress"], capsys)
+        assert code == 0, err
+        written.append(next(line.split("wrote ")[1] for line in out.splitlines() if "wrote " in line))
+    assert written[0] != written[1]
+    results = [json.loads(Path(p).read_text()) for p in written]
+    assert [r["precision"] for r in results] == ["fp32", "bf16"]
+    assert all(Path(p).with_suffix(".joblib").exists() for p in written)
+    code, out, err = run_cli(["--report", "--results-dir", tmp_path / "r"], capsys)
+    assert code == 0 and "precision" in out.splitlines()[0]
+    assert {"fp32", "bf16"} <= set(out.split())
+
+
+def test_mixed_precision_pair_is_refused_naming_the_difference(tmp_path, capsys):
+    train = toy_cache(tmp_path / "a", splits=("train",), precision="fp32", precision_requested="fp32")["train"]
+    test = toy_cache(tmp_path / "b", splits=("test",), precision="bf16", precision_requested="fp32")["test"]
+    code, out, err = run_cli(["--features", train, "--test-features", test, "--head", "linear", "--results-dir",
+                              tmp_path / "r", "--no-progress"], capsys)
+    assert_user_error(code, err, "compute precision differs (fp32 vs bf16)")

@@ -9,7 +9,7 @@ from threadpoolctl import threadpool_limits
 from probe.data import ProbeData, load_probe_data, select_caches
 from probe.protocol import run_probe, search
 from probe.splits import stratified_subsample, validation_mask
-from probe_helpers import blobs, toy_cache
+from probe_helpers import blobs, toy_cache, toy_identity
 
 
 def test_validation_mask_is_stratified_and_seeded():
@@ -47,7 +47,7 @@ def _data(seed=0, flip=0.15):
     rng = np.random.default_rng(seed)
     noisy = rng.random(len(y)) < flip
     y = np.where(noisy, rng.integers(0, 3, len(y)), y)
-    return ProbeData(X[:100], y[:100], X[100:140], y[100:140], X[140:], y[140:], ["a", "b", "c"])
+    return ProbeData(X[:100], y[:100], X[100:140], y[100:140], X[140:], y[140:], ["a", "b", "c"], toy_identity())
 
 
 @pytest.mark.parametrize("head", ["logreg", "svm", "knn"])
@@ -109,12 +109,13 @@ def test_max_search_samples_subsamples_the_search_only():
     assert "subsample" in r["validation"]
 
 
-def test_expensive_search_warns_and_names_the_flag():
+def test_expensive_search_warns_and_names_the_flag(caplog):
     from dataclasses import replace
 
     from probe.heads import HEADS
     slow_rf = replace(HEADS["rf"], seconds_per_fit=lambda params, stats: 1e4)
     X, y = blobs(n_per_class=20, n_classes=2, dim=4)
-    said = []
-    search(slow_rf, X[:30], y[:30], X[30:], y[30:], progress=False, notify=said.append)
+    with caplog.at_level("WARNING", logger="probe"):
+        search(slow_rf, X[:30], y[:30], X[30:], y[30:], progress=False)
+    said = [r.getMessage() for r in caplog.records]
     assert len(said) == 1 and "may take" in said[0] and "--max-search-samples" in said[0]

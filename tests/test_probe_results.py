@@ -1,12 +1,13 @@
 """Result JSON schema, saved-head round trip and version check, report collation."""
 
+import errno
 import json
 import warnings
 
 import numpy as np
 import pytest
 
-from extract.errors import UserError
+from extract.errors import UserError, guarded
 from probe.data import load_probe_data, select_caches
 from probe.metrics import classification_metrics
 from probe.protocol import run_probe
@@ -14,8 +15,8 @@ from probe.report import collect_rows, format_rows, write_report
 from probe.results import SCHEMA, SklearnVersionWarning, load_head, load_results, save_head, write_result
 from probe_helpers import toy_cache
 
-RESULT_KEYS = {"schema", "kind", "head", "dataset", "model", "weights", "layer", "metrics", "hyperparameters", "grid",
-               "timing", "sizes", "validation", "test_split", "provenance", "versions", "seed", "created"}
+RESULT_KEYS = {"schema", "kind", "head", "dataset", "model", "identity", "precision", "dtype", "layer", "metrics",
+               "hyperparameters", "grid", "timing", "sizes", "validation", "test_split", "provenance", "versions", "seed", "created"}
 METRIC_KEYS = {"top1", "top5", "balanced_accuracy", "macro_f1", "per_class_accuracy", "confusion_matrix"}
 
 
@@ -53,6 +54,19 @@ def test_metrics_values():
     assert classification_metrics(np.arange(7), np.arange(7), scores, list("abcdefg"))["top5"] == 0.0
 
 
+def test_metrics_with_a_class_absent_from_the_test_split():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 6, 200)  # class 6 of 7 never occurs
+    scores = rng.random((200, 7))
+    m = classification_metrics(y, scores[:, :6].argmax(1), scores, list("abcdefg"))
+    rank = (scores > scores[np.arange(200), y][:, None]).sum(1)  # how many classes score above the true one
+    assert m["top5"] == pytest.approx(np.mean(rank < 5))
+    assert m["per_class_accuracy"]["g"] is None and m["confusion_matrix"][6] == [0.0] * 7
+    assert np.array(m["confusion_counts"]).sum() == m["n"] == 200
+    assert np.allclose(np.array(m["confusion_matrix"])[:6].sum(1), 1)
+    assert m["per_class_accuracy"]["a"] == pytest.approx(np.mean(scores[y == 0, :6].argmax(1) == 0), abs=1e-6)
+
+
 def test_saved_head_round_trip(logreg_run, tmp_path):
     path = save_head(logreg_run.pipeline, logreg_run.result, tmp_path)
     with warnings.catch_warnings():
@@ -83,6 +97,7 @@ def test_head_without_sidecar_is_refused(logreg_run, tmp_path):
 def test_report_collates_probe_and_finetune(logreg_run, tmp_path):
     write_result(logreg_run.result, tmp_path, confusion_png=False)
     finetune = {"schema": SCHEMA, "kind": "finetune", "head": "finetune-all", "dataset": "toy", "model": "tinynet",
+                "precision": "fp32", "dtype": "float32",
                 "layer": "penultimate", "metrics": {"top1": 0.99, "balanced_accuracy": 0.98, "macro_f1": 0.97},
                 "timing": {"fit_seconds": 12.5}, "epochs": 3, "history": []}
     folder = tmp_path / "toy" / "tinynet" / "penultimate"
@@ -93,7 +108,69 @@ def test_report_collates_probe_and_finetune(logreg_run, tmp_path):
     assert [r["kind"] for r in rows] == ["probe", "finetune"]
     assert rows[1]["top1"] == 0.99 and rows[1]["fit_s"] == 12.5
     md = format_rows(rows, "markdown")
-    assert "| finetune | finetune-all | toy | tinynet | penultimate | 99.00 | 98.00 | 97.00 | 12.50 |" in md
+    assert "| finetune | finetune-all | toy | tinynet | penultimate | fp32 | float32 | 99.00 | 98.00 | 97.00 | 12.50 |" in md
     rows, paths = write_report(tmp_path)
     assert "finetune-all" in paths["csv"].read_text() and paths["png"].stat().st_size > 0
     assert paths["markdown"].read_text() == md
+
+
+def _fill(folder):
+    with open(folder / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+
+
+def _listing(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_full_disk_is_a_user_error_and_keeps_earlier_results(logreg_run, tiny_disk, capsys):
+    r = logreg_run.result
+    path = write_result(r, tiny_disk, confusion_png=False)
+    before = path.read_bytes()
+    _fill(tiny_disk)
+    listing = _listing(tiny_disk)
+    for write in (lambda: write_result({**r, "seed": 1}, tiny_disk),
+                  lambda: save_head(logreg_run.pipeline, r, tiny_disk)):
+        with pytest.raises(UserError, match=r"could not write .*(logreg\.json|logreg\.joblib): "
+                                             r"No space left on device; .*intact"):
+            write()
+    assert _listing(tiny_disk) == listing, "no temp file and no truncated joblib left"
+    assert path.read_bytes() == before and load_results(tiny_disk)[0]["head"] == "logreg"
+    assert guarded(lambda: save_head(logreg_run.pipeline, r, tiny_disk)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: could not write") and len(err.strip().splitlines()) == 1
+
+
+def test_full_disk_keeps_a_saved_head(logreg_run, tiny_disk):
+    path = save_head(logreg_run.pipeline, logreg_run.result, tiny_disk)
+    head, side = path.read_bytes(), path.with_name(path.name + ".json").read_bytes()
+    _fill(tiny_disk)
+    with pytest.raises(UserError, match="No space left"):
+        save_head(logreg_run.pipeline, {**logreg_run.result, "created": "later"}, tiny_disk)
+    assert path.read_bytes() == head and path.with_name(path.name + ".json").read_bytes() == side
+    assert sorted(p.name for p in path.parent.iterdir()) == ["logreg.joblib", "logreg.joblib.json"]
+    load_head(path)
+
+
+class _FailsWhenPickled:
+    """Raises from pickling, after whatever precedes it in the dump has reached the file."""
+
+    def __reduce__(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_failure_mid_dump_keeps_the_previous_head(logreg_run, tmp_path):
+    path = save_head(logreg_run.pipeline, logreg_run.result, tmp_path)
+    head, side = path.read_bytes(), path.with_name(path.name + ".json").read_bytes()
+    big = [np.arange(100_000.0), _FailsWhenPickled()]  # the array is written before the failure
+    with pytest.raises(UserError, match=r"logreg\.joblib: No space left on device"):
+        save_head(big, {**logreg_run.result, "created": "later"}, tmp_path)
+    assert path.read_bytes() == head and path.with_name(path.name + ".json").read_bytes() == side
+    assert sorted(p.name for p in path.parent.iterdir()) == ["logreg.joblib", "logreg.joblib.json"]
+    pipe, _ = load_head(path)
+    assert list(pipe.classes_) == list(logreg_run.pipeline.classes_)
