@@ -47,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
                    help=f"default: sgd {DEFAULT_WEIGHT_DECAY['sgd']}, adamw {DEFAULT_WEIGHT_DECAY['adamw']}; "
                         "never applied to biases and normalisation weights")
     g.add_argument("--sched", default="cosine", choices=["step", "cosine"],
-                   help="per-step cosine decay, or x0.1 at 50%% and 75%% of the epochs (default: cosine)")
+                   help="per-step cosine decay, or x0.1 after 50%% and 75%% of the training steps (default: cosine)")
     g.add_argument("--warmup-epochs", type=int, default=1, help="linear warmup epochs (default: 1)")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="default: 0")
     g.add_argument("--seed", type=int, default=0,

@@ -320,3 +320,19 @@ def test_weights_file_under_home_is_read_with_tilde(tmp_path, monkeypatch):
     by_path = resolve_weights("cifar_resnet20", str(tmp_path / "ckpt.pth"))
     assert by_tilde == by_path and by_tilde.file == tmp_path / "ckpt.pth"
     assert by_tilde.name.startswith("cifar_resnet20.ckpt-") and by_tilde.sha256
+
+
+def test_summary_reads_as_a_sentence_for_work_and_for_hits(tmp_path, capsys):
+    args = ["--model", "cifar_resnet20", "--weights", "none", "--data", "synthetic", "--option", "n=8",
+            "--cache-dir", str(tmp_path), "--no-progress"]
+    assert main(args) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("Extracted 16 images in ") and last.endswith(".") and "Features are in " in last
+    assert main(args) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("Nothing to extract: train and test are already cached in ") and last.endswith(" s).")
+
+
+def test_user_error_is_a_value_error_for_library_callers():
+    with pytest.raises(ValueError, match="unknown model"):
+        extract(model="no_such_net", data="synthetic", progress=False)
