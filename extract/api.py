@@ -61,7 +61,7 @@ def plan(model: str = "efficientnet_lite0", data: str = "digits", *, weights: st
     """The identity of the features a request asks for (no network is run)."""
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}: use {' or '.join(DTYPES)}")
-    resolved = resolve_weights(model, weights, download=download)
+    resolved = resolve_weights(model, weights)   # published weights download into torch.hub's cache when missing
     dataset = load_dataset(data, root=root, download=download, **(dataset_options or {}))
     dev = resolve_device(device)
     autocast = resolve_precision(precision, dev)

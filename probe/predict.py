@@ -49,14 +49,17 @@ def find_head_file(head: str, *, results_dir="results", layer: str | None = None
 
 def backbone_for(identity: FeatureIdentity, provenance: dict, layer: str):
     """The frozen backbone that computed a feature set; refuses weights whose content changed."""
-    from extract.models import load_backbone
+    from extract.models import get_spec, load_backbone
 
-    weights_file = provenance.get("weights_file")
-    local = identity.weights_sha256 and weights_file and identity.model.partition(".")[2] not in ("", "none") \
-        and Path(weights_file).name.split(".")[0] in identity.model
-    if local and not os.path.isfile(weights_file):
-        raise UserError(f"the features were extracted with weights file {weights_file}, which no longer exists")
-    backbone = load_backbone(identity.model, weights=weights_file if local else "default", layers=[layer],
+    spec, tag = get_spec(identity.arch), identity.model.partition(".")[2]
+    from_registry = tag in ("", "none") or tag in spec.weights or tag.upper() in spec.aliases
+    if from_registry:
+        model, weights = identity.model, "default"
+    else:   # a local checkpoint file, found where the extraction read it
+        model, weights = identity.arch, provenance.get("weights_file") or ""
+        if not os.path.isfile(weights):
+            raise UserError(f"the features were extracted with weights file {weights}, which no longer exists")
+    backbone = load_backbone(model, weights=weights, layers=[layer],
                              allow_missing=bool(provenance.get("allow_missing_weights")))
     if backbone.weights_sha256 != identity.weights_sha256:
         raise UserError(f"the {identity.model} weights file changed since the features were extracted "

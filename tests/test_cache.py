@@ -168,3 +168,11 @@ def test_truncated_cache_is_called_damaged_with_how_to_rebuild(tmp_path):
     with pytest.raises(UserError, match="damaged.*rerun the same `python -m extract` command"):
         load_features(path)
     assert read_header(path)["damaged"]
+
+
+def test_reading_caches_does_not_import_torch():
+    import subprocess
+    import sys
+    code = "import sys, extract, probe.data; from extract import load_features; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

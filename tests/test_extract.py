@@ -336,3 +336,23 @@ def test_summary_reads_as_a_sentence_for_work_and_for_hits(tmp_path, capsys):
 def test_user_error_is_a_value_error_for_library_callers():
     with pytest.raises(ValueError, match="unknown model"):
         extract(model="no_such_net", data="synthetic", progress=False)
+
+
+def test_published_weights_come_from_the_hub_cache_and_a_missing_one_is_one_line(tmp_path, monkeypatch, capsys):
+    import torch
+    from extract.models import build_network
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("FEATPROBE_OFFLINE", "1")
+    args = ["--data", "synthetic", "--option", "n=4", "--split", "train", "--cache-dir", str(tmp_path / "c"),
+            "--no-progress"]
+    assert main(["--model", "resnet18.barlowtwins", *args]) == 2   # not a resnet18 tag
+    assert main(["--model", "resnet50.vicreg", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "vicreg_resnet50.pth" in err[-1] and str(tmp_path / "torch" / "hub" / "checkpoints") in err[-1]
+    folder = tmp_path / "torch" / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.save(build_network("resnet50").state_dict(), folder / "vicreg_resnet50.pth")
+    assert main(["--model", "resnet50.vicreg", *args]) == 0
+    X, _, meta = load_features(data="synthetic", model="resnet50.vicreg", cache_dir=tmp_path / "c")
+    assert X.shape == (4, 2048) and meta["identity"].weights_sha256

@@ -174,3 +174,29 @@ def test_mixed_precision_pair_is_refused_naming_the_difference(tmp_path, capsys)
     code, out, err = run_cli(["--features", train, "--test-features", test, "--head", "linear", "--results-dir",
                               tmp_path / "r", "--no-progress"], capsys)
     assert_user_error(code, err, "compute precision differs (fp32 vs bf16)")
+
+
+def test_predict_with_a_local_checkpoint_and_one_unreadable_image(tmp_path, capsys):
+    import torch
+    from extract.api import extract
+    from extract.models import build_network
+
+    weights = tmp_path / "mine.pth"
+    torch.save(build_network("cifar_resnet20").state_dict(), weights)
+    extract(model="cifar_resnet20", weights=str(weights), data="synthetic", dataset_options={"n": 40},
+            cache_dir=tmp_path / "cache", progress=False)
+    assert run_cli(["--head", "knn", "--cache-dir", tmp_path / "cache", "--results-dir", tmp_path / "r",
+                    "--no-progress"], capsys)[0] == 0
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    from PIL import Image
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(photos / "a.png")
+    (photos / "b.png").write_bytes(b"not a png")
+    code, out, err = run_cli(["predict", "--head", "knn", "--cache-dir", tmp_path / "cache", "--results-dir",
+                              tmp_path / "r", photos], capsys)
+    assert code == 0 and out.startswith(str(photos / "a.png") + "\t") and len(out.strip().splitlines()) == 1
+    assert "unreadable: " in err and "b.png" in err
+    torch.save({k: v + 1 for k, v in build_network("cifar_resnet20").state_dict().items()}, weights)
+    code, out, err = run_cli(["predict", "--head", "knn", "--cache-dir", tmp_path / "cache", "--results-dir",
+                              tmp_path / "r", photos / "a.png"], capsys)
+    assert_user_error(code, err, "weights file changed")
