@@ -17,10 +17,10 @@ import torch
 
 from . import cache
 from .datasets import Dataset, load_dataset
-from .engine import (Embedder, default_workers, effective_preprocess, precision_name, resolve_device,
-                     resolve_precision, run)
+from .engine import (Embedder, check_image_size, default_workers, effective_preprocess, precision_name,
+                     resolve_device, resolve_precision, run)
 from .errors import UserError
-from .identity import PENULTIMATE, FeatureIdentity, describe_differences, verdict
+from .identity import NORMALIZE_CHOICES, PENULTIMATE, FeatureIdentity, describe_differences, verdict
 from .models import ResolvedWeights, load_backbone, resolve_weights
 
 DTYPES = ("float32", "float16")
@@ -52,25 +52,54 @@ class Plan:
     weights: ResolvedWeights
     device: torch.device
     autocast: torch.dtype | None
+    dataset_stats: dict | None = None   # --normalize dataset: mean/std of the train split and where they came from
 
 
 def plan(model: str = "efficientnet_lite0", data: str = "digits", *, weights: str | None = "default",
          layers: Sequence[str] | None = None, root: str | None = None, download: bool = False,
          dataset_options: dict | None = None, device: str = "auto", precision: str = "auto",
-         dtype: str = "float32") -> Plan:
-    """The identity of the features a request asks for (no network is run)."""
+         dtype: str = "float32", image_size: int | None = None, normalize: str = "weights",
+         cache_dir: str | os.PathLike = "cache", batch_size: int = 64, workers: int | None = None,
+         progress: bool = True) -> Plan:
+    """The identity of the features a request asks for (no network is run).
+
+    image_size N: the network sees N x N inputs (None: the weights' own size; N equal to it is the
+    same request). normalize "dataset": mean/std of the train split's resized images instead of
+    the weights' own, read from `cache_dir` when remembered there, else computed in one pass
+    (`extract.normalize`; batch_size, workers and progress apply to that pass).
+    """
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}: use {' or '.join(DTYPES)}")
+    image_size = check_image_size(image_size)
+    if normalize not in NORMALIZE_CHOICES:
+        raise UserError(f"unknown --normalize {normalize!r}: use {' or '.join(NORMALIZE_CHOICES)}")
     resolved = resolve_weights(model, weights)   # published weights download into torch.hub's cache when missing
     dataset = load_dataset(data, root=root, download=download, **(dataset_options or {}))
     dev = resolve_device(device)
     autocast = resolve_precision(precision, dev)
     in_memory = any(s.arrays is not None for s in dataset.splits.values())
+    if image_size == effective_preprocess(resolved.preprocess, in_memory).crop:
+        image_size = None   # the weights' own size: the default request, one cache
+    preprocess = effective_preprocess(resolved.preprocess, in_memory, image_size)
+    stats = None
+    if normalize == "dataset":
+        from .normalize import STATS_SPLIT, dataset_stats, with_stats
+
+        if STATS_SPLIT not in dataset.splits:
+            raise UserError(f"--normalize dataset needs a {STATS_SPLIT} split; {data} has "
+                            f"{', '.join(dataset.splits)}")
+        source = dataset.splits[STATS_SPLIT]
+        stats = dataset_stats(source, preprocess, cache_dir=cache_dir, data_label=dataset.ref.label, device=dev,
+                              batch_size=batch_size, progress=progress,
+                              workers=0 if source.arrays is not None else
+                              (default_workers(dev) if workers is None else workers))
+        preprocess = with_stats(preprocess, stats)
     identity = FeatureIdentity(
         data=dataset.ref, model=resolved.name, weights_sha256=resolved.sha256,
-        preprocess=effective_preprocess(resolved.preprocess, in_memory), precision=precision_name(autocast),
-        precision_requested=precision, dtype=dtype, taps=tuple(dict.fromkeys(layers or [PENULTIMATE])))
-    return Plan(identity, dataset, resolved, dev, autocast)
+        preprocess=preprocess, precision=precision_name(autocast),
+        precision_requested=precision, dtype=dtype, taps=tuple(dict.fromkeys(layers or [PENULTIMATE])),
+        image_size=image_size, normalize=normalize)
+    return Plan(identity, dataset, resolved, dev, autocast, stats)
 
 
 def _conflict_message(path: Path, conflicts, stored: FeatureIdentity | None, wanted: FeatureIdentity) -> str:
@@ -86,14 +115,21 @@ def extract(model: str = "efficientnet_lite0", data: str = "digits", *, weights:
             splits: Sequence[str] | None = None, cache_dir: str | os.PathLike = "cache", batch_size: int = 64,
             workers: int | None = None, device: str = "auto", precision: str = "auto", dtype: str = "float32",
             on_error: str = "skip", overwrite: bool = False, progress: bool = True,
-            dataset_options: dict | None = None, allow_missing_weights: bool = False) -> dict[str, SplitResult]:
-    """Extract (or reuse) features for every split of `data` with backbone `model`; returns {split: SplitResult}."""
+            dataset_options: dict | None = None, allow_missing_weights: bool = False,
+            image_size: int | None = None, normalize: str = "weights") -> dict[str, SplitResult]:
+    """Extract (or reuse) features for every split of `data` with backbone `model`; returns {split: SplitResult}.
+
+    image_size: input side in pixels (None: the weights' own); normalize: "weights" (their own
+    mean/std) or "dataset" (the train split's, remembered under `cache_dir`). See `plan`.
+    """
     if on_error not in ON_ERROR:
         raise UserError(f"unknown --on-error {on_error!r}: use {' or '.join(ON_ERROR)}")
     if batch_size < 1:
         raise UserError("batch size must be at least 1")
     p = plan(model, data, weights=weights, layers=layers, root=root, download=download,
-             dataset_options=dataset_options, device=device, precision=precision, dtype=dtype)
+             dataset_options=dataset_options, device=device, precision=precision, dtype=dtype,
+             image_size=image_size, normalize=normalize, cache_dir=cache_dir, batch_size=batch_size,
+             workers=workers, progress=progress)
     dataset = p.dataset
     wanted = list(splits or dataset.splits)
     unknown = [s for s in wanted if s not in dataset.splits]
@@ -124,6 +160,8 @@ def extract(model: str = "efficientnet_lite0", data: str = "digits", *, weights:
                 identity = identity.with_taps(header["identity"].taps + v.missing_taps)
             if backbone is None or set(backbone.layers) != set(identity.taps):
                 backbone = _load(p.weights, identity.taps, allow_missing_weights)
+                if identity.image_size is not None and identity.image_size < p.weights.preprocess.crop:
+                    _check_runs_at(backbone, identity)
             results[split] = _extract_split(backbone, p, identity, source, path, fingerprint, batch_size, workers,
                                             on_error, progress, allow_missing_weights)
         finally:
@@ -138,10 +176,35 @@ def _load(resolved: ResolvedWeights, taps, allow_missing: bool):
         return load_backbone(resolved.spec.name, weights=resolved.argument, layers=list(taps), allow_missing=allow_missing)
 
 
+def _check_runs_at(backbone, identity: FeatureIdentity) -> None:
+    """One zero image at a smaller size than the weights' own, on the CPU (cheaper than one image at the
+    usual size): a network that shrinks it to nothing is a one-line UserError, not a traceback mid-run."""
+    n = identity.preprocess.crop
+    try:
+        with torch.inference_mode():
+            backbone.eval()(torch.zeros(1, 3, n, n))
+    except RuntimeError as e:
+        reason = (str(e).strip().splitlines() or ["error"])[0]
+        raise UserError(f"{identity.model} cannot run on {n}x{n} inputs ({reason}); use a larger --image-size") \
+            from None
+
+
+def _normalization(p: Plan, identity: FeatureIdentity) -> dict:
+    """The weights' own mean/std and, for --normalize dataset, the dataset's: side by side for reports."""
+    own = p.weights.preprocess
+    out = {"used": identity.normalize, "weights": {"mean": list(own.mean), "std": list(own.std)}, "dataset": None}
+    if p.dataset_stats is not None:
+        out["dataset"] = {k: p.dataset_stats.get(k) for k in ("mean", "std", "split", "n_images", "skipped",
+                                                              "fingerprint", "spatial", "file")}
+    return out
+
+
 def _extract_split(backbone, p: Plan, identity: FeatureIdentity, source, path, fingerprint, batch_size, workers,
                    on_error, progress, allow_missing) -> SplitResult:
     provenance = {**backbone.provenance(), "model": identity.model, "weights": backbone.weights,
-                  "preprocess": identity.preprocess.as_dict(), "dataset": p.dataset.name,
+                  "preprocess": identity.preprocess.as_dict(), "weights_preprocess": p.weights.preprocess.as_dict(),
+                  "image_size": identity.image_size, "normalization": _normalization(p, identity),
+                  "dataset": p.dataset.name,
                   "dataset_identity": p.dataset.identity, "split": source.name, "classes": p.dataset.classes,
                   "n_images": len(source), "dtype": identity.dtype, "precision": identity.precision,
                   "precision_requested": identity.precision_requested, "device": str(p.device),
@@ -208,3 +271,52 @@ def summary(results: dict[str, SplitResult], started: float) -> str:
     if hits:
         text += f"; {_and(hits)} {'was' if len(hits) == 1 else 'were'} already cached"
     return text + f". Features are in {where}."
+
+
+# --- several models and taps in one command (python -m extract --model a,b --layer all) ---------
+
+ALL_TAPS = "all"
+
+
+def check_model(model: str, weights: str | None = "default"):
+    """The registry spec `model` names; UserError (with close matches) for an unknown architecture,
+    weights tag or missing checkpoint file. Nothing is built, loaded or downloaded."""
+    from .models import get_spec, list_models, names_a_file
+
+    known = {k.lower() for k in list_models()}
+    arch, _, tag = ("", "", "") if model.lower().replace("-", "_") in known else model.partition(".")
+    spec = get_spec(arch or model)
+    given = "none" if weights is None else str(weights)
+    if tag and given.lower() not in ("default", "") and given.lower() != tag.lower():
+        raise UserError(f"--model {model} already names weights {tag!r}; drop --weights {given} "
+                        f"or use --model {spec.name} --weights {given}")
+    choice = tag or given
+    if choice.lower() in ("default", "", "none"):
+        return spec
+    if names_a_file(spec, choice):
+        if not Path(choice).expanduser().is_file():
+            raise UserError(f"checkpoint file not found: {Path(choice).expanduser()}")
+        return spec
+    spec.weight(choice)  # UserError naming the available tags
+    return spec
+
+
+def expand_layers(model: str, layers: Sequence[str] | None) -> list[str] | None:
+    """`layers` with 'all' replaced by the model's default tap (penultimate), then every registry tap
+    in depth order; penultimate stays first so it remains the file's default layer. None stays None.
+
+    Names that are neither taps nor 'all' are checked as module paths on a meta-device copy of the
+    network (UserError with close matches), so a bad one is reported before any work starts."""
+    if not layers:
+        return None
+    from .backbone import measure_dims
+
+    spec = check_model(model)
+    out: list[str] = []
+    for layer in layers:
+        out += [PENULTIMATE, *spec.taps] if layer.lower() == ALL_TAPS else [layer]
+    out = list(dict.fromkeys(out))
+    other = [t for t in out if t != PENULTIMATE and t not in spec.taps]
+    if other:
+        measure_dims(spec, other)
+    return out

@@ -304,17 +304,17 @@ def _require_complete(path: Path) -> None:
 
 def load_features(path=None, layer: str | None = None, lazy: bool = False, *, data: str | None = None,
                   model: str | None = None, split: str = "train", cache_dir="cache", precision: str | None = None,
-                  dtype: str | None = None) -> Features:
+                  dtype: str | None = None, image_size: int | None = None, normalize: str | None = None) -> Features:
     """Read one tap of a complete cache: X (N, D), y (N,) and metadata.
 
     Give the file's path, or the request that made it (``data="digits", model="efficientnet_lite0",
-    split="train"``; `precision`/`dtype` choose among several extractions of one model).
+    split="train"``; `precision`/`dtype`/`image_size`/`normalize` choose among several extractions of one model).
     With lazy=True, X is an open h5py.Dataset read on demand (slice it in chunks for large caches).
     """
     if path is None:
         from .catalog import find_one
         path = find_one(cache_dir, data=data, model=model, split=split, layer=layer, precision=precision,
-                        dtype=dtype)
+                        dtype=dtype, image_size=image_size, normalize=normalize)
     path = Path(path)
     _require_complete(path)
     try:

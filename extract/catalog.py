@@ -21,6 +21,10 @@ class FeatureSet:
 
     def describe(self) -> str:
         words = [f"--data {self.identity.data.describe()}", f"--model {self.identity.model}"]
+        if self.identity.image_size is not None:
+            words.append(f"--image-size {self.identity.image_size}")
+        if self.identity.normalize != "weights":
+            words.append(f"--normalize {self.identity.normalize}")
         if self.identity.precision_requested != "auto":
             words.append(f"--precision {self.identity.precision}")
         if self.identity.dtype != "float32":
@@ -66,8 +70,13 @@ def _same_model(stored: FeatureIdentity, wanted: str) -> bool:
 
 
 def select(cache_dir, *, data: str | None = None, model: str | None = None, layer: str | None = None,
-           precision: str | None = None, dtype: str | None = None) -> list[FeatureSet]:
-    """Feature sets matching the filters, newest first; UserError naming what exists when none do."""
+           precision: str | None = None, dtype: str | None = None, image_size: int | None = None,
+           normalize: str | None = None) -> list[FeatureSet]:
+    """Feature sets matching the filters, newest first; UserError naming what exists when none do.
+
+    image_size matches the input side the network saw (so the weights' own size finds the default
+    extraction too); normalize is "weights" or "dataset".
+    """
     groups = feature_sets(cache_dir)
     if not groups:
         partial = sorted(Path(cache_dir).glob("**/*.h5.partial"))
@@ -83,10 +92,13 @@ def select(cache_dir, *, data: str | None = None, model: str | None = None, laye
               if (data is None or g.identity.data.matches(data)) and (model is None or _same_model(g.identity, model))
               and (precision is None or g.identity.precision == precision)
               and (dtype is None or g.identity.dtype == dtype)
+              and (image_size is None or g.identity.preprocess.crop == int(image_size))
+              and (normalize is None or g.identity.normalize == normalize)
               and (layer is None or any(layer in t for t in g.taps.values()))]
     if not wanted:
         what = " ".join(f"--{k} {v}" for k, v in (("data", data), ("model", model), ("layer", layer),
-                                                 ("precision", precision), ("dtype", dtype)) if v)
+                                                 ("precision", precision), ("dtype", dtype),
+                                                 ("image-size", image_size), ("normalize", normalize)) if v)
         have = "; ".join(sorted({g.describe() for g in groups}))
         raise UserError(f"no complete cache under {cache_dir} for {what}; available: {have}")
     return wanted
@@ -98,9 +110,11 @@ def choose(groups: list[FeatureSet]) -> FeatureSet:
     return (plain or groups)[0]
 
 
-def find_one(cache_dir, *, data=None, model=None, split="train", layer=None, precision=None, dtype=None) -> Path:
+def find_one(cache_dir, *, data=None, model=None, split="train", layer=None, precision=None, dtype=None,
+             image_size=None, normalize=None) -> Path:
     """The cache file of one split for a request (see `select`)."""
-    group = choose(select(cache_dir, data=data, model=model, layer=layer, precision=precision, dtype=dtype))
+    group = choose(select(cache_dir, data=data, model=model, layer=layer, precision=precision, dtype=dtype,
+                          image_size=image_size, normalize=normalize))
     if split not in group.files:
         raise UserError(f"no complete {split} split cached for {group.describe()} under {cache_dir} "
                         f"(it has {', '.join(group.files)})")

@@ -7,12 +7,16 @@ import time
 
 from .errors import UserError, guarded
 
+DEFAULT_MODEL = "efficientnet_lite0"
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m extract",
                                 description="Run a frozen pretrained backbone over a dataset and cache the "
                                             "embeddings to HDF5 (one file per split).")
-    p.add_argument("--model", default="efficientnet_lite0", help="backbone as arch or arch.weights (resnet50, resnet50.swav; see --list-models)")
+    p.add_argument("--model", action="append", metavar="MODEL",
+                   help="backbone as arch or arch.weights (resnet50, resnet50.swav; see --list-models); several "
+                        "comma-separated (or repeated) run in turn; default: " + DEFAULT_MODEL)
     p.add_argument("--weights", default="default",
                    help="weights tag (e.g. IMAGENET1K_V2, swav), 'none' for random init, or a local checkpoint file")
     p.add_argument("--data", default="digits", help="dataset name (see --list-datasets)")
@@ -20,7 +24,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
                    help="download torchvision datasets that are not on disk")
     p.add_argument("--layer", action="append", dest="layers", metavar="LAYER",
-                   help="tap to extract (repeat or comma-separate for several); default: penultimate")
+                   help="tap to extract (repeat or comma-separate for several); 'all' = penultimate and every "
+                        "registry tap of each model, in one pass; default: penultimate")
     p.add_argument("--split", action="append", dest="splits", metavar="SPLIT", help="only these splits")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="dataset option, e.g. --option n=500 for the synthetic set")
@@ -31,6 +36,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast precision; auto = bf16/fp16 where the hardware has it, else fp32")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="storage dtype in the cache")
+    p.add_argument("--image-size", metavar="N",
+                   help="input side in pixels the network sees (8-1024; e.g. 32 for CIFAR's native size); "
+                        "default: the weights' own crop size")
+    p.add_argument("--normalize", default="weights", choices=["weights", "dataset"],
+                   help="mean/std: the weights' own (default), or the train split's own, computed once "
+                        "and remembered beside the cache")
     p.add_argument("--on-error", default="skip", choices=["skip", "stop"],
                    help="unreadable images: skip and record them (default), or stop at the first")
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
@@ -56,6 +67,17 @@ def parse_options(pairs: list[str]) -> dict:
 
 def _split_list(values: list[str] | None) -> list[str] | None:
     return [v for value in values for v in value.split(",") if v] if values else None
+
+
+def model_taps(models: list[str], weights: str | None, layers: list[str] | None) -> dict[str, list[str] | None]:
+    """{model: taps to extract} in the order given ('all' expanded per model); every name is checked
+    first, so a bad one is reported before any work starts."""
+    from .api import check_model, expand_layers
+
+    models = list(dict.fromkeys(models))
+    for model in models:
+        check_model(model, weights)
+    return {model: expand_layers(model, layers) for model in models}
 
 
 def print_models() -> None:
@@ -91,16 +113,20 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from .api import extract, summary
 
-    started = time.perf_counter()
-    results = extract(model=args.model, data=args.data, weights=args.weights, layers=_split_list(args.layers),
-                      root=args.root, download=args.download, splits=_split_list(args.splits),
-                      cache_dir=args.cache_dir, batch_size=args.batch_size, workers=args.workers, device=args.device,
-                      precision=args.precision, dtype=args.dtype, on_error=args.on_error, overwrite=args.overwrite,
-                      progress=args.progress, dataset_options=parse_options(args.option),
-                      allow_missing_weights=args.allow_missing_weights)
-    for r in results.values():
-        print(f"{r.split:>6}: {r.path} ({r.status})")
-    print(summary(results, started))
+    taps = model_taps(_split_list(args.model) or [DEFAULT_MODEL], args.weights, _split_list(args.layers))
+    options = parse_options(args.option)
+    for model, layers in taps.items():
+        started = time.perf_counter()
+        results = extract(model=model, data=args.data, weights=args.weights, layers=layers,
+                          root=args.root, download=args.download, splits=_split_list(args.splits),
+                          cache_dir=args.cache_dir, batch_size=args.batch_size, workers=args.workers,
+                          device=args.device, precision=args.precision, dtype=args.dtype, on_error=args.on_error,
+                          overwrite=args.overwrite, progress=args.progress, dataset_options=options,
+                          allow_missing_weights=args.allow_missing_weights,
+                          image_size=args.image_size, normalize=args.normalize)
+        for r in results.values():
+            print(f"{r.split:>6}: {r.path} ({r.status})")
+        print(summary(results, started))
     return 0
 
 

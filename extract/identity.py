@@ -14,8 +14,9 @@ Paths read as ``<cache>/<data label>/<model>/<split>[.<variant>].h5``:
 - model: ``arch`` with its default weights, else ``arch.tag`` (``resnet50.swav``, ``cifar_resnet20.none``,
   a local file as ``arch.<file stem>-<sha256 prefix>``).
 - variant: empty for the default request, so the same command gives the same path on every
-  CPU; an explicitly requested precision (``bf16``) and a non-default storage dtype (``float16``)
-  are named. The precision actually computed is recorded inside.
+  CPU; a non-default input size (``size32``), normalisation by the dataset's own statistics
+  (``normdata``), an explicitly requested precision (``bf16``) and a non-default storage dtype
+  (``float16``) are named, in that order. The precision actually computed is recorded inside.
 
 Whatever is not spelled in the path (weights file hash, preprocessing, the precision `auto`
 chose, the images' fingerprint, the format) is checked by :func:`verdict` and a difference is
@@ -36,6 +37,8 @@ FORMAT = 2
 DEFAULT_PRECISION = "auto"
 DEFAULT_DTYPE = "float32"
 PENULTIMATE = "penultimate"
+DEFAULT_NORMALIZE = "weights"       # the weights' own mean/std; "dataset": the train split's own
+NORMALIZE_CHOICES = ("weights", "dataset")
 
 
 def short_hash(value, n: int = 6) -> str:
@@ -88,6 +91,8 @@ class FeatureIdentity:
     dtype: str = DEFAULT_DTYPE          # storage dtype
     taps: tuple[str, ...] = (PENULTIMATE,)
     format: int = FORMAT
+    image_size: int | None = None       # input side the network sees; None: the weights' own crop size
+    normalize: str = DEFAULT_NORMALIZE  # where preprocess.mean/std come from: "weights" or "dataset"
 
     @property
     def arch(self) -> str:
@@ -97,6 +102,10 @@ class FeatureIdentity:
     def variant(self) -> str:
         """Readable words for what the user chose beyond the defaults ('' for the default request)."""
         words = []
+        if self.image_size is not None:
+            words.append(f"size{self.image_size}")
+        if self.normalize != DEFAULT_NORMALIZE:
+            words.append("normdata" if self.normalize == "dataset" else f"norm{self.normalize}")
         if self.precision_requested != DEFAULT_PRECISION:
             words.append(self.precision)
         if self.dtype != DEFAULT_DTYPE:
@@ -129,7 +138,9 @@ class FeatureIdentity:
         return cls(data=data, model=d["model"], weights_sha256=d.get("weights_sha256"), preprocess=preprocess,
                    precision=d["precision"], precision_requested=d.get("precision_requested", DEFAULT_PRECISION),
                    dtype=d.get("dtype", DEFAULT_DTYPE), taps=tuple(d.get("taps", (PENULTIMATE,))),
-                   format=int(d.get("format", FORMAT)))
+                   format=int(d.get("format", FORMAT)),
+                   image_size=None if d.get("image_size") is None else int(d["image_size"]),
+                   normalize=d.get("normalize", DEFAULT_NORMALIZE))
 
     def to_attrs(self) -> dict:
         """HDF5 attributes: the identity as JSON, plus flat copies for tools such as h5ls."""
@@ -152,7 +163,8 @@ _WHAT = {"data": "the dataset differs", "model": "the model or weights differ",
          "weights_sha256": "the weights file changed", "preprocess": "the preprocessing changed",
          "precision": "the compute precision differs", "precision_requested": "the requested precision differs",
          "dtype": "the storage dtype differs", "format": "the cache format is older",
-         "fingerprint": "the images changed"}
+         "fingerprint": "the images changed", "image_size": "the input size differs",
+         "normalize": "the normalisation statistics differ"}
 
 
 def differences(stored: FeatureIdentity, wanted: FeatureIdentity) -> list[str]:
@@ -167,8 +179,10 @@ def describe_differences(names: list[str], stored: FeatureIdentity | None = None
     parts = []
     for name in names:
         text = _WHAT.get(name, f"{name} differs")
-        if stored is not None and wanted is not None and name in ("precision", "dtype", "model"):
+        if stored is not None and wanted is not None and name in ("precision", "dtype", "model", "normalize"):
             text += f" ({getattr(stored, name)} vs {getattr(wanted, name)})"
+        elif stored is not None and wanted is not None and name == "image_size":
+            text += f" ({stored.preprocess.crop} vs {wanted.preprocess.crop} pixels)"
         parts.append(text)
     return ", ".join(parts)
 

@@ -60,6 +60,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     r.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast precision; auto = bf16 where the hardware has it, fp16 on older GPUs, else fp32")
+    r.add_argument("--image-size", metavar="N",
+                   help="input side in pixels (8-1024); default: the weights' own crop size")
     r.add_argument("--workers", type=int, help="DataLoader workers for image files (default: by device and cores)")
     r.add_argument("--results-dir", default="results", help="result JSON root shared with probe (default: results)")
     r.add_argument("--runs-dir", default="runs", help="checkpoint root (default: runs)")
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                        label_smoothing=args.label_smoothing, seed=args.seed, val_fraction=args.val_fraction,
                        precision=args.precision, device=args.device, workers=args.workers,
                        results_dir=args.results_dir, runs_dir=args.runs_dir, resume=args.resume,
-                       progress=args.progress)
+                       progress=args.progress, image_size=args.image_size)
     except Interrupted as e:
         if e.epochs_done:
             print(f"error: interrupted after {e.epochs_done} of {e.epochs} epochs; the checkpoint is in "

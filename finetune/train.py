@@ -72,15 +72,17 @@ def finetune(model: str = "efficientnet_lite0", data: str = "digits", *, weights
              warmup_epochs: int = 1, label_smoothing: float = 0.0, seed: int = 0, val_fraction: float = 0.2,
              precision: str = "auto", device: str = "auto", workers: int | None = None,
              results_dir: str | os.PathLike = "results", runs_dir: str | os.PathLike = "runs",
-             resume: bool | None = None, progress: bool = True,
+             resume: bool | None = None, progress: bool = True, image_size: int | None = None,
              on_epoch_end: Callable[[int, dict, nn.Module], None] | None = None) -> FinetuneResult:
     """Fine-tune `model` on `data` and write a result beside probe's; see `python -m finetune --help`.
 
     lr / weight_decay None pick the optimizer's default (sgd 0.01 / 1e-4, adamw 1e-4 / 0.05);
     head_lr_mult None is 10 for pretrained weights and 1 for random init. resume: True continues
     the run's last checkpoint, False starts over, None starts over unless an unfinished run exists.
-    on_epoch_end(epoch, history_row, model) runs after each epoch's checkpoint is saved. Progress is
-    logged to the `finetune.train` logger. The caller's global RNG states are the same afterwards.
+    image_size N trains and evaluates on N x N inputs (None: the weights' own size; named in the
+    run's folders as extract names it). on_epoch_end(epoch, history_row, model) runs after each
+    epoch's checkpoint is saved. Progress is logged to the `finetune.train` logger. The caller's
+    global RNG states are the same afterwards.
     """
     _check_numbers(epochs=epochs, batch_size=batch_size, lr=lr, head_lr_mult=head_lr_mult, momentum=momentum,
                    weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing)
@@ -93,7 +95,8 @@ def finetune(model: str = "efficientnet_lite0", data: str = "digits", *, weights
     weight_decay = DEFAULT_WEIGHT_DECAY[optimizer] if weight_decay is None else weight_decay
 
     features = plan_features(model, data, weights="none" if from_scratch else weights, root=root, download=download,
-                             dataset_options=dataset_options, device=device, precision=precision)
+                             dataset_options=dataset_options, device=device, precision=precision,
+                             image_size=image_size)
     identity, dataset, spec = features.identity, features.dataset, features.weights.spec
     weights_id = features.weights.tag
     from_scratch = from_scratch or weights_id == "none"   # --weights none is the same baseline

@@ -41,7 +41,8 @@ def head_names(heads: str | Sequence[str]) -> list[str]:
 
 def choose_features(*, cache_dir="cache", data: str | None = None, model: str | None = None,
                     layer: str | None = None, precision: str | None = None, dtype: str | None = None,
-                    features=None, test_features=None, val_features=None) -> Selection:
+                    image_size: int | None = None, normalize: str | None = None, features=None,
+                    test_features=None, val_features=None) -> Selection:
     """Explicit cache files, or the newest complete extraction matching the filters; says which."""
     if features:
         sel = selection_from_paths(features, test_features, val_features, layer)
@@ -49,8 +50,10 @@ def choose_features(*, cache_dir="cache", data: str | None = None, model: str | 
         return sel
     if test_features or val_features:
         raise UserError("--test-features/--val-features need --features TRAIN_H5 as well")
-    sel = select_caches(cache_dir, model=model, data=data, layer=layer, precision=precision, dtype=dtype)
-    chosen = "" if any((model, data, layer, precision, dtype)) else "the newest complete extraction, "
+    sel = select_caches(cache_dir, model=model, data=data, layer=layer, precision=precision, dtype=dtype,
+                        image_size=image_size, normalize=normalize)
+    chosen = "" if any((model, data, layer, precision, dtype, image_size, normalize)) else \
+        "the newest complete extraction, "
     folder = Path(next(iter(sel.files.values()))).parent
     log.info(f"using {folder} ({chosen}splits: {', '.join(sel.files)})")
     return sel
@@ -58,8 +61,8 @@ def choose_features(*, cache_dir="cache", data: str | None = None, model: str | 
 
 def evaluate(heads: str | Sequence[str] = "logreg", *, cache_dir="cache", data: str | None = None,
              model: str | None = None, layer: str | None = None, precision: str | None = None,
-             dtype: str | None = None, features=None, test_features=None, val_features=None,
-             results_dir="results", grid: str = "fast", scale: str | None = None, seed: int = 0,
+             dtype: str | None = None, image_size: int | None = None, normalize: str | None = None,
+             features=None, test_features=None, val_features=None, results_dir="results", grid: str = "fast", scale: str | None = None, seed: int = 0,
              n_jobs: int | None = None, max_search_samples: int | None = None, save: bool = True,
              progress: bool = True) -> Evaluation:
     """Fit each head on cached features (select on validation, refit, test once) and write its results."""
@@ -70,8 +73,8 @@ def evaluate(heads: str | Sequence[str] = "logreg", *, cache_dir="cache", data: 
     if max_search_samples is not None and max_search_samples < 2:
         raise UserError("--max-search-samples must be at least 2")
     selection = choose_features(cache_dir=cache_dir, data=data, model=model, layer=layer, precision=precision,
-                                dtype=dtype, features=features, test_features=test_features,
-                                val_features=val_features)
+                                dtype=dtype, image_size=image_size, normalize=normalize, features=features,
+                                test_features=test_features, val_features=val_features)
     probe_data = load_probe_data(selection, seed=seed)
     out = Evaluation(probe_data, [])
     for name in names:

@@ -14,9 +14,14 @@ from .report import FORMATS
 EPILOG = """examples:
   python -m probe --head logreg                 newest extraction under ./cache
   python -m probe --head all --data digits      every head, one comparison table
+  python -m probe --head logreg,knn --model all every cached backbone, one pivot table + chart
+  python -m probe --head logreg --layer all     accuracy against depth
+  python -m probe --head logreg --shots 1,2,5,10,20,all --seeds 5   few-shot curve
   python -m probe --features cache/x/m/train.h5 --test-features cache/x/m/test.h5 --head svm
   python -m probe --report --format markdown    collate every result under ./results
   python -m probe predict --head logreg photo.jpg more_photos/
+  python -m probe map --head logreg             t-SNE of the test features, mistakes marked
+  python -m probe samples --head logreg         test images with true and predicted labels
 """
 
 
@@ -27,11 +32,16 @@ class _Parser(argparse.ArgumentParser):
 
 def _selection_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("which features (default: the newest complete extraction under --cache-dir)")
-    g.add_argument("--model", help="backbone as extract names it (efficientnet_lite0, resnet50.swav)")
+    g.add_argument("--model", help="backbone as extract names it (efficientnet_lite0, resnet50.swav); several "
+                                   "comma-separated, or all: compare them in one table")
     g.add_argument("--data", help="dataset: registry name (cifar10, digits), or an image folder's name or path")
-    g.add_argument("--layer", help="feature layer inside the cache (default: its first layer)")
+    g.add_argument("--layer", help="feature layer inside the cache (default: its first layer); several "
+                                   "comma-separated, or all: a layer sweep")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="only features computed at this precision")
     g.add_argument("--dtype", choices=["float32", "float16"], help="only features stored as this dtype")
+    g.add_argument("--image-size", type=int, help="only features of this input size (extract --image-size)")
+    g.add_argument("--normalize", choices=["weights", "dataset"],
+                   help="only features normalised with the weights' or the dataset's statistics")
     g.add_argument("--features", metavar="TRAIN_H5", help="explicit train cache file; sibling val/test files are used")
     g.add_argument("--test-features", metavar="TEST_H5", help="explicit test cache file")
     g.add_argument("--val-features", metavar="VAL_H5", help="explicit validation cache file")
@@ -41,7 +51,8 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
 
 def _selection(args) -> dict:
     return {"cache_dir": args.cache_dir, "data": args.data, "model": args.model, "layer": args.layer,
-            "precision": args.precision, "dtype": args.dtype, "features": args.features,
+            "precision": args.precision, "dtype": args.dtype, "image_size": args.image_size,
+            "normalize": args.normalize, "features": args.features,
             "test_features": args.test_features, "val_features": args.val_features}
 
 
@@ -51,7 +62,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--head", default="logreg",
                    help=f"one of {', '.join(list_heads())}, several comma-separated, or all (default: logreg)")
     p.add_argument("--report", action="store_true", help="collate every result JSON under --results-dir")
-    p.add_argument("--format", default="table", choices=FORMATS, help="report format on stdout (default: table)")
+    p.add_argument("--format", default="table", choices=(*FORMATS, "html"),
+                   help="report format on stdout (default: table); html writes one self-contained results/report.html")
     _selection_args(p)
     p.add_argument("--grid", default="fast", choices=GRIDS, help="hyperparameter grid size (default: fast)")
     p.add_argument("--scale", choices=SCALES, help="feature scaling inside the pipeline (default: per head)")
@@ -60,10 +72,13 @@ def parser() -> argparse.ArgumentParser:
                    "(default: the libraries' choice; 1 is often fastest on a busy machine)")
     p.add_argument("--max-search-samples", type=int, default=None, metavar="N",
                    help="search hyperparameters on a stratified subsample of N train rows (refit uses all)")
+    p.add_argument("--shots", metavar="K,K,...",
+                   help="few-shot curve: k labelled images per class, e.g. 1,2,5,10,20,all (JSON + PNG per head)")
+    p.add_argument("--seeds", type=int, default=5, help="seeded draws per few-shot point (default: 5)")
     p.add_argument("--save", action=argparse.BooleanOptionalAction, default=True,
                    help="save the refit head with joblib beside its result (default: yes)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
-    sub = p.add_subparsers(dest="command", metavar="{predict}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="{predict,map,samples}", parser_class=_Parser)
     q = sub.add_parser("predict", help="label new images with a saved head",
                        description="Label new images with a saved head and the backbone recorded in its cache.")
     q.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
@@ -73,6 +88,21 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--top", type=int, default=1, help="show the top K labels per image (default: 1)")
     q.add_argument("--device", default="auto", help="device for the backbone (default: auto)")
     q.add_argument("--batch-size", type=int, default=32)
+    m = sub.add_parser("map", help="2-D map (t-SNE or UMAP) of the test features, coloured by class",
+                       description="A 2-D map of the test split's features coloured by class; with --head, the "
+                                   "images that saved head gets wrong are marked.")
+    m.add_argument("--head", help="mark the test images this saved head misclassifies (e.g. logreg)")
+    m.add_argument("--method", default="tsne", choices=["tsne", "umap"], help="umap needs pip install umap-learn")
+    m.add_argument("--max-points", type=int, default=5000, help="stratified subsample above this (default: 5000)")
+    m.add_argument("--seed", type=int, default=0)
+    _selection_args(m)
+    g = sub.add_parser("samples", help="a grid of test images with true and predicted labels",
+                       description="Sample test images with their true and predicted labels, mistakes in red.")
+    g.add_argument("--head", default="logreg", help="saved head whose predictions are shown (default: logreg)")
+    g.add_argument("-n", type=int, default=16, help="images in the grid (default: 16)")
+    g.add_argument("--only-mistakes", action="store_true", help="show only misclassified images")
+    g.add_argument("--seed", type=int, default=0)
+    _selection_args(g)
     return p
 
 
@@ -113,11 +143,69 @@ def run_heads(args) -> int:
     return 0
 
 
+def _many(value: str | None) -> bool:
+    return value is not None and (value == "all" or "," in value)
+
+
+def run_compare(args) -> int:
+    """--model all / a,b or --layer all / a,b: every selected backbone and tap, one pivot table."""
+    from .compare import compare, format_table, select_feature_sets, write_comparison
+
+    selections = select_feature_sets(args.cache_dir, data=args.data, models=args.model, layers=args.layer,
+                                     precision=args.precision, dtype=args.dtype, image_size=args.image_size,
+                                     normalize=args.normalize)
+    out = compare(args.head, selections, results_dir=args.results_dir, grid=args.grid, seed=args.seed,
+                  n_jobs=args.n_jobs, progress=args.progress, scale=args.scale,
+                  max_search_samples=args.max_search_samples, save=args.save)
+    print(format_table(out.rows, out.winner))
+    for path in write_comparison(out).values():
+        print(f"wrote {path}")
+    return 0
+
+
+def run_fewshot(args) -> int:
+    """--shots: a few-shot curve per selected feature set and head, one combined picture."""
+    from .api import head_names
+    from .compare import select_feature_sets
+    from .data import load_probe_data, selection_from_paths
+    from .fewshot import fewshot, parse_shots, plot_fewshot, write_fewshot
+
+    shots = parse_shots(args.shots)
+    if args.features:
+        selections = [selection_from_paths(args.features, args.test_features, args.val_features, args.layer)]
+    else:
+        selections = [selection_from_paths(g.files["train"], g.files.get("test"), g.files.get("val"), tap)
+                      for g, tap in select_feature_sets(args.cache_dir, data=args.data, models=args.model,
+                                                        layers=args.layer, precision=args.precision,
+                                                        dtype=args.dtype, image_size=args.image_size,
+                                                        normalize=args.normalize)]
+    curves = []
+    for selection in selections:
+        data = load_probe_data(selection, seed=args.seed)
+        for head in head_names(args.head):
+            curve = fewshot(head, data, shots, args.seeds, grid=args.grid, seed=args.seed, n_jobs=args.n_jobs,
+                            progress=args.progress, scale=args.scale)
+            curves.append(curve)
+            points = ", ".join(f"{'all' if k is None else k}: {100 * p['mean']:.1f}%"
+                               for k, p in zip(curve["k"], curve["points"]))
+            print(f"{curve['label']} ({data.layer}): {points}")
+            for path in write_fewshot(curve, args.results_dir):
+                print(f"  wrote {path}")
+    if len(curves) > 1:
+        label = data.identity.data.label
+        print(f"wrote {plot_fewshot(curves, Path(args.results_dir) / label / 'fewshot.png', title=label)}")
+    return 0
+
+
 def run_report(args) -> int:
     from .report import format_rows, write_report
     rows, paths = write_report(args.results_dir)
     if not rows:
         raise UserError(f"no result files under {args.results_dir}: run `python -m probe --head ...` first")
+    if args.format == "html":
+        from .html import write_html_report
+        print(write_html_report(args.results_dir))
+        return 0
     print(format_rows(rows, args.format), end="")
     print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
     return 0
@@ -139,11 +227,48 @@ def run_predict(args) -> int:
     return 0
 
 
+def _test_file(selection) -> Path:
+    files = selection.files
+    if "test" not in files and "val" not in files:
+        raise UserError("the selected extraction has no test or val split to picture")
+    return files.get("test") or files["val"]
+
+
+def run_map(args) -> int:
+    from .api import choose_features
+    from .maps import write_map
+    from .predict import find_head_file
+
+    sel = _selection(args)
+    head_file = find_head_file(args.head, **sel, results_dir=args.results_dir) if args.head else None
+    test = _test_file(choose_features(**sel))
+    print(write_map(test, head_file=head_file, results_root=args.results_dir, layer=args.layer,
+                    method=args.method, seed=args.seed, max_points=args.max_points))
+    return 0
+
+
+def run_samples(args) -> int:
+    from .predict import find_head_file
+    from .samples import write_samples
+
+    sel = _selection(args)
+    head_file = find_head_file(args.head, **sel, results_dir=args.results_dir)
+    print(write_samples(head_file=head_file, results_root=args.results_dir, n=args.n, seed=args.seed,
+                        only_mistakes=args.only_mistakes, layer=args.layer))
+    return 0
+
+
 def _run(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    if args.command == "predict":
-        return run_predict(args)
-    return run_report(args) if args.report else run_heads(args)
+    if args.command in ("predict", "map", "samples"):
+        return {"predict": run_predict, "map": run_map, "samples": run_samples}[args.command](args)
+    if args.report:
+        return run_report(args)
+    if args.shots:
+        return run_fewshot(args)
+    if (_many(args.model) or _many(args.layer)) and not args.features:
+        return run_compare(args)
+    return run_heads(args)
 
 
 def main(argv: list[str] | None = None) -> int:

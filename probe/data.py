@@ -65,11 +65,12 @@ class Selection:
 # --- choosing cache files ---------------------------------------------------------------------
 
 def select_caches(cache_dir="cache", *, model: str | None = None, data: str | None = None,
-                  layer: str | None = None, precision: str | None = None, dtype: str | None = None) -> Selection:
+                  layer: str | None = None, precision: str | None = None, dtype: str | None = None,
+                  image_size: int | None = None, normalize: str | None = None) -> Selection:
     """The newest complete extraction under cache_dir matching the given filters (read from the files'
-    identities); the default request's extraction wins over explicit-precision or -dtype ones."""
+    identities); the default request's extraction wins over ones with explicit choices."""
     group: FeatureSet = choose(select(cache_dir, data=data, model=model, layer=layer, precision=precision,
-                                      dtype=dtype))
+                                      dtype=dtype, image_size=image_size, normalize=normalize))
     if "train" not in group.files:
         raise UserError(f"no complete train split cached for {group.describe()} under {cache_dir}: "
                         "run `python -m extract` for the train split")

@@ -21,6 +21,14 @@ def _fit_seconds(r: dict):
     return (t.get("search_seconds") or 0) + (t.get("fit_seconds") or 0) if t else None
 
 
+def _variant(r: dict) -> str:
+    """The identity's readable choices beyond the defaults (input size, normalisation, ...), or '-'."""
+    if not r.get("identity"):
+        return "-"
+    from extract.identity import FeatureIdentity
+    return FeatureIdentity.from_dict(r["identity"]).variant or "-"
+
+
 # Report column -> its value in a result JSON. A column added here reaches every format.
 FIELDS = {
     "kind": lambda r: r.get("kind", "probe"),
@@ -30,6 +38,7 @@ FIELDS = {
     "layer": lambda r: r.get("layer", ""),
     "precision": lambda r: r.get("precision", ""),
     "dtype": lambda r: r.get("dtype", ""),
+    "variant": lambda r: _variant(r),
     "top1": _metric("top1"),
     "balanced_acc": _metric("balanced_accuracy"),
     "macro_f1": _metric("macro_f1"),
@@ -53,7 +62,7 @@ def collect_rows(results_dir="results") -> list[dict]:
                                        -(r["top1"] or 0)))
 
 
-def _cell(value, column: str) -> str:
+def cell_text(value, column: str) -> str:
     if value is None:
         return "-"
     if column in PERCENT:
@@ -71,7 +80,7 @@ def format_rows(rows: list[dict], fmt: str = "table", columns=COLUMNS) -> str:
         writer.writeheader()
         writer.writerows(rows)
         return buf.getvalue()
-    cells = [[_cell(r.get(c), c) for c in columns] for r in rows]
+    cells = [[cell_text(r.get(c), c) for c in columns] for r in rows]
     if fmt == "markdown":
         lines = ["| " + " | ".join(columns) + " |",
                  "|" + "|".join("---:" if c in NUMERIC else "---" for c in columns) + "|"]

@@ -23,6 +23,8 @@ CHANGES = {
     "precision_requested": "bf16",
     "dtype": "float16",
     "format": 1,
+    "image_size": 32,
+    "normalize": "dataset",
 }
 
 

@@ -58,7 +58,7 @@ def test_explicit_selection_and_all_heads(tmp_path, capsys):
     table = out[out.index("head "):]
     assert all(h in table for h in ("linear", "logreg", "svm-rbf", "rf", "knn"))
     code, out, err = run_cli(["--report", "--format", "csv", "--results-dir", tmp_path / "results"], capsys)
-    assert code == 0 and out.startswith("kind,head,dataset,model,layer,precision,dtype,top1,balanced_acc,macro_f1,fit_s")
+    assert code == 0 and out.startswith("kind,head,dataset,model,layer,precision,dtype,variant,top1,balanced_acc,macro_f1,fit_s")
     assert len(out.strip().splitlines()) == 7
     assert (tmp_path / "results" / "report.md").exists() and (tmp_path / "results" / "report.png").exists()
 

@@ -108,7 +108,7 @@ def test_report_collates_probe_and_finetune(logreg_run, tmp_path):
     assert [r["kind"] for r in rows] == ["probe", "finetune"]
     assert rows[1]["top1"] == 0.99 and rows[1]["fit_s"] == 12.5
     md = format_rows(rows, "markdown")
-    assert "| finetune | finetune-all | toy | tinynet | penultimate | fp32 | float32 | 99.00 | 98.00 | 97.00 | 12.50 |" in md
+    assert "| finetune | finetune-all | toy | tinynet | penultimate | fp32 | float32 | - | 99.00 | 98.00 | 97.00 | 12.50 |" in md
     rows, paths = write_report(tmp_path)
     assert "finetune-all" in paths["csv"].read_text() and paths["png"].stat().st_size > 0
     assert paths["markdown"].read_text() == md
