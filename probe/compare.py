@@ -3,7 +3,7 @@
     selections = select_feature_sets("cache", data="pets", models=["all"], layers=["all"])
     comparison = compare("logreg,knn", selections, results_dir="results")
     print(format_table(comparison.rows, comparison.winner))
-    write_comparison(comparison)     # results/<data label>/compare.json, compare.png (+ layers.png)
+    write_comparison(comparison)     # results/<data label>/compare.json + .png (a layer sweep: layers.*)
 
 Each (extraction, tap) is probed by `probe.api.evaluate`, which writes every head's result JSON
 under the extraction's identity as usual. The winner is the row with the highest VALIDATION
@@ -370,14 +370,20 @@ def comparison_dict(comparison: Comparison) -> dict:
 
 
 def write_comparison(comparison: Comparison, folder=None) -> dict[str, Path]:
-    """Write compare.json and compare.png (and layers.png when a backbone has several taps) in `folder`
-    (default results/<data label>/), each atomically; returns {'json', 'png'[, 'layers']: path}."""
+    """Write the pivot as JSON and a chart in `folder` (default results/<data label>/), atomically.
+
+    A backbone comparison (one tap each) is compare.json / compare.png; a layer sweep (some backbone
+    with several taps) is layers.json / layers.png plus the accuracy-against-depth layers-curve.png,
+    so the two questions never overwrite each other's answer. Returns {'json', 'png'[, 'layers']: path}.
+    """
     folder = Path(folder) if folder is not None else comparison.folder
-    paths = {"json": folder / "compare.json", "png": folder / "compare.png"}
+    sweep = bool(_layer_series(comparison.rows))
+    stem = "layers" if sweep else "compare"
+    paths = {"json": folder / f"{stem}.json", "png": folder / f"{stem}.png"}
     with write_errors(paths["json"]):
         write_text_atomic(paths["json"], json.dumps(comparison_dict(comparison), indent=1, default=str))
     title = f"{comparison.data.label} · {len(comparison.rows)} runs"
     plot_compare(comparison.rows, paths["png"], comparison.winner, title=title)
-    if _layer_series(comparison.rows):
-        paths["layers"] = plot_layer_curve(comparison.rows, folder / "layers.png", title=comparison.data.label)
+    if sweep:
+        paths["layers"] = plot_layer_curve(comparison.rows, folder / "layers-curve.png", title=comparison.data.label)
     return paths

@@ -14,7 +14,6 @@ from pathlib import Path
 from extract.atomic import write_errors, write_text_atomic
 
 from .report import COLUMNS, NUMERIC, cell_text, collect_rows, format_rows
-
 from .results import load_results
 
 STYLE = """
@@ -56,7 +55,7 @@ def _results_table(rows: list[dict]) -> str:
 
 
 def _comparison(path: Path) -> str:
-    """A compare.json (probe --model all) as its pivot table: rows backbone/tap, columns heads."""
+    """A compare.json or layers.json (probe --model all / --layer all) as its pivot table."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -121,9 +120,10 @@ def write_html_report(results_dir="results") -> Path:
              f"<style>{STYLE}</style></head><body><h1>featprobe report</h1>"
              f"<p>{len(rows)} results under {html.escape(str(root.resolve()))}, written "
              f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}.</p>"]
-    for compare in sorted(root.glob("**/compare.json")):
-        parts.append(f"<h2>Which backbone: {html.escape(str(compare.parent.relative_to(root)))}</h2>"
-                     + _comparison(compare))
+    for name, question in (("compare.json", "Which backbone"), ("layers.json", "Which layer")):
+        for found in sorted(root.glob(f"**/{name}")):
+            parts.append(f"<h2>{question}: {html.escape(str(found.parent.relative_to(root)))}</h2>"
+                         + _comparison(found))
     parts.append("<h2>Every result</h2>" + _results_table(rows))
     parts.append("<h2>Pictures</h2>" + _pictures(root))
     parts.append("<h2>Provenance</h2>" + _provenance(results))

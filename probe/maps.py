@@ -288,10 +288,10 @@ def plot_map(xy, y, classes, path, *, wrong=None, title: str = "") -> Path:
 
 def map_title(m: dict) -> str:
     ident = m["identity"]
-    parts = [f"{m['method']} of {m['split'] or 'test'} features", ident.data.label, ident.model, m["layer"]]
+    first = f"{m['method']} of {m['split'] or 'test'} features"
     if m["wrong"] is not None:
-        parts.append(f"{m['head']}: {int(m['wrong'].sum())} of {len(m['wrong'])} wrong")
-    return " · ".join(parts)
+        first += f" · {m['head']}: {int(m['wrong'].sum())} of {len(m['wrong'])} wrong"
+    return first + "\n" + " · ".join((ident.data.label, ident.model, m["layer"]))
 
 
 def write_map(test_features=None, *, head_file=None, results_root="results", layer: str | None = None,

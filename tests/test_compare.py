@@ -164,7 +164,7 @@ def test_write_comparison_writes_json_and_a_decodable_chart(three_backbones, tmp
     with Image.open(paths["png"]) as im:
         im.load()
         assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
-    assert not (tmp_path / "results" / "toy" / "layers.png").exists()
+    assert not (tmp_path / "results" / "toy" / "layers-curve.png").exists()
 
 
 def test_layer_sweep_rows_follow_depth_and_write_a_layer_curve(tmp_path):
@@ -183,7 +183,8 @@ def test_layer_sweep_rows_follow_depth_and_write_a_layer_curve(tmp_path):
     for r in comparison.rows:  # each result landed under its own tap
         assert r["path"].endswith(f"/{r['backbone']}/{r['tap']}/knn.json")
     paths = write_comparison(comparison)
-    assert paths["layers"] == tmp_path / "results" / "toy" / "layers.png"
+    assert paths["layers"] == tmp_path / "results" / "toy" / "layers-curve.png"
+    assert paths["json"].name == "layers.json"   # a sweep never overwrites the backbone comparison
     for png in (paths["png"], paths["layers"], plot_layer_curve(comparison.rows, tmp_path / "curve.png")):
         with Image.open(png) as im:
             im.load()
