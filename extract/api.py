@@ -16,14 +16,17 @@ from typing import Sequence
 import torch
 
 from . import cache
+from .allocator import malloc_tuned, tune_malloc
 from .datasets import Dataset, load_dataset
-from .engine import (Embedder, check_image_size, default_workers, effective_preprocess, precision_name,
-                     resolve_device, resolve_precision, run)
+from .engine import (Embedder, check_image_size, compute_threads, cpu_has_bf16, default_workers,
+                     effective_preprocess, precision_name, resolve_device, resolve_precision, run)
 from .errors import UserError
 from .identity import NORMALIZE_CHOICES, PENULTIMATE, FeatureIdentity, describe_differences, verdict
 from .models import ResolvedWeights, load_backbone, resolve_weights
+from .pipeline import resolve_decoder
 
 DTYPES = ("float32", "float16")
+ENGINE_CHOICES = ("torch", "openvino", "auto")
 ON_ERROR = ("skip", "stop")
 log = logging.getLogger(__name__)
 
@@ -60,13 +63,16 @@ def plan(model: str = "efficientnet_lite0", data: str = "digits", *, weights: st
          dataset_options: dict | None = None, device: str = "auto", precision: str = "auto",
          dtype: str = "float32", image_size: int | None = None, normalize: str = "weights",
          cache_dir: str | os.PathLike = "cache", batch_size: int = 64, workers: int | None = None,
-         progress: bool = True) -> Plan:
+         progress: bool = True, engine: str = "torch", decoder: str = "auto") -> Plan:
     """The identity of the features a request asks for (no network is run).
 
     image_size N: the network sees N x N inputs (None: the weights' own size; N equal to it is the
     same request). normalize "dataset": mean/std of the train split's resized images instead of
     the weights' own, read from `cache_dir` when remembered there, else computed in one pass
-    (`extract.normalize`; batch_size, workers and progress apply to that pass).
+    (`extract.normalize`; batch_size, workers and progress apply to that pass). engine: "torch",
+    "openvino" (CPU only) or "auto" (see `resolve_engine`); the identity records the one that runs.
+    decoder: image files decoded by "tensor" (JPEGs by torchvision), "pil" or "auto" (tensor where
+    available); the identity records the one used (None for in-memory arrays).
     """
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}: use {' or '.join(DTYPES)}")
@@ -75,9 +81,15 @@ def plan(model: str = "efficientnet_lite0", data: str = "digits", *, weights: st
         raise UserError(f"unknown --normalize {normalize!r}: use {' or '.join(NORMALIZE_CHOICES)}")
     resolved = resolve_weights(model, weights)   # published weights download into torch.hub's cache when missing
     dataset = load_dataset(data, root=root, download=download, **(dataset_options or {}))
-    dev = resolve_device(device)
+    engine = resolve_engine(engine, device, precision)
+    dev = torch.device("cpu") if engine == "openvino" else resolve_device(device)
     autocast = resolve_precision(precision, dev)
+    if engine == "openvino":
+        from .openvino_engine import check_precision
+
+        check_precision(autocast)
     in_memory = any(s.arrays is not None for s in dataset.splits.values())
+    file_decoder = resolve_decoder(decoder)
     if image_size == effective_preprocess(resolved.preprocess, in_memory).crop:
         image_size = None   # the weights' own size: the default request, one cache
     preprocess = effective_preprocess(resolved.preprocess, in_memory, image_size)
@@ -98,8 +110,38 @@ def plan(model: str = "efficientnet_lite0", data: str = "digits", *, weights: st
         data=dataset.ref, model=resolved.name, weights_sha256=resolved.sha256,
         preprocess=preprocess, precision=precision_name(autocast),
         precision_requested=precision, dtype=dtype, taps=tuple(dict.fromkeys(layers or [PENULTIMATE])),
-        image_size=image_size, normalize=normalize)
+        image_size=image_size, normalize=normalize, engine=engine, decoder=None if in_memory else file_decoder)
     return Plan(identity, dataset, resolved, dev, autocast, stats)
+
+
+def resolve_engine(engine: str, device: str = "auto", precision: str = "auto") -> str:
+    """'torch' or 'openvino' for a request (the identity records it; never 'auto').
+
+    openvino runs on the CPU only (another --device is a one-line error) and needs the package
+    (missing: one line saying how to install it). auto: openvino where the network would run on the
+    CPU, OpenVINO is installed and can compute the precision asked for (fp32, or bf16 on a CPU with
+    native bf16); torch otherwise (a GPU, fp16, bf16 emulated on a CPU without it).
+    """
+    if engine not in ENGINE_CHOICES:
+        raise UserError(f"unknown engine {engine!r}: use {', '.join(ENGINE_CHOICES)}")
+    if engine == "torch":
+        return engine
+    try:
+        asked = None if device == "auto" else torch.device(device).type
+    except RuntimeError:
+        resolve_device(device)   # its one-line message for an unknown device
+        raise
+    from . import openvino_engine
+
+    if engine == "openvino":
+        if asked not in (None, "cpu"):
+            raise UserError(f"--engine openvino runs on the CPU only: drop --device {device}, "
+                            "or use --engine torch")
+        openvino_engine.import_openvino()   # one line when it is not installed
+        return engine
+    on_cpu = (asked or resolve_device("auto").type) == "cpu"
+    precision_ok = precision in ("auto", "fp32") or (precision == "bf16" and cpu_has_bf16())
+    return "openvino" if on_cpu and precision_ok and openvino_engine.available() else "torch"
 
 
 def _conflict_message(path: Path, conflicts, stored: FeatureIdentity | None, wanted: FeatureIdentity) -> str:
@@ -116,20 +158,26 @@ def extract(model: str = "efficientnet_lite0", data: str = "digits", *, weights:
             workers: int | None = None, device: str = "auto", precision: str = "auto", dtype: str = "float32",
             on_error: str = "skip", overwrite: bool = False, progress: bool = True,
             dataset_options: dict | None = None, allow_missing_weights: bool = False,
-            image_size: int | None = None, normalize: str = "weights") -> dict[str, SplitResult]:
+            image_size: int | None = None, normalize: str = "weights",
+            engine: str = "torch", decoder: str = "auto") -> dict[str, SplitResult]:
     """Extract (or reuse) features for every split of `data` with backbone `model`; returns {split: SplitResult}.
 
     image_size: input side in pixels (None: the weights' own); normalize: "weights" (their own
-    mean/std) or "dataset" (the train split's, remembered under `cache_dir`). See `plan`.
+    mean/std) or "dataset" (the train split's, remembered under `cache_dir`). engine: "torch",
+    "openvino" (CPU only; its converted model is kept under `cache_dir`) or "auto"; decoder: "auto",
+    "tensor" or "pil" for image files. See `plan`. On the CPU glibc's malloc is tuned for the
+    process first (`extract.allocator`; FEATPROBE_MALLOC_TUNING=0 turns that off).
     """
     if on_error not in ON_ERROR:
         raise UserError(f"unknown --on-error {on_error!r}: use {' or '.join(ON_ERROR)}")
     if batch_size < 1:
         raise UserError("batch size must be at least 1")
+    if engine == "openvino" or resolve_device(device).type == "cpu":
+        tune_malloc()
     p = plan(model, data, weights=weights, layers=layers, root=root, download=download,
              dataset_options=dataset_options, device=device, precision=precision, dtype=dtype,
              image_size=image_size, normalize=normalize, cache_dir=cache_dir, batch_size=batch_size,
-             workers=workers, progress=progress)
+             workers=workers, progress=progress, engine=engine, decoder=decoder)
     dataset = p.dataset
     wanted = list(splits or dataset.splits)
     unknown = [s for s in wanted if s not in dataset.splits]
@@ -201,6 +249,9 @@ def _normalization(p: Plan, identity: FeatureIdentity) -> dict:
 
 def _extract_split(backbone, p: Plan, identity: FeatureIdentity, source, path, fingerprint, batch_size, workers,
                    on_error, progress, allow_missing) -> SplitResult:
+    workers = default_workers(p.device) if workers is None else workers
+    threads = compute_threads(workers) if p.device.type == "cpu" else None
+    embedder = _embedder(backbone, p, identity, path, threads)
     provenance = {**backbone.provenance(), "model": identity.model, "weights": backbone.weights,
                   "preprocess": identity.preprocess.as_dict(), "weights_preprocess": p.weights.preprocess.as_dict(),
                   "image_size": identity.image_size, "normalization": _normalization(p, identity),
@@ -208,7 +259,10 @@ def _extract_split(backbone, p: Plan, identity: FeatureIdentity, source, path, f
                   "dataset_identity": p.dataset.identity, "split": source.name, "classes": p.dataset.classes,
                   "n_images": len(source), "dtype": identity.dtype, "precision": identity.precision,
                   "precision_requested": identity.precision_requested, "device": str(p.device),
-                  "layers": backbone.layers, "dims": backbone.dims, "allow_missing_weights": allow_missing}
+                  "layers": backbone.layers, "dims": backbone.dims, "allow_missing_weights": allow_missing,
+                  "engine": identity.engine, **(embedder.provenance() if identity.engine != "torch" else {}),
+                  "decoder": identity.decoder, "malloc_tuning": malloc_tuned(), "workers": workers,
+                  "torch_threads": threads}
     try:
         writer = cache.CacheWriter(path, identity, source.name, fingerprint, provenance, backbone.dims,
                                    has_paths=source.paths is not None)
@@ -218,11 +272,10 @@ def _extract_split(backbone, p: Plan, identity: FeatureIdentity, source, path, f
     status = "resumed" if writer.resumed_from else "extracted"
     if writer.resumed_from:
         log.info(f"resuming {path.name} at image {writer.resumed_from} of {len(source)}")
-    embedder = Embedder(backbone, p.device, p.autocast, identity.preprocess)
-    workers = default_workers(p.device) if workers is None else workers
     try:
         stats = run(embedder, source, writer, batch_size=batch_size, workers=workers, on_error=on_error,
-                    progress=progress, desc=f"{identity.data.label}/{source.name}")
+                    progress=progress, desc=f"{identity.data.label}/{source.name}",
+                    decoder=identity.decoder or "auto", threads=threads)
         writer.finish()
     except KeyboardInterrupt:
         writer.close()
@@ -244,6 +297,18 @@ def _extract_split(backbone, p: Plan, identity: FeatureIdentity, source, path, f
         log.warning(f"skipped {len(stats.skipped)} unreadable image(s) in {source.name} ({shown}"
                     + (" ..." if len(stats.skipped) > 3 else "") + "); recorded in the cache under skipped/")
     return SplitResult(source.name, path, status, stats.images, stats.seconds, len(stats.skipped))
+
+
+def _embedder(backbone, p: Plan, identity: FeatureIdentity, path: Path, threads: int | None = None):
+    """What runs the network: torch's Embedder, or OpenVINO's (its converted model kept beside the
+    cache files it feeds, in `<model>/openvino/`; `threads` inference threads, the cores the decode
+    workers leave, as torch's intra-op threads)."""
+    if identity.engine == "openvino":
+        from .openvino_engine import OpenVINOEmbedder
+
+        return OpenVINOEmbedder(backbone, p.autocast, identity.preprocess, Path(path).parent / "openvino",
+                                threads=threads)
+    return Embedder(backbone, p.device, p.autocast, identity.preprocess)
 
 
 def _close_quietly(writer, flush: bool = True) -> None:

@@ -234,6 +234,18 @@ class _FxTaps(nn.Module):
         return {layer: out[node] for layer, node in self.node_of.items()}
 
 
+class _TupleTaps(nn.Module):
+    """The traced tap graph with a tuple of pooled float32 outputs (see `Backbone.tuple_module`)."""
+
+    def __init__(self, graph_module: nn.Module, nodes: list[str]):
+        super().__init__()
+        self.graph_module, self.nodes = graph_module, nodes
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.graph_module(x)
+        return tuple(out[n].float() for n in self.nodes)
+
+
 class _Stop(Exception):
     """Raised by the last hook when every requested tap is read: the rest of the network is skipped."""
 
@@ -345,6 +357,18 @@ class Backbone(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self._taps(x)
         return {layer: out[layer].float() for layer in self.layers}
+
+    def tuple_module(self) -> tuple[nn.Module, dict[str, int]]:
+        """For converters that trace a module (OpenVINO): a module returning the pooled taps as a tuple
+        of distinct float32 tensors, and each layer's position in it (two taps that end on the same
+        graph node share one output). Needs the torch.fx graph (``traced``): forward hooks cannot be
+        exported."""
+        if not self.traced:
+            raise UserError(f"{self.name}'s taps are read with forward hooks (torch.fx cannot trace it: "
+                            f"{self.trace_error}), which cannot be exported: use --engine torch")
+        nodes = list(dict.fromkeys(self._taps.node_of[layer] for layer in self.layers))
+        return _TupleTaps(self._taps.graph_module, nodes), \
+            {layer: nodes.index(self._taps.node_of[layer]) for layer in self.layers}
 
     def provenance(self) -> dict:
         return {"name": self.name, "weights": self.weights, "weights_file": self.weights_file,

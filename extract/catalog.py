@@ -29,6 +29,8 @@ class FeatureSet:
             words.append(f"--precision {self.identity.precision}")
         if self.identity.dtype != "float32":
             words.append(f"--dtype {self.identity.dtype}")
+        if getattr(self.identity, "engine", "torch") != "torch":
+            words.append(f"--engine {self.identity.engine}")
         return " ".join(words)
 
 

@@ -35,6 +35,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast precision; auto = bf16/fp16 where the hardware has it, else fp32")
+    p.add_argument("--engine", default="torch", choices=["torch", "openvino", "auto"],
+                   help="what runs the network: torch (default), openvino (CPU only; pip install -e \".[openvino]\"; "
+                        "converted once per model and kept under the cache), or auto (openvino on the CPU when "
+                        "installed, else torch); an engine other than torch is named in the cache path")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="storage dtype in the cache")
     p.add_argument("--image-size", metavar="N",
                    help="input side in pixels the network sees (8-1024; e.g. 32 for CIFAR's native size); "
@@ -42,6 +46,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--normalize", default="weights", choices=["weights", "dataset"],
                    help="mean/std: the weights' own (default), or the train split's own, computed once "
                         "and remembered beside the cache")
+    p.add_argument("--decoder", default="auto", choices=["auto", "tensor", "pil"],
+                   help="image files: tensor (JPEGs decoded and resized as uint8 tensors by torchvision, other "
+                        "files by PIL), pil (every file by PIL; cached apart, named .pil), or auto (tensor where "
+                        "torchvision still has its JPEG decoder, else pil; default)")
     p.add_argument("--on-error", default="skip", choices=["skip", "stop"],
                    help="unreadable images: skip and record them (default), or stop at the first")
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
@@ -123,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
                           device=args.device, precision=args.precision, dtype=args.dtype, on_error=args.on_error,
                           overwrite=args.overwrite, progress=args.progress, dataset_options=options,
                           allow_missing_weights=args.allow_missing_weights,
-                          image_size=args.image_size, normalize=args.normalize)
+                          image_size=args.image_size, normalize=args.normalize, engine=args.engine,
+                          decoder=args.decoder)
         for r in results.values():
             print(f"{r.split:>6}: {r.path} ({r.status})")
         print(summary(results, started))

@@ -15,8 +15,10 @@ Paths read as ``<cache>/<data label>/<model>/<split>[.<variant>].h5``:
   a local file as ``arch.<file stem>-<sha256 prefix>``).
 - variant: empty for the default request, so the same command gives the same path on every
   CPU; a non-default input size (``size32``), normalisation by the dataset's own statistics
-  (``normdata``), an explicitly requested precision (``bf16``) and a non-default storage dtype
-  (``float16``) are named, in that order. The precision actually computed is recorded inside.
+  (``normdata``), image files decoded by PIL instead of torchvision (``pil``), an explicitly
+  requested precision (``bf16``), a non-default storage dtype (``float16``) and an inference engine
+  other than torch (``openvino``) are named, in that order. The precision actually computed is
+  recorded inside.
 
 Whatever is not spelled in the path (weights file hash, preprocessing, the precision `auto`
 chose, the images' fingerprint, the format) is checked by :func:`verdict` and a difference is
@@ -39,6 +41,10 @@ DEFAULT_DTYPE = "float32"
 PENULTIMATE = "penultimate"
 DEFAULT_NORMALIZE = "weights"       # the weights' own mean/std; "dataset": the train split's own
 NORMALIZE_CHOICES = ("weights", "dataset")
+DEFAULT_ENGINE = "torch"            # what runs the network; "openvino": OpenVINO on the CPU
+ENGINES = ("torch", "openvino")
+DEFAULT_DECODER = "tensor"          # image files: JPEGs decoded by torchvision, the rest by PIL; "pil": all by PIL
+LEGACY_DECODER = "pil"              # what files made before the decoder was recorded used
 
 
 def short_hash(value, n: int = 6) -> str:
@@ -93,6 +99,8 @@ class FeatureIdentity:
     format: int = FORMAT
     image_size: int | None = None       # input side the network sees; None: the weights' own crop size
     normalize: str = DEFAULT_NORMALIZE  # where preprocess.mean/std come from: "weights" or "dataset"
+    engine: str = DEFAULT_ENGINE        # what ran the network: "torch" or "openvino" (never "auto")
+    decoder: str | None = DEFAULT_DECODER  # image files: "tensor" or "pil"; None for in-memory arrays
 
     @property
     def arch(self) -> str:
@@ -106,10 +114,14 @@ class FeatureIdentity:
             words.append(f"size{self.image_size}")
         if self.normalize != DEFAULT_NORMALIZE:
             words.append("normdata" if self.normalize == "dataset" else f"norm{self.normalize}")
+        if self.decoder not in (None, DEFAULT_DECODER):
+            words.append(self.decoder)
         if self.precision_requested != DEFAULT_PRECISION:
             words.append(self.precision)
         if self.dtype != DEFAULT_DTYPE:
             words.append(self.dtype)
+        if self.engine != DEFAULT_ENGINE:
+            words.append(self.engine)
         return ".".join(words)
 
     def cache_path(self, cache_dir, split: str) -> Path:
@@ -140,7 +152,8 @@ class FeatureIdentity:
                    dtype=d.get("dtype", DEFAULT_DTYPE), taps=tuple(d.get("taps", (PENULTIMATE,))),
                    format=int(d.get("format", FORMAT)),
                    image_size=None if d.get("image_size") is None else int(d["image_size"]),
-                   normalize=d.get("normalize", DEFAULT_NORMALIZE))
+                   normalize=d.get("normalize", DEFAULT_NORMALIZE), engine=d.get("engine", DEFAULT_ENGINE),
+                   decoder=d["decoder"] if "decoder" in d else (LEGACY_DECODER if data.root is not None else None))
 
     def to_attrs(self) -> dict:
         """HDF5 attributes: the identity as JSON, plus flat copies for tools such as h5ls."""
@@ -164,7 +177,8 @@ _WHAT = {"data": "the dataset differs", "model": "the model or weights differ",
          "precision": "the compute precision differs", "precision_requested": "the requested precision differs",
          "dtype": "the storage dtype differs", "format": "the cache format is older",
          "fingerprint": "the images changed", "image_size": "the input size differs",
-         "normalize": "the normalisation statistics differ"}
+         "normalize": "the normalisation statistics differ", "engine": "the inference engine differs",
+         "decoder": "the image decoder differs"}
 
 
 def differences(stored: FeatureIdentity, wanted: FeatureIdentity) -> list[str]:
@@ -179,7 +193,8 @@ def describe_differences(names: list[str], stored: FeatureIdentity | None = None
     parts = []
     for name in names:
         text = _WHAT.get(name, f"{name} differs")
-        if stored is not None and wanted is not None and name in ("precision", "dtype", "model", "normalize"):
+        if stored is not None and wanted is not None and name in ("precision", "dtype", "model", "normalize", "decoder",
+                                                                    "engine"):
             text += f" ({getattr(stored, name)} vs {getattr(wanted, name)})"
         elif stored is not None and wanted is not None and name == "image_size":
             text += f" ({stored.preprocess.crop} vs {wanted.preprocess.crop} pixels)"

@@ -131,3 +131,75 @@ def _decode_reason(e: Exception) -> str:
         return _os_reason(e)
     first = msg.splitlines()[0][:120] if msg else type(e).__name__
     return f"corrupt image data ({first})"
+
+
+# --- JPEG files straight to a uint8 tensor (torchvision's libjpeg-turbo decoder) --------------------
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}   # frame headers (not DHT, JPG, DAC)
+
+
+def jpeg_frame(data: bytes) -> tuple[int, int, int, int] | None:
+    """(width, height, components, bits per sample) from a JPEG's frame header; None if not found."""
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:          # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:   # markers without a length
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
+            return None
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker in _SOF_MARKERS:
+            if i + 10 > n or length < 8:
+                return None
+            bits, height = data[i + 4], int.from_bytes(data[i + 5:i + 7], "big")
+            width, components = int.from_bytes(data[i + 7:i + 9], "big"), data[i + 9]
+            return width, height, components, bits
+        i += 2 + length
+    return None
+
+
+def decode_jpeg_file(path):
+    """An 8-bit greyscale or colour JPEG file -> EXIF-oriented RGB uint8 tensor (3, H, W), decoded by
+    torchvision; None for anything else (not a JPEG, CMYK/YCCK, 12-bit, over PIL's decompression-bomb
+    limit, unreadable, truncated or corrupt), which `open_rgb` then decodes or names the reason for."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    if not data.startswith(JPEG_MAGIC):
+        return None
+    frame = jpeg_frame(data)
+    if frame is None:
+        return None
+    width, height, components, bits = frame
+    if components not in (1, 3) or bits != 8 or not width or not height:
+        return None
+    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+        return None
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)   # torchvision 0.29+: "use TorchCodec"
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                               apply_exif_orientation=True)
+    except (RuntimeError, ValueError):
+        return None
+
+
+def tensor_decoder_available() -> bool:
+    """True when torchvision can decode JPEGs to tensors (its image codecs are deprecated since 0.29)."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg  # noqa: F401
+    except ImportError:
+        return False
+    return True

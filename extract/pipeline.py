@@ -1,12 +1,16 @@
 """One image pipeline for extraction and fine-tuning: source rows -> uint8 batches -> model input.
 
-Files are decoded (and resized + cropped, or augmented) with PIL in DataLoader workers and shipped
-as uint8; an unreadable file becomes a zero image with its reason, never an exception. In-memory
+Files are decoded (and resized + cropped, or augmented) in DataLoader workers and shipped as uint8:
+for evaluation, JPEGs by torchvision's decoder and resized as uint8 tensors (decoder "tensor"),
+every other file, and every file under decoder "pil" or a training transform, with PIL. An
+unreadable file becomes a zero image with its reason, never an exception. In-memory
 uint8 arrays (CIFAR, digits) are sliced in the main process. `to_model_input` then copies a batch
 to the device, resizes it there when needed, normalises it and makes it channels_last.
 """
 
 from __future__ import annotations
+
+import sys
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -15,10 +19,26 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .images import ImageError
+from .errors import UserError
+from .images import ImageError, decode_jpeg_file, tensor_decoder_available
 from .preprocess import Preprocess
 
 Transform = Callable[[Image.Image, object], torch.Tensor]  # (RGB image, item) -> uint8 (3, crop, crop)
+
+
+DECODERS = ("auto", "tensor", "pil")
+
+
+def resolve_decoder(decoder: str = "auto") -> str:
+    """'tensor' (JPEGs by torchvision, other files by PIL) or 'pil' (every file by PIL); 'auto' is
+    'tensor' where torchvision still has its JPEG decoder (deprecated since 0.29), else 'pil'."""
+    if decoder not in DECODERS:
+        raise UserError(f"unknown decoder {decoder!r}: use {', '.join(DECODERS)}")
+    available = tensor_decoder_available()
+    if decoder == "tensor" and not available:
+        raise UserError("--decoder tensor needs torchvision.io.decode_jpeg, which this torchvision lacks; "
+                        "use --decoder pil")
+    return decoder if decoder != "auto" else ("tensor" if available else "pil")
 
 
 def position(item) -> int:
@@ -30,17 +50,28 @@ class DecodedFiles(Dataset):
     """Items of a file source -> (uint8 (3, crop, crop), position, reason); reason '' when readable.
 
     An item is a position, or a tuple starting with one (the rest is for `transform`, e.g. an
-    epoch). `transform(image, item)` defaults to the eval resize + centre crop.
+    epoch). `transform(image, item)` defaults to the eval resize + centre crop, which `decoder`
+    "tensor" computes on torchvision-decoded uint8 tensors for JPEG files (PIL for the rest: other
+    formats, CMYK, corrupt or truncated files, whose reasons PIL names, and 'nearest' resizing);
+    "pil" decodes all with PIL.
     """
 
-    def __init__(self, source, preprocess: Preprocess, transform: Transform | None = None):
+    def __init__(self, source, preprocess: Preprocess, transform: Transform | None = None, decoder: str = "auto"):
         self.source, self.preprocess, self.transform = source, preprocess, transform
+        self.decoder = resolve_decoder(decoder)
+        # 'nearest' stays with PIL: torch picks a neighbouring pixel for ~0.1% of them (up to 253 levels off)
+        self._tensor = (self.decoder == "tensor" and transform is None and preprocess.interpolation != "nearest"
+                        and getattr(source, "paths", None) is not None)
 
     def __len__(self):
         return len(self.source)
 
     def __getitem__(self, item) -> tuple[torch.Tensor, int, str]:
         i = position(item)
+        if self._tensor:
+            x = decode_jpeg_file(self.source.paths[i])
+            if x is not None:
+                return self.preprocess.resize_crop_tensor(x), i, ""
         try:
             img = self.source.load(i)
         except ImageError as e:
@@ -48,6 +79,12 @@ class DecodedFiles(Dataset):
             return torch.zeros(3, crop, crop, dtype=torch.uint8), i, e.reason
         x = self.transform(img, item) if self.transform else self.preprocess.resize_crop_pil(img)
         return x, i, ""
+
+
+def _worker_context(workers: int) -> str | None:
+    """Forking a process whose OpenVINO thread pool has started crashes it (TBB is not fork-safe), so
+    with OpenVINO loaded, workers start from a fork server instead; otherwise the platform default."""
+    return "forkserver" if workers and "openvino" in sys.modules else None
 
 
 def array_batch(arrays: np.ndarray, rows) -> torch.Tensor:
@@ -70,14 +107,15 @@ class SourceBatches:
 
     def __init__(self, source, preprocess: Preprocess, batch_sampler: Iterable[Sequence], *,
                  transform: Transform | None = None, workers: int = 0, pin: bool = False,
-                 persistent: bool = False):
+                 persistent: bool = False, decoder: str = "auto"):
         self.source, self.batch_sampler, self.pin = source, batch_sampler, pin
         self.loader = None
         if source.arrays is None:
             self.loader = DataLoader(
-                DecodedFiles(source, preprocess, transform), batch_sampler=batch_sampler, num_workers=workers,
+                DecodedFiles(source, preprocess, transform, decoder), batch_sampler=batch_sampler, num_workers=workers,
                 collate_fn=_collate, pin_memory=pin, persistent_workers=persistent and workers > 0,
-                prefetch_factor=4 if workers else None, generator=torch.Generator().manual_seed(0))
+                prefetch_factor=4 if workers else None, generator=torch.Generator().manual_seed(0),
+                multiprocessing_context=_worker_context(workers))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, np.ndarray, list[str]]]:
         if self.loader is not None:

@@ -1,8 +1,9 @@
 """Eval preprocessing as a property of the weights: resize, centre crop, scale, normalise.
 
-The spatial part (resize + crop) runs either on PIL images in DataLoader
-workers (files of any size) or on whole uint8 batches on the device (small
-in-memory images such as CIFAR or digits). Normalisation always runs on the
+The spatial part (resize + crop) runs either per file in DataLoader workers
+(files of any size: on PIL images, or on uint8 tensors for JPEGs that
+torchvision decoded) or on whole uint8 batches on the device (small in-memory
+images such as CIFAR or digits). Normalisation always runs on the
 device, so workers ship compact uint8 tensors.
 """
 
@@ -49,6 +50,21 @@ class Preprocess:
         if img.size != (self.crop, self.crop):
             img = TF.center_crop(img, self.crop)
         return TF.pil_to_tensor(img)
+
+    def resize_crop_tensor(self, x: "torch.Tensor") -> "torch.Tensor":
+        """uint8 tensor (3, H, W) -> uint8 tensor (3, crop, crop): the same geometry as `resize_crop_pil`
+        (shorter side to `resize`, antialiased), computed by torch; bilinear and bicubic within 2 levels
+        of PIL's ('nearest' as nearest-exact, PIL's rule, yet ~0.1% of pixels are a neighbour's)."""
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2 import functional as F2
+
+        if min(x.shape[-2:]) != self.resize:
+            mode = InterpolationMode.NEAREST_EXACT if self.interpolation == "nearest" \
+                else InterpolationMode(self.interpolation)
+            x = F2.resize(x, [self.resize], interpolation=mode, antialias=True)
+        if tuple(x.shape[-2:]) != (self.crop, self.crop):
+            x = F2.center_crop(x, [self.crop, self.crop])
+        return x.contiguous()
 
     def resize_crop_batch(self, x: "torch.Tensor") -> "torch.Tensor":
         """uint8 or float batch (B, 3, h, w) on any device -> float batch (B, 3, crop, crop) in [0, 255]."""

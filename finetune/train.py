@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from extract.allocator import malloc_tuned, tune_malloc
 from extract.api import plan as plan_features
 from extract.engine import default_workers, precision_name
 from extract.errors import UserError
@@ -82,7 +83,8 @@ def finetune(model: str = "efficientnet_lite0", data: str = "digits", *, weights
     image_size N trains and evaluates on N x N inputs (None: the weights' own size; named in the
     run's folders as extract names it). on_epoch_end(epoch, history_row, model) runs after each
     epoch's checkpoint is saved. Progress is logged to the `finetune.train` logger. The caller's
-    global RNG states are the same afterwards.
+    global RNG states are the same afterwards. On the CPU glibc's malloc is tuned for the process
+    (`extract.allocator`; FEATPROBE_MALLOC_TUNING=0 turns that off).
     """
     _check_numbers(epochs=epochs, batch_size=batch_size, lr=lr, head_lr_mult=head_lr_mult, momentum=momentum,
                    weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing)
@@ -105,6 +107,8 @@ def finetune(model: str = "efficientnet_lite0", data: str = "digits", *, weights
     plan = plan_splits(dataset, seed=seed, val_fraction=val_fraction)
     dev, amp = features.device, features.autocast
     check_precision(amp, dev)
+    if dev.type == "cpu":
+        tune_malloc()   # keep freed activation buffers in the heap (extract.allocator)
     head = head_name(freeze, from_scratch)
     run_dir = identity.results_dir(runs_dir, head)
 
@@ -204,7 +208,7 @@ def finetune(model: str = "efficientnet_lite0", data: str = "digits", *, weights
         "trainable_parameters": trainable, "parameters": total,
         "provenance": {**backbone.provenance(), "dataset": dataset.name, "dataset_identity": dataset.identity,
                        "dataset_fingerprints": hyper["fingerprints"], "eval_preprocess": eval_pre.as_dict(),
-                       "device": str(dev), "run_dir": str(run_dir)},
+                       "device": str(dev), "run_dir": str(run_dir), "malloc_tuning": malloc_tuned()},
         "versions": {**library_versions(), "torchvision": _torchvision_version()},
         "seed": seed, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -87,7 +87,7 @@ def predict_images(pipeline, sidecar: dict, paths: list[str], *, device="auto", 
     classes = sidecar.get("classes") or []
     source = ImageSource("predict", classes, np.zeros(len(paths), np.int64), paths=paths)
     out = embed(backbone, source, preprocess=identity.preprocess, precision=identity.precision,
-                batch_size=batch_size, device=device)
+                batch_size=batch_size, device=device, decoder=identity.decoder or "auto")
     X = out.features[layer]
     kept = [paths[i] for i in out.index]
     unreadable = [(p, r) for _, p, r in out.skipped]

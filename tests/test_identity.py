@@ -25,6 +25,8 @@ CHANGES = {
     "format": 1,
     "image_size": 32,
     "normalize": "dataset",
+    "engine": "openvino",
+    "decoder": "pil",
 }
 
 
@@ -83,6 +85,17 @@ def test_explicit_precision_and_dtype_are_named_in_paths(tmp_path, precision):
                          dtype="float16")
     assert ident.cache_path(tmp_path, "test").name == f"test.{precision}.float16.h5"
     assert ident.results_dir(tmp_path, "layer3") == tmp_path / "digits" / "m" / f"{precision}.float16" / "layer3"
+
+
+def test_engine_is_named_in_paths_and_old_files_read_as_torch(tmp_path):
+    ident = toy_identity(dataset="digits", model="m", engine="openvino")
+    assert ident.variant == "openvino" and ident.cache_path(tmp_path, "train").name == "train.openvino.h5"
+    both = toy_identity(dataset="digits", model="m", precision="bf16", precision_requested="bf16", engine="openvino")
+    assert both.variant.endswith("bf16.openvino")
+    old = ident.to_dict()
+    del old["engine"]
+    assert FeatureIdentity.from_dict(old).engine == "torch"
+    assert FeatureIdentity.from_dict(ident.to_dict()) == ident
 
 
 def test_same_named_folders_get_different_readable_labels():
