@@ -116,24 +116,11 @@ def child_forward(root: Path, model: str, engine: str, precision: str, batch: in
 
 
 def child_tutorial(root: Path, model: str, batch: int) -> dict:
-    import numpy as np
-    import torch
-    from torchvision import datasets, transforms
+    from extract_speed import naive_loop   # bench/ is on sys.path when this file runs as a script
 
     from extract.models import load_backbone
 
-    backbone = load_backbone(model)
-    p = backbone.preprocess
-    tf = transforms.Compose([transforms.Resize(p.resize), transforms.CenterCrop(p.crop), transforms.ToTensor(),
-                             transforms.Normalize(p.mean, p.std)])
-    n = 0
-    with torch.no_grad():
-        for split in ("train", "val"):
-            loader = torch.utils.data.DataLoader(datasets.ImageFolder(root / split, tf), batch_size=batch,
-                                                 num_workers=1)
-            feats = [backbone(x)["penultimate"].cpu().numpy() for x, _ in loader]
-            n += len(np.concatenate(feats))
-    return {"images": n}
+    return {"images_per_s": naive_loop(load_backbone(model), root, batch, workers=1)}
 
 
 # --- the parent ------------------------------------------------------------------------------------

@@ -18,9 +18,6 @@ from extract.identity import FeatureIdentity, describe_differences, differences
 
 from .splits import split_roles, validation_mask
 
-SPLITS = ("train", "val", "test")
-
-
 @dataclass
 class ProbeData:
     """Features and class ids of the three roles; y_test is only read after selection."""
@@ -59,7 +56,6 @@ class Selection:
 
     files: dict[str, Path]
     layer: str | None = None
-    note: str = ""
 
 
 # --- choosing cache files ---------------------------------------------------------------------
@@ -74,7 +70,7 @@ def select_caches(cache_dir="cache", *, model: str | None = None, data: str | No
     if "train" not in group.files:
         raise UserError(f"no complete train split cached for {group.describe()} under {cache_dir}: "
                         "run `python -m extract` for the train split")
-    return Selection(dict(group.files), layer, note=group.describe())
+    return Selection(dict(group.files), layer)
 
 
 def selection_from_paths(features, test_features=None, val_features=None, layer=None) -> Selection:
