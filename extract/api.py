@@ -17,9 +17,15 @@ import torch
 
 from . import cache
 from .allocator import malloc_tuned, tune_malloc
+from .assemble import assemble
+from .chunks import DEFAULT_CHUNK_ROWS, ChunkStore
 from .datasets import Dataset, load_dataset
-from .engine import (Embedder, check_image_size, compute_threads, cpu_has_bf16, default_workers,
-                     effective_preprocess, precision_name, resolve_device, resolve_precision, run)
+from .distributed import Ranks, ranks_from_env
+from .engine import (Embedder, RunStats, check_image_size, compute_threads, cpu_cores, cpu_has_bf16, default_workers,
+                     effective_preprocess, precision_name, resolve_device, resolve_precision)
+from .incremental import Reuse, can_reuse, stamps_of
+from .incremental import plan as incremental_plan
+from .job import SplitJob, compute, share
 from .errors import UserError
 from .identity import NORMALIZE_CHOICES, PENULTIMATE, FeatureIdentity, describe_differences, verdict
 from .models import ResolvedWeights, load_backbone, resolve_weights
@@ -37,10 +43,11 @@ class SplitResult:
 
     split: str
     path: Path
-    status: str  # "hit", "extracted" or "resumed"
+    status: str  # "hit", "extracted", "resumed" or "updated" (an image folder that changed)
     images: int = 0
     seconds: float = 0.0
     skipped: int = 0
+    reuse: str = ""  # for "updated": what was reused, new, removed and changed
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -159,7 +166,8 @@ def extract(model: str = "efficientnet_lite0", data: str = "digits", *, weights:
             on_error: str = "skip", overwrite: bool = False, progress: bool = True,
             dataset_options: dict | None = None, allow_missing_weights: bool = False,
             image_size: int | None = None, normalize: str = "weights",
-            engine: str = "torch", decoder: str = "auto") -> dict[str, SplitResult]:
+            engine: str = "torch", decoder: str = "auto", chunk_rows: int = DEFAULT_CHUNK_ROWS,
+            ray: str | None = None) -> dict[str, SplitResult]:
     """Extract (or reuse) features for every split of `data` with backbone `model`; returns {split: SplitResult}.
 
     image_size: input side in pixels (None: the weights' own); normalize: "weights" (their own
@@ -167,22 +175,33 @@ def extract(model: str = "efficientnet_lite0", data: str = "digits", *, weights:
     "openvino" (CPU only; its converted model is kept under `cache_dir`) or "auto"; decoder: "auto",
     "tensor" or "pil" for image files. See `plan`. On the CPU glibc's malloc is tuned for the
     process first (`extract.allocator`; FEATPROBE_MALLOC_TUNING=0 turns that off).
+
+    Work is done in chunks of `chunk_rows` images (extract.chunks): an interrupted run resumes at
+    the missing chunks, and an image folder that changed since its cache was made reuses the rows
+    of unchanged files (extract.incremental). Under torchrun the ranks share the chunks
+    (extract.distributed); `ray` (an address, or "local") runs them on a Ray cluster (extract.ray_runner).
     """
     if on_error not in ON_ERROR:
         raise UserError(f"unknown --on-error {on_error!r}: use {' or '.join(ON_ERROR)}")
-    if batch_size < 1:
-        raise UserError("batch size must be at least 1")
+    if batch_size < 1 or chunk_rows < 1:
+        raise UserError("batch size and chunk size must be at least 1")
+    ranks = ranks_from_env(device)
+    if ranks.world > 1 and ray:
+        raise UserError("--ray and torchrun are two ways to share the work: use one of them")
+    device = ranks.device(device)
     if engine == "openvino" or resolve_device(device).type == "cpu":
         tune_malloc()
     p = plan(model, data, weights=weights, layers=layers, root=root, download=download,
              dataset_options=dataset_options, device=device, precision=precision, dtype=dtype,
              image_size=image_size, normalize=normalize, cache_dir=cache_dir, batch_size=batch_size,
-             workers=workers, progress=progress, engine=engine, decoder=decoder)
+             workers=workers, progress=progress and ranks.leader, engine=engine, decoder=decoder)
     dataset = p.dataset
     wanted = list(splits or dataset.splits)
     unknown = [s for s in wanted if s not in dataset.splits]
     if unknown:
         raise UserError(f"dataset {data} has no split {unknown[0]!r}; it has {', '.join(dataset.splits)}")
+    run_options = dict(batch_size=batch_size, workers=workers, on_error=on_error, progress=progress,
+                       allow_missing=allow_missing_weights, chunk_rows=chunk_rows, ray=ray)
     results: dict[str, SplitResult] = {}
     backbone = None
     for split in wanted:
@@ -190,30 +209,40 @@ def extract(model: str = "efficientnet_lite0", data: str = "digits", *, weights:
         if len(source) == 0:
             raise UserError(f"split {split} of {data} has no images")
         path = p.identity.cache_path(cache_dir, split)
-        fingerprint = source.fingerprint()
+        stamps = stamps_of(source.paths) if source.paths is not None else None
+        fingerprint = source.fingerprint(stamps)
         identity = p.identity
-        lock = cache.lock_for(path)
-        cache.acquire(lock, path, log.info)
+        lock = cache.lock_for(path) if ranks.leader else None
+        if lock is not None:
+            cache.acquire(lock, path, log.info)
         try:
+            ranks.barrier()
             header = cache.read_header(path)
+            reuse = Reuse.none(len(source))
             if header and header["damaged"]:
-                log.warning(f"warning: {path} is damaged ({header['damaged']}); extracting it again")
+                if ranks.leader:
+                    log.warning(f"warning: {path} is damaged ({header['damaged']}); extracting it again")
             elif header and not overwrite:
-                v = verdict(header["identity"], header.get("fingerprint"), identity, fingerprint)
-                if v.conflicts:
-                    raise UserError(_conflict_message(path, v.conflicts, header["identity"], identity))
+                stored = header["identity"]
+                v = verdict(stored, header.get("fingerprint"), identity, fingerprint)
                 if v.hit:
                     results[split] = SplitResult(split, path, "hit")
                     continue
-                identity = identity.with_taps(header["identity"].taps + v.missing_taps)
+                grown = v.conflicts == ("fingerprint",) and source.paths is not None and can_reuse(path)
+                if v.conflicts and not grown:
+                    raise UserError(_conflict_message(path, v.conflicts, stored, identity))
+                identity = identity.with_taps(stored.taps + tuple(t for t in identity.taps if t not in stored.taps))
+                if grown and all(t in stored.taps for t in p.identity.taps):
+                    reuse = incremental_plan(path, source.paths, stamps)
             if backbone is None or set(backbone.layers) != set(identity.taps):
                 backbone = _load(p.weights, identity.taps, allow_missing_weights)
                 if identity.image_size is not None and identity.image_size < p.weights.preprocess.crop:
                     _check_runs_at(backbone, identity)
-            results[split] = _extract_split(backbone, p, identity, source, path, fingerprint, batch_size, workers,
-                                            on_error, progress, allow_missing_weights)
+            results[split] = _extract_split(backbone, p, identity, source, path, stamps, fingerprint, reuse,
+                                            ranks, **run_options)
         finally:
-            lock.release()
+            if lock is not None:
+                lock.release()
     return results
 
 
@@ -247,11 +276,17 @@ def _normalization(p: Plan, identity: FeatureIdentity) -> dict:
     return out
 
 
-def _extract_split(backbone, p: Plan, identity: FeatureIdentity, source, path, fingerprint, batch_size, workers,
-                   on_error, progress, allow_missing) -> SplitResult:
-    workers = default_workers(p.device) if workers is None else workers
-    threads = compute_threads(workers) if p.device.type == "cpu" else None
-    embedder = _embedder(backbone, p, identity, path, threads)
+def _extract_split(backbone, p: Plan, identity: FeatureIdentity, source, path: Path, stamps, fingerprint: str,
+                   reuse: Reuse, ranks: Ranks, *, batch_size, workers, on_error, progress, allow_missing,
+                   chunk_rows, ray) -> SplitResult:
+    asked_workers = workers   # --ray: how many actors (None: from the cluster)
+    if ranks.world > 1 and p.device.type == "cpu":
+        workers = 0 if workers is None else workers
+        threads = max(1, cpu_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world)))
+    else:
+        workers = default_workers(p.device) if workers is None else workers
+        threads = compute_threads(workers) if p.device.type == "cpu" else None
+    embedder = None if ray else _embedder(backbone, p, identity, path, threads)
     provenance = {**backbone.provenance(), "model": identity.model, "weights": backbone.weights,
                   "preprocess": identity.preprocess.as_dict(), "weights_preprocess": p.weights.preprocess.as_dict(),
                   "image_size": identity.image_size, "normalization": _normalization(p, identity),
@@ -260,43 +295,64 @@ def _extract_split(backbone, p: Plan, identity: FeatureIdentity, source, path, f
                   "n_images": len(source), "dtype": identity.dtype, "precision": identity.precision,
                   "precision_requested": identity.precision_requested, "device": str(p.device),
                   "layers": backbone.layers, "dims": backbone.dims, "allow_missing_weights": allow_missing,
-                  "engine": identity.engine, **(embedder.provenance() if identity.engine != "torch" else {}),
+                  "engine": identity.engine,
+                  **(embedder.provenance() if embedder is not None and identity.engine != "torch" else {}),
                   "decoder": identity.decoder, "malloc_tuning": malloc_tuned(), "workers": workers,
-                  "torch_threads": threads}
+                  "torch_threads": threads, "chunk_rows": chunk_rows,
+                  "runner": "ray" if ray else ("torchrun" if ranks.world > 1 else "process"),
+                  "processes": ranks.world}
+    manifest = {"identity": identity.to_dict(), "split": source.name, "fingerprint": fingerprint,
+                "dims": backbone.dims, "chunk_rows": chunk_rows, "n_images": len(source),
+                "base": cache.read_header(path)["fingerprint"] if reuse.base else None}
+    if ranks.leader:
+        ChunkStore.open(path, manifest, log.info)
+    ranks.barrier()
+    job = SplitJob(identity, source, stamps, fingerprint, ChunkStore(path, manifest), reuse, backbone.dims,
+                   provenance)
+    missing = ranks.broadcast(job.missing())
+    store = job.store
+    if ranks.leader:
+        if reuse.base is not None:
+            log.info(f"{source.name}: {reuse.describe()}")
+        if len(store.done()):
+            log.info(f"resuming {path.name}: {len(store.done())} of {store.total} chunks already done")
+    desc = f"{identity.data.label}/{source.name}" + (f" rank {ranks.rank}" if ranks.world > 1 else "")
     try:
-        writer = cache.CacheWriter(path, identity, source.name, fingerprint, provenance, backbone.dims,
-                                   has_paths=source.paths is not None)
-    except OSError as e:
-        raise UserError(f"could not create {cache.partial_path(path)}: {e.strerror or e}; free space and rerun "
-                        "the same command") from None
-    status = "resumed" if writer.resumed_from else "extracted"
-    if writer.resumed_from:
-        log.info(f"resuming {path.name} at image {writer.resumed_from} of {len(source)}")
-    try:
-        stats = run(embedder, source, writer, batch_size=batch_size, workers=workers, on_error=on_error,
-                    progress=progress, desc=f"{identity.data.label}/{source.name}",
-                    decoder=identity.decoder or "auto", threads=threads)
-        writer.finish()
+        if ray:
+            from .ray_runner import compute_on_ray
+
+            stats = compute_on_ray(job, p, missing, address=ray, batch_size=batch_size, workers=asked_workers,
+                                   on_error=on_error, progress=progress, desc=desc,
+                                   allow_missing=allow_missing)
+        else:
+            stats = compute(job, embedder, share(missing, ranks.rank, ranks.world), batch_size=batch_size,
+                            workers=workers, on_error=on_error, progress=progress, desc=desc,
+                            decoder=identity.decoder or "auto", threads=threads)
+        if ranks.world > 1:
+            every = ranks.gather(stats)
+            stats = RunStats(sum(s.images for s in every), max(s.seconds for s in every),
+                             [x for s in every for x in s.skipped])
+        if ranks.leader:
+            assemble(store, reuse, identity, source, stamps, fingerprint, provenance, backbone.dims)
+        ranks.barrier()
     except KeyboardInterrupt:
-        writer.close()
-        raise KeyboardInterrupt(f"{writer.saved_rows} of {len(source)} images of {source.name} saved in "
-                                f"{writer.partial}; rerun the same command to resume") from None
-    except (OSError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and "flush" not in str(e).lower():
-            _close_quietly(writer)
-            raise
-        _close_quietly(writer, flush=False)
-        raise UserError(f"could not write {writer.partial}: {getattr(e, 'strerror', None) or e}; the "
-                        f"{writer.saved_rows} rows written before are kept: free space and rerun the same "
-                        "command to resume") from None
-    except BaseException:
-        _close_quietly(writer)
-        raise
+        raise KeyboardInterrupt(f"{len(store.done())} of {store.total} chunks of {source.name} saved in "
+                                f"{store.dir}; rerun the same command to resume") from None
+    except OSError as e:
+        raise UserError(f"could not write in {store.dir}: {e.strerror or e}; the {len(store.done())} finished "
+                        "chunk(s) are kept: free space and rerun the same command to resume") from None
     if stats.skipped:
         shown = "; ".join(f"{Path(p).name}: {r}" for _, p, r in stats.skipped[:3])
         log.warning(f"skipped {len(stats.skipped)} unreadable image(s) in {source.name} ({shown}"
                     + (" ..." if len(stats.skipped) > 3 else "") + "); recorded in the cache under skipped/")
-    return SplitResult(source.name, path, status, stats.images, stats.seconds, len(stats.skipped))
+    status = "updated" if reuse.base is not None else ("resumed" if len(missing) < _chunks_with_work(job)
+                                                        else "extracted")
+    return SplitResult(source.name, path, status, stats.images, stats.seconds, len(stats.skipped),
+                       reuse.describe() if reuse.base is not None else "")
+
+
+def _chunks_with_work(job: SplitJob) -> int:
+    return sum(1 for k in range(job.store.total) if len(job.todo(k)))
 
 
 def _embedder(backbone, p: Plan, identity: FeatureIdentity, path: Path, threads: int | None = None):
@@ -311,13 +367,6 @@ def _embedder(backbone, p: Plan, identity: FeatureIdentity, path: Path, threads:
     return Embedder(backbone, p.device, p.autocast, identity.preprocess)
 
 
-def _close_quietly(writer, flush: bool = True) -> None:
-    try:
-        writer.close(flush=flush)
-    except Exception:  # noqa: BLE001 - the original error is the one to report
-        pass
-
-
 def _and(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + f" and {names[-1]}"
 
@@ -327,12 +376,15 @@ def summary(results: dict[str, SplitResult], started: float) -> str:
     images = sum(r.images for r in results.values())
     where = ", ".join(sorted({str(r.path.parent) for r in results.values()}))
     hits = [r.split for r in results.values() if r.status == "hit"]
+    updated = [f"{r.split}: {r.reuse}" for r in results.values() if r.status == "updated"]
     took = time.perf_counter() - started
-    if not images:
+    if not images and not updated:
         verb = "is" if len(hits) == 1 else "are"
         return f"Nothing to extract: {_and(hits)} {verb} already cached in {where} ({took:.1f} s)."
     rate = images / max(1e-9, sum(r.seconds for r in results.values()))
-    text = f"Extracted {images:,} images in {took:.1f} s ({rate:.1f} images/s)"
+    text = f"Extracted {images:,} images in {took:.1f} s" + (f" ({rate:.1f} images/s)" if images else "")
+    if updated:
+        text += f"; updated {_and(updated)}"
     if hits:
         text += f"; {_and(hits)} {'was' if len(hits) == 1 else 'were'} already cached"
     return text + f". Features are in {where}."

@@ -1,16 +1,16 @@
-"""The HDF5 feature cache: a resumable writer, a reader that trusts only complete files, a lock.
+"""The HDF5 feature cache: the writer of complete files, a reader that trusts only those, a lock.
 
 One file per feature identity and split (`FeatureIdentity.cache_path`); it may hold several taps.
 
-    features/<tap>    (N, D)  float32 or float16, chunked, resizable
+    features/<tap>    (N, D)  float32 or float16, chunked
     labels            (N,)    int64
     index             (N,)    int64   row -> position in the source split
-    paths             (N,)    utf-8   only where the images are files
-    skipped/index, skipped/label, skipped/path, skipped/reason   unreadable images
+    paths, stamps     (N,), (N, 2)    only where the images are files: path, (size, mtime_ns)
+    skipped/index, label, path, reason, size, mtime    unreadable images
 
 Attributes: `identity` (JSON, see extract.identity) with flat copies (model, dataset, precision,
 dtype, format), `split`, `fingerprint` (of the split's images), `complete`, `provenance` (JSON),
-`versions` (JSON), `created`, `next_index` (source position to resume from), `n_rows`.
+`versions` (JSON), `created`, `n_rows`. Unfinished work lives in extract.chunks, not here.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ PARTIAL = ".partial"
 _STR = h5py.string_dtype("utf-8")
 _CHUNK_BYTES = 256 * 1024
 _SPACE_MARGIN = 256 * 1024
-_SKIP_COLUMNS = (("index", np.int64), ("label", np.int64), ("path", _STR), ("reason", _STR))
+_SKIP_COLUMNS = (("index", np.int64), ("label", np.int64), ("path", _STR), ("reason", _STR), ("size", np.int64),
+                 ("mtime", np.int64))
 
 
 class Features(NamedTuple):
@@ -102,7 +103,7 @@ def read_header(path) -> dict | None:
                     "fingerprint": str(f.attrs.get("fingerprint", "")), "provenance": _attr_json(f, "provenance"),
                     "complete": bool(f.attrs.get("complete", False)),
                     "layers": sorted(f["features"].keys()) if "features" in f else [],
-                    "n_rows": int(f.attrs.get("n_rows", 0)), "next_index": int(f.attrs.get("next_index", 0)),
+                    "n_rows": int(f.attrs.get("n_rows", 0)),
                     "created": str(f.attrs.get("created", "")), "damaged": None}
     except (OSError, KeyError, ValueError) as e:
         return {"identity": None, "complete": False, "layers": [], "n_rows": 0, "damaged": _first_line(e)}
@@ -119,169 +120,114 @@ def damaged_message(path, reason: str) -> str:
 
 
 class CacheWriter:
-    """Append extracted rows to `<path>.partial`; durable progress after each flush; rename when done.
+    """Write the rows of a split, in source order, into a new file `tmp`; `finish` marks it complete
+    and moves it to the cache path atomically (extract.assemble feeds it chunk by chunk)."""
 
-    A partial file of the same identity, split, images and taps is resumed from its `next_index`.
-    Use under `lock_for(path)` so two processes never write one file. `has_paths` is False for
-    in-memory sources, which then get no `paths` column.
-    """
-
-    def __init__(self, path, identity: FeatureIdentity, split: str, fingerprint: str, provenance: dict,
-                 dims: dict[str, int], *, has_paths: bool = True, flush_rows: int = 1024,
-                 flush_seconds: float = 2.0):
-        self.path = Path(path)
-        self.partial = partial_path(path)
+    def __init__(self, tmp, identity: FeatureIdentity, split: str, fingerprint: str, provenance: dict,
+                 dims: dict[str, int], *, has_paths: bool = True):
+        self.tmp = Path(tmp)
         self.dtype = np.dtype(identity.dtype)
-        self.has_paths = has_paths
-        self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
-        self._last_flush = time.monotonic()
-        self.resumed_from = 0
-        self._buffer: list[tuple] = []
-        self._skips: list[tuple] = []
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        header = read_header(self.partial)
-        if (header and header["identity"] == identity and header["split"] == split
-                and header["fingerprint"] == fingerprint and set(header["layers"]) == set(dims)
-                and header["provenance"].get("dims") == provenance.get("dims")):
-            self.file = h5py.File(self.partial, "a")
-            self._truncate(int(self.file.attrs["n_rows"]))
-            self.resumed_from = int(self.file.attrs["next_index"])
-        else:
-            self.file = self._create(identity, split, fingerprint, provenance, dims)
-        self.next_index = self.resumed_from
-        self.saved_rows = int(self.file["labels"].shape[0])
-
-    def _create(self, identity, split, fingerprint, provenance, dims) -> h5py.File:
-        free = shutil.disk_usage(self.partial.parent).free
+        self.tmp.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.tmp.parent).free
         if free < _SPACE_MARGIN:
             raise OSError(errno.ENOSPC, f"No space left on device ({free // 1024} KiB free)")
         try:
-            f = h5py.File(self.partial, "w")
+            self.file = f = h5py.File(self.tmp, "w")
             for layer, dim in dims.items():
                 rows = min(2048, max(1, _CHUNK_BYTES // (dim * self.dtype.itemsize)))
                 f.create_dataset(f"features/{layer}", shape=(0, dim), maxshape=(None, dim), dtype=self.dtype,
                                  chunks=(rows, dim))
-            columns = (("labels", np.int64), ("index", np.int64)) + ((("paths", _STR),) if self.has_paths else ())
+            columns = (("labels", np.int64), ("index", np.int64)) + ((("paths", _STR),) if has_paths else ())
             for name, dt in columns:
                 f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(4096,))
+            if has_paths:
+                f.create_dataset("stamps", shape=(0, 2), maxshape=(None, 2), dtype=np.int64, chunks=(4096, 2))
             for name, dt in _SKIP_COLUMNS:
                 f.create_dataset(f"skipped/{name}", shape=(0,), maxshape=(None,), dtype=dt, chunks=(256,))
             f.attrs.update({**identity.to_attrs(), "split": split, "fingerprint": fingerprint, "complete": False,
                             "provenance": json.dumps(provenance, sort_keys=True), "versions": json.dumps(versions()),
-                            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                            "next_index": 0, "n_rows": 0})
-            f.flush()
-            return f
+                            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "n_rows": 0})
         except (OSError, RuntimeError) as e:  # h5py reports a full disk on flush as RuntimeError
-            self.partial.unlink(missing_ok=True)
+            self.discard()
             raise OSError(errno.ENOSPC if "space" in str(e).lower() or "flush" in str(e).lower() else errno.EIO,
                           f"cannot create the cache file ({_first_line(e)})") from None
 
     def _columns(self) -> list:
         f = self.file
-        return list(f["features"].values()) + [f["labels"], f["index"]] + ([f["paths"]] if "paths" in f else [])
-
-    def _truncate(self, n: int) -> None:
-        """Drop rows written after the last recorded flush (a crash between data and attributes)."""
-        f = self.file
-        for ds in self._columns():
-            if ds.shape[0] != n:
-                ds.resize(n, axis=0)
-        n_skip = min(len(f[f"skipped/{name}"]) for name, _ in _SKIP_COLUMNS)
-        for name, _ in _SKIP_COLUMNS:
-            f[f"skipped/{name}"].resize(n_skip, axis=0)
+        return list(f["features"].values()) + [f[n] for n in ("labels", "index", "paths", "stamps") if n in f]
 
     @property
     def n_rows(self) -> int:
-        return int(self.file["labels"].shape[0]) + sum(len(b[1]) for b in self._buffer)
+        return int(self.file["labels"].shape[0])
 
-    def append(self, features: dict[str, np.ndarray], labels, index, paths=None, next_index: int | None = None):
-        """Queue a batch of rows; `next_index` is the source position after this batch."""
-        self._buffer.append((features, np.asarray(labels, np.int64), np.asarray(index, np.int64), paths))
-        if next_index is not None:
-            self.next_index = next_index
-        if (sum(len(b[1]) for b in self._buffer) >= self.flush_rows
-                or time.monotonic() - self._last_flush >= self.flush_seconds):
-            self.flush()
-
-    def skip(self, index: int, path: str | None, reason: str, label: int = -1) -> None:
-        self._skips.append((index, label, path or "", reason))
-
-    def _ensure_space(self) -> None:
+    def _ensure_space(self, n: int, n_skips: int) -> None:
         """Refuse to write when the disk cannot take it: a failed HDF5 write can corrupt the file."""
-        n = sum(len(b[1]) for b in self._buffer)
-        start = self.file["labels"].shape[0]
-        datasets = self._columns()
-        need = _SPACE_MARGIN + len(self._skips) * 512 + n * 256  # path strings live in the global heap
-        for ds in datasets:  # HDF5 allocates whole chunks
+        start = self.n_rows
+        need = _SPACE_MARGIN + n_skips * 512 + n * 256  # path strings live in the global heap
+        for ds in self._columns():  # HDF5 allocates whole chunks
             rows = ds.chunks[0]
             new_chunks = -(-(start + n) // rows) - -(-start // rows)
             need += new_chunks * rows * int(np.prod(ds.chunks[1:])) * ds.dtype.itemsize
-        free = shutil.disk_usage(self.partial.parent).free
+        free = shutil.disk_usage(self.tmp.parent).free
         if free < need:
             raise OSError(errno.ENOSPC, f"No space left on device ({free // 1024} KiB free, "
                                         f"about {need // 1024} KiB needed)")
 
-    def flush(self) -> None:
-        """Write queued rows, then record progress; a crash after this loses nothing before it."""
+    def append(self, rows) -> None:
+        """Add `rows` (an extract.chunks.Rows, source order) and their skipped images at the end."""
         f = self.file
-        self._ensure_space()
-        if self._buffer:
-            labels = np.concatenate([b[1] for b in self._buffer])
-            start, n = f["labels"].shape[0], len(labels)
-            for layer, ds in f["features"].items():
-                ds.resize(start + n, axis=0)
-                ds[start:] = np.concatenate([b[0][layer] for b in self._buffer]).astype(self.dtype, copy=False)
-            for name, values in (("labels", labels), ("index", np.concatenate([b[2] for b in self._buffer]))):
-                f[name].resize(start + n, axis=0)
-                f[name][start:] = values
-            if "paths" in f:
-                f["paths"].resize(start + n, axis=0)
-                f["paths"][start:] = [p for b in self._buffer for p in b[3]]
-            self._buffer.clear()
-        if self._skips:
-            start = f["skipped/index"].shape[0]
+        n = len(rows)
+        self._ensure_space(n, len(rows.skipped))
+        start = self.n_rows
+        for layer, ds in f["features"].items():
+            ds.resize(start + n, axis=0)
+            ds[start:] = np.asarray(rows.features[layer]).astype(self.dtype, copy=False)
+        columns = {"labels": rows.labels, "index": rows.index}
+        if "paths" in f:
+            columns.update(paths=list(rows.paths), stamps=np.asarray(rows.stamps, np.int64).reshape(-1, 2))
+        for name, values in columns.items():
+            f[name].resize(start + n, axis=0)
+            f[name][start:] = values
+        if rows.skipped:
+            at = f["skipped/index"].shape[0]
             for col, (name, _) in enumerate(_SKIP_COLUMNS):
-                f[f"skipped/{name}"].resize(start + len(self._skips), axis=0)
-                f[f"skipped/{name}"][start:] = [s[col] for s in self._skips]
-            self._skips.clear()
-        self.saved_rows = f["labels"].shape[0]
-        f.attrs["n_rows"] = self.saved_rows
-        f.attrs["next_index"] = self.next_index
-        f.flush()
-        self._last_flush = time.monotonic()
+                f[f"skipped/{name}"].resize(at + len(rows.skipped), axis=0)
+                f[f"skipped/{name}"][at:] = [s[col] for s in rows.skipped]
+        f.attrs["n_rows"] = self.n_rows
 
-    def finish(self) -> Path:
-        """Flush, mark complete and move the partial file into place atomically."""
-        self.flush()
+    def finish(self, path) -> Path:
+        """Mark complete and move into place at `path` atomically."""
         self.file.attrs["complete"] = True
         self.file.close()
-        os.replace(self.partial, self.path)
-        return self.path
+        os.replace(self.tmp, path)
+        return Path(path)
 
-    def close(self, flush: bool = True) -> None:
-        """Close, keeping the partial file for a later resume; flush=False drops rows not yet written."""
-        if self.file.id.valid:
-            try:
-                if flush:
-                    self.flush()
-            finally:
+    def discard(self) -> None:
+        try:
+            if getattr(self, "file", None) is not None and self.file.id.valid:
                 self.file.close()
+        except Exception:  # noqa: BLE001 - the file is being thrown away
+            pass
+        self.tmp.unlink(missing_ok=True)
 
 
 def write_features(identity: FeatureIdentity, cache_dir, split: str, features: dict[str, np.ndarray], labels,
                    index=None, provenance: dict | None = None, paths=None, fingerprint: str = "") -> Path:
     """Write a complete cache file in one go (tests, imports from other tools); returns its path."""
+    from .chunks import Rows
+
     labels = np.asarray(labels, np.int64)
-    index = np.arange(len(labels)) if index is None else index
+    index = np.arange(len(labels)) if index is None else np.asarray(index, np.int64)
     provenance = dict(provenance or {})
     provenance.setdefault("dims", {k: int(v.shape[1]) for k, v in features.items()})
-    path = identity.with_taps(features).cache_path(cache_dir, split)
+    identity = identity.with_taps(features)
+    path = identity.cache_path(cache_dir, split)
+    stamps = np.full((len(labels), 2), -1, np.int64) if paths is not None else None
     with lock_for(path):
-        writer = CacheWriter(path, identity.with_taps(features), split, fingerprint, provenance, provenance["dims"],
-                             has_paths=paths is not None)
-        writer.append(features, labels, index, paths, next_index=len(labels))
-        return writer.finish()
+        writer = CacheWriter(Path(str(path) + ".writing"), identity, split, fingerprint, provenance,
+                             provenance["dims"], has_paths=paths is not None)
+        writer.append(Rows(features, labels, index, None if paths is None else list(paths), stamps))
+        return writer.finish(path)
 
 
 def _column(f: h5py.File, name: str) -> np.ndarray:
@@ -294,10 +240,13 @@ def _text(value) -> str:
 
 
 def _require_complete(path: Path) -> None:
+    from .chunks import ChunkStore
+
     if path.name.endswith(PARTIAL) or (not path.exists() and partial_path(path).exists()):
-        header = read_header(path if path.name.endswith(PARTIAL) else partial_path(path))
-        done = f" ({header['n_rows']} rows so far)" if header and not header["damaged"] else ""
-        raise UserError(f"cache {path} is incomplete{done}: rerun the same extract command to finish it")
+        final = Path(str(path)[:-len(PARTIAL)]) if path.name.endswith(PARTIAL) else path
+        store = ChunkStore.existing(final)
+        done = f" ({store.rows_done()} rows in {len(store.done())} of {store.total} chunks so far)" if store else ""
+        raise UserError(f"cache {final} is incomplete{done}: rerun the same extract command to finish it")
     if not path.exists():
         raise UserError(f"no cache file at {path}: run `python -m extract` first")
 
@@ -337,7 +286,7 @@ def load_features(path=None, layer: str | None = None, lazy: bool = False, *, da
         y = f["labels"][()]
         paths = [_text(p) for p in f["paths"][()]] if "paths" in f else None
         skipped = [{"index": int(i), "label": int(lab), "path": _text(p), "reason": _text(r)}
-                   for i, lab, p, r in zip(*(_column(f, f"skipped/{name}") for name, _ in _SKIP_COLUMNS))]
+                   for i, lab, p, r in zip(*(_column(f, f"skipped/{name}") for name, _ in _SKIP_COLUMNS[:4]))]
         meta = {"path": str(path), "layer": layer, "layers": layers, "identity": identity,
                 "split": str(f.attrs.get("split", "")), "fingerprint": str(f.attrs.get("fingerprint", "")),
                 "provenance": provenance, "versions": _attr_json(f, "versions"),

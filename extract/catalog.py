@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cache import read_header
+from .cache import PARTIAL, read_header
 from .errors import UserError
 from .identity import FeatureIdentity
 
@@ -38,6 +38,8 @@ def find_caches(cache_dir) -> list[dict]:
     """Every cache file under `cache_dir` with its header (complete or not), newest first."""
     found = []
     for path in Path(cache_dir).glob("**/*.h5"):
+        if path.parent.name.endswith(PARTIAL):   # chunks of an unfinished run
+            continue
         header = read_header(path)
         if header is not None:
             found.append({**header, "path": path, "mtime": path.stat().st_mtime})

@@ -50,6 +50,12 @@ def parser() -> argparse.ArgumentParser:
                    help="image files: tensor (JPEGs decoded and resized as uint8 tensors by torchvision, other "
                         "files by PIL), pil (every file by PIL; cached apart, named .pil), or auto (tensor where "
                         "torchvision still has its JPEG decoder, else pil; default)")
+    p.add_argument("--chunk-size", type=int, default=1024, metavar="N",
+                   help="images per chunk: the unit of resume and of sharing work between torchrun ranks or "
+                        "Ray actors (default: 1024)")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="run on a Ray cluster: auto (the one this machine belongs to), ray://host:port, or local "
+                        "(start one here); pip install -e \".[ray]\"; images must be at a path every node sees")
     p.add_argument("--on-error", default="skip", choices=["skip", "stop"],
                    help="unreadable images: skip and record them (default), or stop at the first")
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
@@ -132,13 +138,27 @@ def run(args: argparse.Namespace) -> int:
                           overwrite=args.overwrite, progress=args.progress, dataset_options=options,
                           allow_missing_weights=args.allow_missing_weights,
                           image_size=args.image_size, normalize=args.normalize, engine=args.engine,
-                          decoder=args.decoder)
+                          decoder=args.decoder, chunk_rows=args.chunk_size, ray=args.ray)
+        if not leader():
+            continue
         for r in results.values():
-            print(f"{r.split:>6}: {r.path} ({r.status})")
+            print(f"{r.split:>6}: {r.path} ({r.status}{': ' + r.reuse if r.reuse else ''})")
         print(summary(results, started))
     return 0
 
 
+def leader() -> bool:
+    """False in torchrun ranks other than 0, which print nothing."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return guarded(lambda: run(args))
+    try:
+        return guarded(lambda: run(args))
+    finally:
+        from .distributed import leave_process_group
+
+        leave_process_group()

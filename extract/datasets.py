@@ -71,11 +71,13 @@ class ImageSource:
         return ImageSource(self.name, self.classes, self.labels[idx],
                            paths=[self.paths[i] for i in idx], root=self.root)
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, stamps: np.ndarray | None = None) -> str:
         """sha256 hex of what identifies the content.
 
         Files: (path relative to the root, size, mtime_ns, label) per image, without reading
-        the files. Arrays: the array bytes and shape. Both include the labels and class names.
+        the files (`stamps`: their (size, mtime_ns) when already known, see
+        extract.incremental.stamps_of). Arrays: the array bytes and shape. Both include the
+        labels and class names.
         """
         h = hashlib.sha256()
         h.update(repr(self.classes).encode())
@@ -84,13 +86,12 @@ class ImageSource:
             h.update(np.ascontiguousarray(self.arrays).data)
             h.update(np.ascontiguousarray(self.labels).data)
             return h.hexdigest()
+        if stamps is None:
+            from .incremental import stamps_of
+
+            stamps = stamps_of(self.paths)
         root = self.root or ""
-        for path, label in zip(self.paths, self.labels.tolist()):
-            try:
-                st = os.stat(path)
-                size, mtime = st.st_size, st.st_mtime_ns
-            except OSError:
-                size, mtime = -1, -1
+        for path, label, (size, mtime) in zip(self.paths, self.labels.tolist(), stamps.tolist()):
             rel = os.path.relpath(path, root) if root else path
             h.update(f"{rel}\0{size}\0{mtime}\0{label}\n".encode())
         return h.hexdigest()

@@ -13,6 +13,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -190,10 +191,10 @@ class RunStats:
 
 
 class _WriterThread:
-    """Moves feature batches to the host and into the cache while the next batch computes."""
+    """Moves feature batches to the host and into the sink while the next batch computes."""
 
-    def __init__(self, writer):
-        self.writer, self.error = writer, None
+    def __init__(self, sink):
+        self.sink, self.error = sink, None
         self.queue: queue.Queue = queue.Queue(maxsize=4)
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
@@ -202,9 +203,8 @@ class _WriterThread:
         while (item := self.queue.get()) is not None:
             if self.error is None:
                 try:
-                    feats, labels, positions, paths, next_index = item
-                    self.writer.append({k: v.cpu().numpy() for k, v in feats.items()}, labels, positions,
-                                       paths, next_index)
+                    feats, kept, n, skipped = item
+                    self.sink.add({k: v.cpu().numpy() for k, v in feats.items()}, kept, n, skipped)
                 except BaseException as e:  # re-raised in the main thread
                     self.error = e
 
@@ -222,78 +222,75 @@ class _WriterThread:
         self._check()
 
 
-def run(embedder: Embedder, source, writer, *, batch_size: int = 64, workers: int = 0,
+def run(embedder: Embedder, source, sink, batches: Sequence[Sequence[int]], *, workers: int = 0,
         on_error: str = "skip", progress: bool = True, desc: str = "", decoder: str = "auto",
         threads: int | None = None) -> RunStats:
-    """Extract `source` from `writer.next_index` to the end into `writer` (which the caller finishes).
+    """Embed the source positions of `batches` (lists of positions) into `sink`, batch by batch.
 
-    decoder: how image files are decoded (extract.pipeline.resolve_decoder). threads: torch's
-    intra-op threads while it runs on the CPU (None: `compute_threads(workers)`); restored after.
+    `sink.add(features, kept, n, skipped)` receives each batch's features (numpy, readable images
+    only), their positions, the batch size and the unreadable images as (position, path, reason),
+    in a writer thread. decoder: how image files are decoded (extract.pipeline.resolve_decoder).
+    threads: torch's intra-op threads while it runs on the CPU (None: `compute_threads(workers)`);
+    restored after.
     """
     if embedder.device.type != "cpu":
-        return _run(embedder, source, writer, batch_size, workers, on_error, progress, desc, decoder)
+        return _run(embedder, source, sink, batches, workers, on_error, progress, desc, decoder)
     saved = torch.get_num_threads()
     torch.set_num_threads(threads or compute_threads(workers))
     try:
-        return _run(embedder, source, writer, batch_size, workers, on_error, progress, desc, decoder)
+        return _run(embedder, source, sink, batches, workers, on_error, progress, desc, decoder)
     finally:
         torch.set_num_threads(saved)
 
 
-def _run(embedder: Embedder, source, writer, batch_size, workers, on_error, progress, desc, decoder) -> RunStats:
-    start = writer.next_index
+def _run(embedder: Embedder, source, sink, batches, workers, on_error, progress, desc, decoder) -> RunStats:
     stats = RunStats()
     pin = embedder.device.type == "cuda"
-    bar = tqdm(total=len(source), initial=start, desc=desc, unit="img", disable=not progress, dynamic_ncols=True,
+    bar = tqdm(total=sum(map(len, batches)), desc=desc, unit="img", disable=not progress, dynamic_ncols=True,
                smoothing=0.1)
-    batches = SourceBatches(source, embedder.preprocess, BatchSampler(range(start, len(source)), batch_size, False),
-                            workers=workers, pin=pin, decoder=decoder)
-    sink = _WriterThread(writer)
+    loader = SourceBatches(source, embedder.preprocess, batches, workers=workers, pin=pin, decoder=decoder)
+    writer = _WriterThread(sink)
     t0 = time.perf_counter()
     try:
-        for x, positions, reasons in batches:
+        for x, positions, reasons in loader:
             bad = [k for k, r in enumerate(reasons) if r]
+            skipped = []
             for k in bad:
                 path = source.paths[positions[k]] if source.paths else None
                 if on_error == "stop":
-                    sink.close()
-                    raise UserError(f"cannot read {path}: {reasons[k]} (the {writer.n_rows} images before it are "
-                                    f"saved; fix or remove the file and rerun, or use --on-error skip)")
+                    writer.close()
+                    raise UserError(f"cannot read {path}: {reasons[k]} (the chunks finished before it are saved; "
+                                    "fix or remove the file and rerun, or use --on-error skip)")
                 stats.skipped.append((int(positions[k]), path or "", reasons[k]))
-                writer.skip(int(positions[k]), path, reasons[k], int(source.labels[positions[k]]))
+                skipped.append(stats.skipped[-1])
             keep = np.array([not r for r in reasons])
             feats = embedder(x)
             if len(bad):
                 feats = {k: v[torch.from_numpy(keep).to(v.device)] for k, v in feats.items()}
-            kept = positions[keep]
-            paths = [source.paths[i] for i in kept] if source.paths else None
-            sink.put((feats, source.labels[kept], kept, paths, int(positions[-1]) + 1))
+            writer.put((feats, positions[keep], len(positions), skipped))
             stats.images += len(positions)
             bar.update(len(positions))
             bar.set_postfix_str(f"{stats.images / (time.perf_counter() - t0):.1f} img/s", refresh=False)
-        sink.close()
+        writer.close()
     finally:
-        if sink.thread.is_alive():
-            sink.queue.put(None)
-            sink.thread.join()
+        if writer.thread.is_alive():
+            writer.queue.put(None)
+            writer.thread.join()
         bar.close()
         stats.seconds = time.perf_counter() - t0
     return stats
 
 
 class _Collect:
-    """A writer that keeps rows and skipped images in memory (for `embed`)."""
+    """A sink that keeps rows and skipped images in memory (for `embed`)."""
 
     def __init__(self):
-        self.next_index, self.rows, self.index, self.skipped, self.n_rows = 0, [], [], [], 0
+        self.rows, self.index, self.skipped = [], [], []
 
-    def append(self, features, labels, index, paths=None, next_index=None):
+    def add(self, features, kept, n, skipped):
         self.rows.append(features)
-        self.index.append(np.asarray(index))
-        self.n_rows += len(labels)
-
-    def skip(self, index, path, reason, label=-1):
-        self.skipped.append((index, path, reason))
+        self.index.append(np.asarray(kept))
+        self.skipped += skipped
 
 
 @dataclass
@@ -319,7 +316,8 @@ def embed(backbone, source, *, preprocess: Preprocess | None = None, precision: 
     preprocess = preprocess or effective_preprocess(backbone.preprocess, source.arrays is not None)
     sink = _Collect()
     run(Embedder(backbone, dev, resolve_precision(precision, dev), preprocess), source, sink,
-        batch_size=batch_size, workers=workers, progress=progress, decoder=decoder)
+        list(BatchSampler(range(len(source)), batch_size, False)), workers=workers, progress=progress,
+        decoder=decoder)
     features = {k: np.concatenate([r[k] for r in sink.rows]) if sink.rows else np.zeros((0, d), np.float32)
                 for k, d in backbone.dims.items()}
     index = np.concatenate(sink.index) if sink.index else np.zeros(0, np.int64)

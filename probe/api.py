@@ -14,6 +14,7 @@ from extract.errors import UserError
 
 from .data import ProbeData, Selection, load_probe_data, select_caches, selection_from_paths
 from .heads import get_head, list_heads
+from .placement import check_solver, memory_for, place
 from .protocol import ProbeRun, run_probe
 
 log = logging.getLogger(__name__)
@@ -64,21 +65,33 @@ def evaluate(heads: str | Sequence[str] = "logreg", *, cache_dir="cache", data: 
              dtype: str | None = None, image_size: int | None = None, normalize: str | None = None,
              features=None, test_features=None, val_features=None, results_dir="results", grid: str = "fast", scale: str | None = None, seed: int = 0,
              n_jobs: int | None = None, max_search_samples: int | None = None, save: bool = True,
-             progress: bool = True) -> Evaluation:
-    """Fit each head on cached features (select on validation, refit, test once) and write its results."""
+             progress: bool = True, solver: str = "auto", device: str = "auto",
+             max_memory: float | None = None) -> Evaluation:
+    """Fit each head on cached features (select on validation, refit, test once) and write its results.
+
+    solver: logreg's, auto|sklearn|torch; device: the torch heads', auto|cpu|cuda. Features whose in-memory
+    path needs more than the available RAM (or `max_memory` GB) are streamed from the cache, which only
+    logreg on torch and knn can fit (probe.placement).
+    """
     from .plots import plot_comparison
     from .results import result_dir, save_head, write_result
 
     names = head_names(heads)
+    check_solver(names, solver)
     if max_search_samples is not None and max_search_samples < 2:
         raise UserError("--max-search-samples must be at least 2")
     selection = choose_features(cache_dir=cache_dir, data=data, model=model, layer=layer, precision=precision,
                                 dtype=dtype, image_size=image_size, normalize=normalize, features=features,
                                 test_features=test_features, val_features=val_features)
-    probe_data = load_probe_data(selection, seed=seed)
+    memory = memory_for(selection.files, selection.layer, max_memory)
+    placed = [place(name, solver=solver, device=device, scale=scale, streamed=not memory.fits, memory=memory)
+              for name in names]
+    if not memory.fits:
+        log.info(f"the features would need {memory.describe()} in memory: streaming them from the cache")
+    probe_data = load_probe_data(selection, seed=seed, lazy=not memory.fits)
     out = Evaluation(probe_data, [])
-    for name in names:
-        run = run_probe(name, probe_data, grid=grid, scale=scale, seed=seed, n_jobs=n_jobs,
+    for head in placed:
+        run = run_probe(head, probe_data, grid=grid, scale=scale, seed=seed, n_jobs=n_jobs,
                         max_search_samples=max_search_samples, progress=progress)
         out.runs.append(run)
         out.result_paths.append(write_result(run.result, results_dir))

@@ -9,12 +9,14 @@ from pathlib import Path
 from extract.errors import UserError, guarded
 
 from .heads import GRIDS, SCALES, list_heads
+from .placement import SOLVERS
 from .report import FORMATS
 
 EPILOG = """examples:
   python -m probe --head logreg                 newest extraction under ./cache
   python -m probe --head all --data digits      every head, one comparison table
   python -m probe --head logreg,knn --model all every cached backbone, one pivot table + chart
+  python -m probe --head logreg --solver torch --device cuda    L-BFGS on the GPU (streams big caches)
   python -m probe --head logreg --layer all     accuracy against depth
   python -m probe --head logreg --shots 1,2,5,10,20,all --seeds 5   few-shot curve
   python -m probe --features cache/x/m/train.h5 --test-features cache/x/m/test.h5 --head svm
@@ -70,6 +72,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="validation carve, subsampling, estimator seeds")
     p.add_argument("--n-jobs", type=int, default=None, help="threads for BLAS/OpenMP during fits and processes for rf "
                    "(default: the libraries' choice; 1 is often fastest on a busy machine)")
+    p.add_argument("--solver", default="auto", choices=SOLVERS,
+                   help="logreg's solver: sklearn, or torch (full-batch L-BFGS on --device, the same objective; "
+                        "streams features larger than memory); auto (default): torch when a CUDA GPU is present "
+                        "or the features do not fit in memory, else sklearn")
+    p.add_argument("--device", default="auto",
+                   help="device of --solver torch and knn: auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--max-memory", type=float, default=None, metavar="GB",
+                   help="memory the features may take (default: the RAM available now); above it they are "
+                        "streamed from the cache, which logreg on torch and knn can do")
     p.add_argument("--max-search-samples", type=int, default=None, metavar="N",
                    help="search hyperparameters on a stratified subsample of N train rows (refit uses all)")
     p.add_argument("--shots", metavar="K,K,...",
@@ -114,13 +125,20 @@ def _params(h: dict) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in h.items())
 
 
+def _where(result: dict) -> str:
+    """' (torch on cuda, streamed)' for heads fit on torch; nothing for scikit-learn ones."""
+    if result.get("solver") != "torch":
+        return ""
+    return f" (torch on {result['device']}" + (", streamed)" if result.get("streamed") else ")")
+
+
 def run_heads(args) -> int:
     from .api import evaluate
     from .report import format_rows, result_row
 
     out = evaluate(args.head, **_selection(args), results_dir=args.results_dir, grid=args.grid, scale=args.scale,
                    seed=args.seed, n_jobs=args.n_jobs, max_search_samples=args.max_search_samples, save=args.save,
-                   progress=args.progress)
+                   progress=args.progress, solver=args.solver, device=args.device, max_memory=args.max_memory)
     data = out.data
     print(f"{data.dataset} / {data.model} / layer {data.layer} ({data.identity.precision}, {data.identity.dtype}): "
           f"{data.sizes['train']} train, {data.sizes['val']} validation, {data.sizes['test']} test "
@@ -130,7 +148,7 @@ def run_heads(args) -> int:
         r = run.result
         best_val = max(g["val_top1"] for g in r["grid"])
         m, t = r["metrics"], r["timing"]
-        print(f"{r['head']}: {_params(r['hyperparameters'])} (val top-1 {_pct(best_val)}) -> test top-1 "
+        print(f"{r['head']}{_where(r)}: {_params(r['hyperparameters'])} (val top-1 {_pct(best_val)}) -> test top-1 "
               f"{_pct(m['top1'])}" + (f", top-5 {_pct(m['top5'])}" if m["top5"] is not None else "")
               + f", balanced {_pct(m['balanced_accuracy'])}, macro-F1 {_pct(m['macro_f1'])}"
               + f" [search {t['search_seconds']:.2f} s, refit {t['fit_seconds']:.2f} s]")
@@ -156,7 +174,8 @@ def run_compare(args) -> int:
                                      normalize=args.normalize)
     out = compare(args.head, selections, results_dir=args.results_dir, grid=args.grid, seed=args.seed,
                   n_jobs=args.n_jobs, progress=args.progress, scale=args.scale,
-                  max_search_samples=args.max_search_samples, save=args.save)
+                  max_search_samples=args.max_search_samples, save=args.save, solver=args.solver,
+                  device=args.device, max_memory=args.max_memory)
     print(format_table(out.rows, out.winner))
     for path in write_comparison(out).values():
         print(f"wrote {path}")

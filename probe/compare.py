@@ -213,7 +213,8 @@ def choose_winner(rows: list[dict]) -> dict | None:
 
 def compare(heads: str | Sequence[str], selections: list[tuple[FeatureSet, str]], *, results_dir="results",
             grid: str = "fast", seed: int = 0, n_jobs: int | None = None, progress: bool = True,
-            scale: str | None = None, max_search_samples: int | None = None, save: bool = True) -> Comparison:
+            scale: str | None = None, max_search_samples: int | None = None, save: bool = True,
+            solver: str = "auto", device: str = "auto", max_memory: float | None = None) -> Comparison:
     """Run `probe.api.evaluate` for each (feature set, tap) and collect one row per head; pick the winner."""
     from .api import evaluate, head_names
 
@@ -227,7 +228,7 @@ def compare(heads: str | Sequence[str], selections: list[tuple[FeatureSet, str]]
         out = evaluate(names, features=g.files["train"], test_features=g.files.get("test"),
                        val_features=g.files.get("val"), layer=tap, results_dir=results_dir, grid=grid,
                        scale=scale, seed=seed, n_jobs=n_jobs, max_search_samples=max_search_samples, save=save,
-                       progress=progress)
+                       progress=progress, solver=solver, device=device, max_memory=max_memory)
         rows += [result_row(run.result, path, g.identity) for run, path in zip(out.runs, out.result_paths)]
     settings = {"grid": grid, "seed": seed, "scale": scale, "max_search_samples": max_search_samples}
     return Comparison(rows, choose_winner(rows), data, names, Path(results_dir), settings)

@@ -16,11 +16,15 @@ from extract.catalog import FeatureSet, choose, select
 from extract.errors import UserError
 from extract.identity import FeatureIdentity, describe_differences, differences
 
+from .rows import Rows
 from .splits import split_roles, validation_mask
 
 @dataclass
 class ProbeData:
-    """Features and class ids of the three roles; y_test is only read after selection."""
+    """Features and class ids of the three roles; y_test is only read after selection.
+
+    The X arrays are probe.rows.Rows views instead when the features are streamed from the cache.
+    """
 
     X_train: np.ndarray
     y_train: np.ndarray
@@ -96,7 +100,15 @@ def selection_from_paths(features, test_features=None, val_features=None, layer=
 
 # --- loading and checking ---------------------------------------------------------------------
 
-def _load(path: Path, layer: str | None, role: str):
+def _load(path: Path, layer: str | None, role: str, lazy: bool = False):
+    if lazy:  # a view of the file; blocks are checked for NaN/inf as they are read
+        feats = load_features(path, layer, lazy=True)
+        name = feats.X.name
+        feats.meta.pop("file").close()
+        X = Rows.of(path, name)
+        if len(X) == 0:
+            raise UserError(f"{role} split in {path} is empty")
+        return X, np.asarray(feats.y, np.int64), feats.meta
     feats = load_features(path, layer)
     X = np.asarray(feats.X, dtype=np.float32)
     if X.ndim != 2 or len(X) == 0:
@@ -132,8 +144,11 @@ def _require_classes(y: np.ndarray, role: str, what: str) -> None:
         raise UserError(f"the {role} split has only one class ({what}); a classifier needs at least two")
 
 
-def load_probe_data(selection: Selection, seed: int = 0, val_fraction: float = 0.2) -> ProbeData:
-    """Read the selected cache files, check they belong together, and assign train/val/test roles."""
+def load_probe_data(selection: Selection, seed: int = 0, val_fraction: float = 0.2, lazy: bool = False) -> ProbeData:
+    """Read the selected cache files, check they belong together, and assign train/val/test roles.
+
+    lazy=True leaves the features in their files (Rows views) and reads only labels and metadata.
+    """
     files = selection.files
     roles = split_roles(files)
     if roles is None:
@@ -143,7 +158,7 @@ def load_probe_data(selection: Selection, seed: int = 0, val_fraction: float = 0
     arrays, metas = {}, {}
     for split in dict.fromkeys(["train", val_split, test_split]):
         if split:
-            X, y, meta = _load(files[split], selection.layer, split)
+            X, y, meta = _load(files[split], selection.layer, split, lazy)
             arrays[split], metas[split] = (X, y), meta
     check_same_identity(metas)
     dims = {role: X.shape[1] for role, (X, _) in arrays.items()}

@@ -45,10 +45,15 @@ class Head:
     grid: Callable[[str, dict], list[dict]]   # grid(grid_name, stats) -> [params]; stats: n, d, n_classes, x_var
     path: bool = False                        # grid is a regularisation path, searched with warm starts
     seconds_per_fit: Callable[[dict, dict], float] | None = None   # rough cost model (params, stats) -> s
+    solver: str = "sklearn"                   # what fits it: sklearn or torch (see probe.placement)
+    device: str = "cpu"                       # where it runs
+    streams: bool = False                     # can fit features read from the cache block by block
+    scales_itself: bool = False               # the estimator scales its input; the pipeline passes X through
 
     def pipeline(self, scale: str | None = None, seed: int = 0, n_jobs: int | None = None, **params) -> Pipeline:
-        return Pipeline([("scale", make_scaler(scale or self.default_scale)),
-                         ("head", self.build(seed=seed, n_jobs=n_jobs, **params))])
+        """Scaler + estimator; a head that scales itself had its scaling fixed when it was placed."""
+        scaler = "passthrough" if self.scales_itself else make_scaler(scale or self.default_scale)
+        return Pipeline([("scale", scaler), ("head", self.build(seed=seed, n_jobs=n_jobs, **params))])
 
 
 def make_scaler(scale: str):
@@ -77,6 +82,12 @@ def _logreg(seed=0, n_jobs=None, C=1.0):
     return LogisticRegression(C=C, solver="lbfgs", max_iter=1000, tol=1e-4)
 
 
+def build_torch_logreg(seed=0, n_jobs=None, C=1.0, device="auto", scale="standard"):
+    """The torch twin of _logreg (same objective and tolerance), scaling its own input."""
+    from .torch_logreg import TorchLogisticRegression
+    return TorchLogisticRegression(C=C, scale=scale, device=device, max_iter=1000, tol=1e-4)
+
+
 def _linear_svm(seed=0, n_jobs=None, C=1.0):
     # liblinear's dual solver needs few passes at small C (measured 2-4x faster than the primal one on
     # standardised CNN features); at larger C it needs many, and "auto" picks the primal for n > d.
@@ -92,8 +103,8 @@ def _forest(seed=0, n_jobs=None, n_estimators=100, max_features="sqrt"):
                                   random_state=seed)
 
 
-def _knn(seed=0, n_jobs=None, n_neighbors=20):
-    return KNNClassifier(n_neighbors=n_neighbors, temperature=0.07)
+def _knn(seed=0, n_jobs=None, n_neighbors=20, device="auto"):
+    return KNNClassifier(n_neighbors=n_neighbors, temperature=0.07, device=device)
 
 
 # --- grids ------------------------------------------------------------------------------------
@@ -162,7 +173,8 @@ HEADS: dict[str, Head] = {
     "svm": Head("svm", "linear SVM (LinearSVC)", "standard", _linear_svm, _svm_grid),
     "svm-rbf": Head("svm-rbf", "RBF-kernel SVM (SVC)", "standard", _rbf_svm, _rbf_grid, seconds_per_fit=_rbf_cost),
     "rf": Head("rf", "random forest", "none", _forest, _forest_grid, seconds_per_fit=_forest_cost),
-    "knn": Head("knn", "cosine k-NN, DINO temperature-weighted vote", "none", _knn, _knn_grid),
+    "knn": Head("knn", "cosine k-NN, DINO temperature-weighted vote", "none", _knn, _knn_grid, solver="torch",
+                streams=True),
 }
 
 

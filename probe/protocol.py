@@ -21,9 +21,10 @@ from tqdm.auto import tqdm
 
 from .data import ProbeData
 from .heads import PAPER_WD, FAST_REFINE, Head, get_head, make_scaler
-from .knn import KNNClassifier
 from .metrics import classification_metrics
+from .placement import Memory, place
 from .results import SCHEMA, library_versions
+from .rows import concat, is_streamed
 from .splits import stratified_subsample
 
 WARN_SECONDS = 120.0
@@ -36,7 +37,7 @@ def _threads_for(X, n_jobs: int | None = None):
     spinning dominate them), else the libraries' default."""
     if n_jobs is not None and n_jobs > 0:
         return threadpool_limits(limits=n_jobs)
-    return threadpool_limits(limits=1) if np.asarray(X).size < SMALL else nullcontext()
+    return threadpool_limits(limits=1) if int(np.prod(np.shape(X))) < SMALL else nullcontext()
 
 
 @dataclass
@@ -73,7 +74,7 @@ def _grid_search(head, grid, Xtr, ytr, Xva, yva, seed, n_jobs, progress):
 def _knn_search(head, grid, Xtr, ytr, Xva, yva, seed, n_jobs, progress):
     """One neighbour search with the largest k serves every k in the grid."""
     t0 = time.perf_counter()
-    est = KNNClassifier().fit(Xtr, ytr)
+    est = head.build(seed=seed, n_jobs=n_jobs, **grid[0]).fit(Xtr, ytr)
     sims, idx = est.kneighbors(Xva, max(p["n_neighbors"] for p in grid))
     shared = time.perf_counter() - t0
     rows = []
@@ -135,13 +136,14 @@ def search(head: Head | str, X_train, y_train, X_val, y_val, *, grid: str = "fas
     """Try every grid point: fit on train, score top-1 on validation. Scaling is fit on train only."""
     head = get_head(head) if isinstance(head, str) else head
     t0 = time.perf_counter()
-    scaler = make_scaler(scale or head.default_scale)
+    scaler = "passthrough" if head.scales_itself else make_scaler(scale or head.default_scale)
     if scaler == "passthrough":
         Xtr, Xva = X_train, X_val
     else:
         Xtr = scaler.fit_transform(X_train).astype(np.float32, copy=False)
         Xva = scaler.transform(X_val).astype(np.float32, copy=False)
-    stats = {"n": len(Xtr), "d": Xtr.shape[1], "n_classes": len(np.unique(y_train)), "x_var": float(Xtr.var())}
+    stats = {"n": len(Xtr), "d": Xtr.shape[1], "n_classes": len(np.unique(y_train)),
+             "x_var": None if is_streamed(Xtr) else float(np.var(Xtr))}
     points = head.grid(grid, stats)
     if head.seconds_per_fit:
         cores = n_jobs if n_jobs and n_jobs > 0 and head.name == "rf" else 1
@@ -201,10 +203,16 @@ class ProbeRun:
     pipeline: object
 
 
-def run_probe(head_name: str, data: ProbeData, *, grid: str = "fast", scale: str | None = None, seed: int = 0,
-              n_jobs: int | None = None, max_search_samples: int | None = None, progress: bool = True) -> ProbeRun:
-    """Search on validation, refit on train+val, score once on test; returns the result dict and head."""
-    head = get_head(head_name)
+def run_probe(head_name: str | Head, data: ProbeData, *, grid: str = "fast", scale: str | None = None, seed: int = 0,
+              n_jobs: int | None = None, max_search_samples: int | None = None, progress: bool = True,
+              solver: str = "auto", device: str = "auto", memory: Memory | None = None) -> ProbeRun:
+    """Search on validation, refit on train+val, score once on test; returns the result dict and head.
+
+    A head name is placed here (probe.placement: solver, device, streaming); a Head is used as given.
+    """
+    streamed = is_streamed(data.X_train)
+    head = place(head_name, solver=solver, device=device, scale=scale, streamed=streamed, memory=memory) \
+        if isinstance(head_name, str) else head_name
     scale = scale or head.default_scale
     Xs, ys = data.X_train, data.y_train
     validation = data.validation
@@ -215,7 +223,7 @@ def run_probe(head_name: str, data: ProbeData, *, grid: str = "fast", scale: str
         validation += f"; search fit on a stratified subsample of {len(keep)} of {len(data.y_train)} train rows"
     found = search(head, Xs, ys, data.X_val, data.y_val, grid=grid, scale=scale, seed=seed, n_jobs=n_jobs,
                    progress=progress)
-    X_fit = np.concatenate([data.X_train, data.X_val])
+    X_fit = concat(data.X_train, data.X_val)
     y_fit = np.concatenate([data.y_train, data.y_val])
     if head.seconds_per_fit:
         stats = {"n": len(y_fit), "d": X_fit.shape[1]}
@@ -233,6 +241,7 @@ def run_probe(head_name: str, data: ProbeData, *, grid: str = "fast", scale: str
     metrics = classification_metrics(data.y_test, pred, scores, classes=data.classes)
     result = {
         "schema": SCHEMA, "kind": "probe", "head": head.name, "description": head.description,
+        "solver": head.solver, "device": head.device, "streamed": streamed,
         "dataset": data.dataset, "model": data.model, "identity": data.identity.to_dict(),
         "precision": data.identity.precision, "dtype": data.identity.dtype,
         "layer": data.layer, "metrics": metrics,

@@ -1,4 +1,4 @@
-"""The HDF5 cache on its own: round trip, resume, partial and damaged files, the reader's refusals."""
+"""The HDF5 cache on its own: round trip, chunks of unfinished runs, damaged files, the reader's refusals."""
 
 import os
 
@@ -6,7 +6,10 @@ import h5py
 import numpy as np
 import pytest
 
-from extract.cache import CacheWriter, iter_rows, load_features, partial_path, read_header, write_features
+from extract.assemble import assemble
+from extract.cache import iter_rows, load_features, partial_path, read_header, write_features
+from extract.chunks import ChunkStore, Rows
+from extract.incremental import Reuse
 from extract.catalog import feature_sets, find_caches
 from extract.errors import UserError
 from probe_helpers import toy_identity
@@ -14,10 +17,6 @@ from probe_helpers import toy_identity
 IDENT = toy_identity(dataset="d", model="m", taps=("penultimate", "layer4"))
 PROV = {"model": "m", "weights": "w", "dataset": "d", "split": "train", "classes": ["a", "b", "c"],
         "layers": ["penultimate", "layer4"], "dims": {"penultimate": 16, "layer4": 8}}
-
-
-def writer(path, identity=IDENT, fingerprint="f0", has_paths=False, **kw):
-    return CacheWriter(path, identity, "train", fingerprint, PROV, PROV["dims"], has_paths=has_paths, **kw)
 
 
 def rows(n, start=0, seed=0):
@@ -66,65 +65,74 @@ def test_unknown_layer_and_missing_file_are_user_errors(tmp_path):
         load_features(tmp_path / "nope.h5")
 
 
-def test_reader_refuses_partial_files_and_writer_resumes_them(tmp_path):
-    path = tmp_path / "train.h5"
-    w = writer(path, flush_rows=10)
-    for start in range(0, 30, 10):
-        w.append(*rows(10, start), next_index=start + 10)
-    w.close()  # as after Ctrl-C
-    assert not path.exists() and partial_path(path).exists()
-    with pytest.raises(UserError, match="incomplete.*30 rows"):
-        load_features(path)
-    with pytest.raises(UserError, match="incomplete"):
-        load_features(partial_path(path))
-    assert feature_sets(tmp_path) == [] and find_caches(tmp_path) == []  # .partial files are not caches
+def store_for(path, chunk_rows=10, n=50, **manifest):
+    return ChunkStore.open(path, {"chunk_rows": chunk_rows, "n_images": n, "fingerprint": "f0", **manifest})
 
-    w = writer(path)
-    assert w.resumed_from == 30
-    w.append(*rows(20, 30), next_index=50)
-    w.finish()
+
+def chunk(k, chunk_rows=10, skip=()):
+    feats, labels, index = rows(chunk_rows, k * chunk_rows)
+    keep = ~np.isin(index, skip)
+    return Rows({n: v[keep] for n, v in feats.items()}, labels[keep], index[keep], None, None,
+                [(int(i), 1, f"/data/{i}.jpg", "truncated image data", 5, 6) for i in skip])
+
+
+def assembled(path, store):
+    return assemble(store, Reuse.none(store.n), IDENT, Source(store.n), None, "f0", PROV, PROV["dims"])
+
+
+class Source:
+    """An in-memory source as assemble sees it: a name, labels, no paths."""
+
+    def __init__(self, n):
+        self.name, self.paths, self.labels = "train", None, np.arange(n) % 3
+
+
+def test_chunks_written_in_any_order_assemble_to_the_in_order_rows(tmp_path):
+    path = tmp_path / "train.h5"
+    store = store_for(path)
+    for k in (3, 0, 4, 2):
+        store.write(k, chunk(k))
+    assert store.done() == {0, 2, 3, 4} and not path.exists()
+    with pytest.raises(UserError, match="incomplete.*40 rows in 4 of 5 chunks"):
+        load_features(path)
+    assert feature_sets(tmp_path) == [] and find_caches(tmp_path) == []  # .partial folders are not caches
+    store = store_for(path)           # a rerun with the same manifest keeps the finished chunks
+    assert store.done() == {0, 2, 3, 4}
+    store.write(1, chunk(1))
+    assembled(path, store)
     X, y, meta = load_features(path)
-    expected = np.concatenate([rows(10, s)[0]["penultimate"] for s in (0, 10, 20)] + [rows(20, 30)[0]["penultimate"]])
-    np.testing.assert_array_equal(X, expected)
+    np.testing.assert_array_equal(X, np.concatenate([rows(10, s)[0]["penultimate"] for s in range(0, 50, 10)]))
     np.testing.assert_array_equal(meta["index"], np.arange(50))
     assert not partial_path(path).exists()
 
 
-def test_partial_from_other_inputs_is_discarded_not_mixed(tmp_path):
+def test_chunks_of_other_inputs_are_discarded_not_mixed(tmp_path):
     path = tmp_path / "train.h5"
-    w = writer(path, flush_rows=1)
-    w.append(*rows(10), next_index=10)
-    w.close()
-    w = writer(path, fingerprint="changed")
-    assert w.resumed_from == 0 and w.n_rows == 0
-    w.close()
-    w = writer(path, identity=toy_identity(dataset="d", model="m", precision="bf16", taps=IDENT.taps))
-    assert w.resumed_from == 0
-    w.close()
+    store_for(path).write(0, chunk(0))
+    assert store_for(path, fingerprint="changed").done() == set()
+    store_for(path).write(0, chunk(0))
+    assert store_for(path, chunk_rows=20).done() == set()
 
 
-def test_rows_beyond_the_recorded_progress_are_dropped_on_resume(tmp_path):
+def test_a_chunk_is_whole_or_absent(tmp_path):
     path = tmp_path / "train.h5"
-    w = writer(path, flush_rows=1)
-    w.append(*rows(10), next_index=10)
-    w.close()
-    with h5py.File(partial_path(path), "a") as f:  # data written, crash before progress was recorded
-        for ds in list(f["features"].values()) + [f["labels"], f["index"]]:
-            ds.resize(ds.shape[0] + 5, axis=0)
-    w = writer(path)
-    assert w.resumed_from == 10 and w.n_rows == 10
-    w.finish()
-    assert load_features(path).X.shape == (10, 16)
+    store = store_for(path)
+    broken = chunk(0)
+    broken.features = {"penultimate": broken.features["penultimate"],
+                       "layer4": np.array([object()] * 10, dtype=object)}   # h5py refuses it mid-write
+    with pytest.raises(TypeError):
+        store.write(0, broken)
+    assert store.done() == set() and [p.name for p in store.dir.iterdir()] == ["manifest.json"]
 
 
 def test_skipped_images_are_recorded(tmp_path):
     path = tmp_path / "train.h5"
-    w = writer(path)
-    w.append(*rows(4), next_index=5)
-    w.skip(4, "/data/bad.jpg", "truncated image data", label=1)
-    w.finish()
-    assert load_features(path).meta["skipped"] == [{"index": 4, "label": 1, "path": "/data/bad.jpg",
+    store = store_for(path, chunk_rows=5, n=5)
+    store.write(0, chunk(0, 5, skip=(4,)))
+    assembled(path, store)
+    assert load_features(path).meta["skipped"] == [{"index": 4, "label": 1, "path": "/data/4.jpg",
                                                      "reason": "truncated image data"}]
+    assert len(load_features(path).y) == 4
 
 
 def test_streaming_reader_yields_every_row_in_blocks(tmp_path):
@@ -147,18 +155,15 @@ def test_feature_sets_group_splits_by_identity_newest_first(tmp_path):
     assert read_header(b)["complete"]
 
 
-def test_in_memory_rows_have_no_paths_column_even_after_resume(tmp_path):
+def test_in_memory_rows_have_no_paths_column(tmp_path):
     path = tmp_path / "train.h5"
-    w = writer(path, flush_rows=1)
-    w.append(*rows(10), next_index=10)
-    w.close()
-    w = writer(path)
-    assert w.resumed_from == 10
-    w.append(*rows(5, 10), next_index=15)
-    w.finish()
+    store = store_for(path, n=15)
+    store.write(0, chunk(0))
+    store.write(1, chunk(1, 5))
+    assembled(path, store)
     with h5py.File(path) as f:
-        assert "paths" not in f
-    assert load_features(path).meta["paths"] is None
+        assert "paths" not in f and "stamps" not in f
+    assert load_features(path).meta["paths"] is None and len(load_features(path).y) == 15
 
 
 def test_truncated_cache_is_called_damaged_with_how_to_rebuild(tmp_path):

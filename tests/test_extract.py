@@ -14,7 +14,8 @@ from PIL import Image
 
 from extract import load_features
 from extract.api import extract, plan
-from extract.cache import partial_path, read_header
+from extract.cache import read_header
+from extract.chunks import ChunkStore
 from extract.cli import main
 from extract.errors import UserError
 
@@ -67,17 +68,6 @@ def test_matching_cache_is_a_hit_and_is_not_rewritten(tmp_path):
     assert os.stat(again["train"].path).st_mtime_ns == stamp
 
 
-def test_changed_images_are_never_silently_reused(tmp_path):
-    root = make_folder(tmp_path / "pets")
-    res = extract(data="imagefolder", root=str(root), cache_dir=tmp_path / "cache", **TINY)
-    assert len(load_features(res["train"].path).y) == 12
-    Image.new("RGB", (40, 40), "red").save(root / "train" / "cat" / "new.png")
-    with pytest.raises(UserError, match="images changed.*--overwrite"):
-        extract(data="imagefolder", root=str(root), cache_dir=tmp_path / "cache", **TINY)
-    res = extract(data="imagefolder", root=str(root), cache_dir=tmp_path / "cache", overwrite=True, **TINY)
-    assert res["train"].status == "extracted" and len(load_features(res["train"].path).y) == 13
-
-
 def test_new_layer_is_added_to_the_same_cache_in_one_pass(tmp_path):
     extract(data="synthetic", cache_dir=tmp_path, dataset_options={"n": 24}, splits=["train"], **TINY)
     res = extract(data="synthetic", cache_dir=tmp_path, dataset_options={"n": 24}, splits=["train"],
@@ -112,34 +102,35 @@ def test_stop_on_error_names_the_file_and_keeps_what_was_done(tmp_path):
     (root / "train" / "dog" / "zz-broken.jpg").write_bytes(b"garbage")
     cache = tmp_path / "cache"
     with pytest.raises(UserError, match="zz-broken.jpg"):
-        extract(data="imagefolder", root=str(root), cache_dir=cache, batch_size=2, on_error="stop", **TINY)
+        extract(data="imagefolder", root=str(root), cache_dir=cache, batch_size=2, on_error="stop", chunk_rows=4,
+                **TINY)
     final = cache_file(cache, model="cifar_resnet20", weights="none", data="imagefolder", root=str(root))
-    header = read_header(partial_path(final))
-    assert not final.exists() and header["n_rows"] == 12
-    res = extract(data="imagefolder", root=str(root), cache_dir=cache, batch_size=2, **TINY)
+    store = ChunkStore.existing(final)
+    assert not final.exists() and store.rows_done() == 12 and store.done() == {0, 1, 2}
+    res = extract(data="imagefolder", root=str(root), cache_dir=cache, batch_size=2, chunk_rows=4, **TINY)
     assert res["train"].status == "resumed" and len(load_features(final).y) == 12
 
 
 def test_killed_run_resumes_to_the_same_features_as_an_uninterrupted_one(tmp_path):
     root = make_folder(tmp_path / "pets", per_class=60, size=64, splits=("train",))
     args = ["--model", "resnet18", "--weights", "none", "--data", "imagefolder", "--root", str(root),
-            "--batch-size", "4", "--workers", "0", "--precision", "fp32", "--no-progress"]
+            "--batch-size", "4", "--workers", "0", "--precision", "fp32", "--no-progress", "--chunk-size", "16"]
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "extract", *args, "--cache-dir", str(killed)], cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": REPO}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     request = dict(model="resnet18", weights="none", data="imagefolder", root=str(root), precision="fp32")
-    partial = partial_path(cache_file(killed, **request))
+    final = cache_file(killed, **request)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        header = read_header(partial) if partial.exists() else None
-        if header and header["n_rows"] > 0:
+        store = ChunkStore.existing(final)
+        if store and store.done():
             break
-        time.sleep(0.2)
+        time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    header = read_header(partial)
-    assert header is not None and 0 < header["next_index"] < 120, "the run should have been killed midway"
+    store = ChunkStore.existing(final)
+    assert store is not None and 0 < len(store.done()) < store.total, "the run should have been killed midway"
 
     resumed = cli(*args, "--cache-dir", str(killed), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
@@ -160,7 +151,7 @@ def test_second_process_on_one_key_waits_then_reuses_the_first_ones_work(tmp_pat
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     final = cache_file(tmp_path / "cache", model="resnet18", weights="none", data="synthetic",
                        dataset_options={"n": 160})
-    partial = partial_path(final)
+    partial = ChunkStore(final, {"chunk_rows": 1, "n_images": 0}).dir
     deadline = time.time() + 120
     while not partial.exists() and time.time() < deadline and first.poll() is None:
         time.sleep(0.05)
@@ -177,14 +168,15 @@ def test_second_process_on_one_key_waits_then_reuses_the_first_ones_work(tmp_pat
 
 def test_full_disk_gives_a_message_and_keeps_what_was_written(tmp_path, tiny_disk):
     proc = cli("--model", "cifar_resnet20", "--weights", "none", "--data", "synthetic", "--option", "n=6000",
-               "--layer", "penultimate,layer1", "--cache-dir", str(tiny_disk), "--no-progress", cwd=tmp_path)
+               "--layer", "penultimate,layer1", "--cache-dir", str(tiny_disk), "--no-progress", "--chunk-size", "256",
+               cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "error: could not write" in proc.stderr and "No space left" in proc.stderr
     assert "Traceback" not in proc.stderr
     final = cache_file(tiny_disk, model="cifar_resnet20", weights="none", data="synthetic",
                        dataset_options={"n": 6000}, layers=["penultimate", "layer1"])
-    header = read_header(partial_path(final))
-    assert header is not None and header["n_rows"] > 0, "rows flushed before the disk filled are kept"
+    store = ChunkStore.existing(final)
+    assert store is not None and store.rows_done() > 0, "chunks finished before the disk filled are kept"
 
 
 @pytest.mark.parametrize("args, message", [
