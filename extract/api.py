@@ -34,6 +34,7 @@ from .pipeline import resolve_decoder
 DTYPES = ("float32", "float16")
 ENGINE_CHOICES = ("torch", "openvino", "auto")
 ON_ERROR = ("skip", "stop")
+DEFAULT_BATCH, CUDA_BATCH = 64, 256   # images per forward pass; a GPU needs more to stay busy
 log = logging.getLogger(__name__)
 
 
@@ -161,13 +162,14 @@ def _conflict_message(path: Path, conflicts, stored: FeatureIdentity | None, wan
 
 def extract(model: str = "efficientnet_lite0", data: str = "digits", *, weights: str | None = "default",
             layers: Sequence[str] | None = None, root: str | None = None, download: bool = False,
-            splits: Sequence[str] | None = None, cache_dir: str | os.PathLike = "cache", batch_size: int = 64,
-            workers: int | None = None, device: str = "auto", precision: str = "auto", dtype: str = "float32",
-            on_error: str = "skip", overwrite: bool = False, progress: bool = True,
+            splits: Sequence[str] | None = None, cache_dir: str | os.PathLike = "cache",
+            batch_size: int | None = None, workers: int | None = None, device: str = "auto",
+            precision: str = "auto", dtype: str = "float32", on_error: str = "skip", overwrite: bool = False,
+            progress: bool = True,
             dataset_options: dict | None = None, allow_missing_weights: bool = False,
             image_size: int | None = None, normalize: str = "weights",
             engine: str = "torch", decoder: str = "auto", chunk_rows: int = DEFAULT_CHUNK_ROWS,
-            ray: str | None = None) -> dict[str, SplitResult]:
+            ray: str | None = None, compile: bool = False) -> dict[str, SplitResult]:
     """Extract (or reuse) features for every split of `data` with backbone `model`; returns {split: SplitResult}.
 
     image_size: input side in pixels (None: the weights' own); normalize: "weights" (their own
@@ -180,10 +182,11 @@ def extract(model: str = "efficientnet_lite0", data: str = "digits", *, weights:
     the missing chunks, and an image folder that changed since its cache was made reuses the rows
     of unchanged files (extract.incremental). Under torchrun the ranks share the chunks
     (extract.distributed); `ray` (an address, or "local") runs them on a Ray cluster (extract.ray_runner).
+    compile=True runs the torch engine's backbone through torch.compile (its time is in the provenance).
     """
     if on_error not in ON_ERROR:
         raise UserError(f"unknown --on-error {on_error!r}: use {' or '.join(ON_ERROR)}")
-    if batch_size < 1 or chunk_rows < 1:
+    if (batch_size is not None and batch_size < 1) or chunk_rows < 1:
         raise UserError("batch size and chunk size must be at least 1")
     ranks = ranks_from_env(device)
     if ranks.world > 1 and ray:
@@ -193,15 +196,19 @@ def extract(model: str = "efficientnet_lite0", data: str = "digits", *, weights:
         tune_malloc()
     p = plan(model, data, weights=weights, layers=layers, root=root, download=download,
              dataset_options=dataset_options, device=device, precision=precision, dtype=dtype,
-             image_size=image_size, normalize=normalize, cache_dir=cache_dir, batch_size=batch_size,
-             workers=workers, progress=progress and ranks.leader, engine=engine, decoder=decoder)
+             image_size=image_size, normalize=normalize, cache_dir=cache_dir,
+             batch_size=batch_size or DEFAULT_BATCH, workers=workers, progress=progress and ranks.leader, engine=engine, decoder=decoder)
+    if compile and (p.identity.engine != "torch" or ray):
+        raise UserError("--compile applies to the torch engine in this process: drop it with --engine openvino "
+                        "or --ray")
+    batch_size = batch_size or (CUDA_BATCH if p.device.type == "cuda" else DEFAULT_BATCH)
     dataset = p.dataset
     wanted = list(splits or dataset.splits)
     unknown = [s for s in wanted if s not in dataset.splits]
     if unknown:
         raise UserError(f"dataset {data} has no split {unknown[0]!r}; it has {', '.join(dataset.splits)}")
     run_options = dict(batch_size=batch_size, workers=workers, on_error=on_error, progress=progress,
-                       allow_missing=allow_missing_weights, chunk_rows=chunk_rows, ray=ray)
+                       allow_missing=allow_missing_weights, chunk_rows=chunk_rows, ray=ray, compile=compile)
     results: dict[str, SplitResult] = {}
     backbone = None
     for split in wanted:
@@ -278,7 +285,7 @@ def _normalization(p: Plan, identity: FeatureIdentity) -> dict:
 
 def _extract_split(backbone, p: Plan, identity: FeatureIdentity, source, path: Path, stamps, fingerprint: str,
                    reuse: Reuse, ranks: Ranks, *, batch_size, workers, on_error, progress, allow_missing,
-                   chunk_rows, ray) -> SplitResult:
+                   chunk_rows, ray, compile) -> SplitResult:
     asked_workers = workers   # --ray: how many actors (None: from the cluster)
     if ranks.world > 1 and p.device.type == "cpu":
         workers = 0 if workers is None else workers
@@ -286,7 +293,7 @@ def _extract_split(backbone, p: Plan, identity: FeatureIdentity, source, path: P
     else:
         workers = default_workers(p.device) if workers is None else workers
         threads = compute_threads(workers) if p.device.type == "cpu" else None
-    embedder = None if ray else _embedder(backbone, p, identity, path, threads)
+    embedder = None if ray else _embedder(backbone, p, identity, path, threads, compile)
     provenance = {**backbone.provenance(), "model": identity.model, "weights": backbone.weights,
                   "preprocess": identity.preprocess.as_dict(), "weights_preprocess": p.weights.preprocess.as_dict(),
                   "image_size": identity.image_size, "normalization": _normalization(p, identity),
@@ -296,7 +303,7 @@ def _extract_split(backbone, p: Plan, identity: FeatureIdentity, source, path: P
                   "precision_requested": identity.precision_requested, "device": str(p.device),
                   "layers": backbone.layers, "dims": backbone.dims, "allow_missing_weights": allow_missing,
                   "engine": identity.engine,
-                  **(embedder.provenance() if embedder is not None and identity.engine != "torch" else {}),
+                  **(embedder.provenance() if embedder is not None else {}),
                   "decoder": identity.decoder, "malloc_tuning": malloc_tuned(), "workers": workers,
                   "torch_threads": threads, "chunk_rows": chunk_rows,
                   "runner": "ray" if ray else ("torchrun" if ranks.world > 1 else "process"),
@@ -332,6 +339,8 @@ def _extract_split(backbone, p: Plan, identity: FeatureIdentity, source, path: P
             every = ranks.gather(stats)
             stats = RunStats(sum(s.images for s in every), max(s.seconds for s in every),
                              [x for s in every for x in s.skipped])
+        if embedder is not None:
+            provenance.update(embedder.provenance())   # what running taught (compile time)
         if ranks.leader:
             assemble(store, reuse, identity, source, stamps, fingerprint, provenance, backbone.dims)
         ranks.barrier()
@@ -355,7 +364,8 @@ def _chunks_with_work(job: SplitJob) -> int:
     return sum(1 for k in range(job.store.total) if len(job.todo(k)))
 
 
-def _embedder(backbone, p: Plan, identity: FeatureIdentity, path: Path, threads: int | None = None):
+def _embedder(backbone, p: Plan, identity: FeatureIdentity, path: Path, threads: int | None = None,
+              compile: bool = False):
     """What runs the network: torch's Embedder, or OpenVINO's (its converted model kept beside the
     cache files it feeds, in `<model>/openvino/`; `threads` inference threads, the cores the decode
     workers leave, as torch's intra-op threads)."""
@@ -364,7 +374,7 @@ def _embedder(backbone, p: Plan, identity: FeatureIdentity, path: Path, threads:
 
         return OpenVINOEmbedder(backbone, p.autocast, identity.preprocess, Path(path).parent / "openvino",
                                 threads=threads)
-    return Embedder(backbone, p.device, p.autocast, identity.preprocess)
+    return Embedder(backbone, p.device, p.autocast, identity.preprocess, compile=compile)
 
 
 def _and(names: list[str]) -> str:

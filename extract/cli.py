@@ -30,8 +30,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="dataset option, e.g. --option n=500 for the synthetic set")
     p.add_argument("--cache-dir", default="cache", help="cache root (default: ./cache)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, help="DataLoader workers (default: by device and cores)")
+    p.add_argument("--batch-size", type=int, help="images per forward pass (default: 256 on CUDA, else 64)")
+    p.add_argument("--workers", type=int, help="DataLoader workers (default: by device and cores); with --ray, "
+                   "the number of Ray actors (default: from the cluster)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast precision; auto = bf16/fp16 where the hardware has it, else fp32")
@@ -50,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
                    help="image files: tensor (JPEGs decoded and resized as uint8 tensors by torchvision, other "
                         "files by PIL), pil (every file by PIL; cached apart, named .pil), or auto (tensor where "
                         "torchvision still has its JPEG decoder, else pil; default)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the backbone through torch.compile (the torch engine; the first batch pays for the "
+                        "compilation, logged and kept in the provenance)")
     p.add_argument("--chunk-size", type=int, default=1024, metavar="N",
                    help="images per chunk: the unit of resume and of sharing work between torchrun ranks or "
                         "Ray actors (default: 1024)")
@@ -138,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
                           overwrite=args.overwrite, progress=args.progress, dataset_options=options,
                           allow_missing_weights=args.allow_missing_weights,
                           image_size=args.image_size, normalize=args.normalize, engine=args.engine,
-                          decoder=args.decoder, chunk_rows=args.chunk_size, ray=args.ray)
+                          decoder=args.decoder, chunk_rows=args.chunk_size, ray=args.ray,
+                          compile=args.compile)
         if not leader():
             continue
         for r in results.values():

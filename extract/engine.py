@@ -9,6 +9,7 @@ source -> uint8 batches (DataLoader workers decode + resize files; in-memory arr
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import queue
 import threading
@@ -27,6 +28,7 @@ from .pipeline import SourceBatches, to_model_input
 from .preprocess import Preprocess
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -159,22 +161,43 @@ def compute_threads(workers: int, cores: int | None = None) -> int:
 
 
 class Embedder:
-    """A frozen backbone on a device at a precision: uint8 batch in, {layer: (B, D) tensor} out."""
+    """A frozen backbone on a device at a precision: uint8 batch in, {layer: (B, D) tensor} out.
 
-    def __init__(self, backbone, device: torch.device, precision: torch.dtype | None, preprocess: Preprocess):
+    compile=True runs the backbone through torch.compile; the first batch of each shape pays for
+    the compilation, and `compile_seconds` says how long the first one took.
+    """
+
+    def __init__(self, backbone, device: torch.device, precision: torch.dtype | None, preprocess: Preprocess,
+                 compile: bool = False):
         self.device, self.precision, self.preprocess = device, precision, preprocess
         self.channels_last = device.type in ("cuda", "cpu")
         backbone.eval().requires_grad_(False)
         self.backbone = backbone.to(device, memory_format=torch.channels_last) if self.channels_last \
             else backbone.to(device)
+        self.compiled = compile
+        self.compile_seconds: float | None = None
+        if compile:
+            self.backbone = torch.compile(self.backbone)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        started = time.perf_counter()
         x = to_model_input(x, self.preprocess, self.device, self.channels_last)
-        with torch.autocast(self.device.type, dtype=self.precision or torch.float32,
-                            enabled=self.precision is not None):
-            out = self.backbone(x)
+        try:
+            with torch.autocast(self.device.type, dtype=self.precision or torch.float32,
+                                enabled=self.precision is not None):
+                out = self.backbone(x)
+        except torch.OutOfMemoryError:
+            raise UserError(f"out of {self.device.type.upper()} memory at a batch of {len(x)} images: rerun the "
+                            f"same command with --batch-size {max(1, len(x) // 2)} (finished chunks are kept)") \
+                from None
+        if self.compiled and self.compile_seconds is None:
+            self.compile_seconds = time.perf_counter() - started
+            log.info(f"torch.compile: the first batch took {self.compile_seconds:.1f} s (compilation included)")
         return {k: v.float() for k, v in out.items()}
+
+    def provenance(self) -> dict:
+        return {"compile": self.compiled, "compile_seconds": self.compile_seconds}
 
 
 @dataclass
