@@ -62,7 +62,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--model", default="efficientnet_lite0")
     ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--no-ray", action="store_true")
+    ap.add_argument("--runners", default="process,torchrun,ray", help="which to time (the incremental case "
+                    "always runs)")
     args = ap.parse_args()
     cifar = Path(args.cifar)
     if not (cifar / "train").is_dir():
@@ -77,10 +78,10 @@ def main() -> None:
                             *base]}
     try:
         import ray  # noqa: F401
-        if not args.no_ray:
-            runners["ray"] = [py, *base, "--ray", "local"]
+        runners["ray"] = [py, *base, "--ray", "local"]
     except ImportError:
         print("ray: not installed (pip install -e \".[ray]\"), skipped")
+    runners = {k: v for k, v in runners.items() if k == "process" or k in args.runners.split(",")}
     print(f"{args.images} CIFAR-10 JPEGs, {args.model}, {os.cpu_count()} cores, medians of {args.repeats}")
     rows = {}
     for name, cmd in runners.items():
@@ -96,10 +97,10 @@ def main() -> None:
         print(f"{name:<10} {wall:7.1f} {args.images / wall:9.1f} {inner:10.1f} {single / wall:10.2f}x")
 
     cache = work / "cache-incremental"
-    full = [timed([*runners["process"], "--cache-dir", str(cache)]) for _ in range(1)][0]
-    added, updates = [], []
+    full = timed([*runners["process"], "--cache-dir", str(cache)])
+    updates = []
     for r in range(args.repeats):
-        added += make_folder(cifar, root, max(10, args.images // 100), start=10_000 + r * 100)
+        make_folder(cifar, root, max(10, args.images // 100), start=4_000 + r * 100)   # unused images
         updates.append(timed([*runners["process"], "--cache-dir", str(cache)]))
     wall, inner = statistics.median(w for w, _ in updates), statistics.median(e for _, e in updates)
     print(f"incremental: +{max(10, args.images // 100)} images (1%): {wall:.1f} s whole process "

@@ -12,7 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .cache import CacheWriter
+from .cache import CacheWriter, as_text
 from .chunks import ChunkStore, Rows, chunk_range
 from .identity import FeatureIdentity
 from .incremental import Reuse
@@ -39,7 +39,7 @@ def reused_rows(base: h5py.File, reuse: Reuse, positions: range, source, stamps)
         reasons = base["skipped/reason"]
         for p in skip_pos:
             r = reasons[int(reuse.skip[p])]
-            skipped.append((int(p), int(source.labels[p]), source.paths[p], r.decode() if isinstance(r, bytes) else r,
+            skipped.append((int(p), int(source.labels[p]), source.paths[p], as_text(r),
                             int(stamps[p, 0]), int(stamps[p, 1])))
     return Rows(features, source.labels[take], take, paths, stamps[take], skipped)
 

@@ -235,7 +235,8 @@ def _column(f: h5py.File, name: str) -> np.ndarray:
     return f[name][()] if name in f else np.full(len(f["skipped/index"]), -1)
 
 
-def _text(value) -> str:
+def as_text(value) -> str:
+    """An HDF5 string (bytes or str) as str."""
     return value.decode() if isinstance(value, bytes) else value
 
 
@@ -284,8 +285,8 @@ def load_features(path=None, layer: str | None = None, lazy: bool = False, *, da
             raise UserError(f"cache {path} has no layer {layer!r}; it has {', '.join(layers)}")
         X = f[f"features/{layer}"] if lazy else f[f"features/{layer}"][()]
         y = f["labels"][()]
-        paths = [_text(p) for p in f["paths"][()]] if "paths" in f else None
-        skipped = [{"index": int(i), "label": int(lab), "path": _text(p), "reason": _text(r)}
+        paths = [as_text(p) for p in f["paths"][()]] if "paths" in f else None
+        skipped = [{"index": int(i), "label": int(lab), "path": as_text(p), "reason": as_text(r)}
                    for i, lab, p, r in zip(*(_column(f, f"skipped/{name}") for name, _ in _SKIP_COLUMNS[:4]))]
         meta = {"path": str(path), "layer": layer, "layers": layers, "identity": identity,
                 "split": str(f.attrs.get("split", "")), "fingerprint": str(f.attrs.get("fingerprint", "")),

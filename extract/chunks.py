@@ -24,6 +24,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .atomic import write_text_atomic
+from .cache import as_text
 from .errors import UserError
 
 PARTIAL = ".partial"
@@ -112,7 +114,7 @@ class ChunkStore:
             shutil.rmtree(store.dir) if store.dir.is_dir() else store.dir.unlink()
         try:
             store.dir.mkdir(parents=True)
-            _write_json(store.dir / MANIFEST, manifest)
+            write_text_atomic(store.dir / MANIFEST, json.dumps(manifest, sort_keys=True))
         except OSError as e:
             raise UserError(f"could not create {store.dir}: {e.strerror or e}; free space and rerun the same "
                             "command") from None
@@ -173,9 +175,9 @@ class ChunkStore:
 
     def read(self, k: int) -> Rows:
         with h5py.File(self.chunk_path(k), "r") as f:
-            paths = [_text(p) for p in f["paths"][()]] if "paths" in f else None
+            paths = [as_text(p) for p in f["paths"][()]] if "paths" in f else None
             s = {name: f[f"skipped/{name}"][()] for name in ("index", "label", "path", "reason", "size", "mtime")}
-            skipped = [(int(i), int(lab), _text(p), _text(r), int(sz), int(mt)) for i, lab, p, r, sz, mt in
+            skipped = [(int(i), int(lab), as_text(p), as_text(r), int(sz), int(mt)) for i, lab, p, r, sz, mt in
                        zip(s["index"], s["label"], s["path"], s["reason"], s["size"], s["mtime"])]
             return Rows({name: ds[()] for name, ds in f["features"].items()}, f["labels"][()], f["index"][()],
                         paths, f["stamps"][()] if "stamps" in f else None, skipped)
@@ -193,13 +195,3 @@ class ChunkStore:
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -16,6 +16,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .cache import as_text
+
 
 @dataclass
 class Reuse:
@@ -71,9 +73,9 @@ def can_reuse(base: Path) -> bool:
 def plan(base: Path, paths: list[str], stamps: np.ndarray) -> Reuse:
     """Match the current files (`paths`, `stamps`) against the rows and skip records of `base`."""
     with h5py.File(base, "r", locking=False) as f:
-        old_paths = [_text(p) for p in f["paths"][()]]
+        old_paths = [as_text(p) for p in f["paths"][()]]
         old_stamps = f["stamps"][()]
-        skip_paths = [_text(p) for p in f["skipped/path"][()]]
+        skip_paths = [as_text(p) for p in f["skipped/path"][()]]
         skip_stamps = np.stack([f["skipped/size"][()], f["skipped/mtime"][()]], axis=1)
     rows = {p: (i, tuple(s)) for i, (p, s) in enumerate(zip(old_paths, old_stamps.tolist()))}
     skips = {p: (i, tuple(s)) for i, (p, s) in enumerate(zip(skip_paths, skip_stamps.tolist()))}
@@ -93,7 +95,3 @@ def plan(base: Path, paths: list[str], stamps: np.ndarray) -> Reuse:
             reuse.skip[pos] = old[0]
     reuse.removed = len(rows) + len(skips) - seen
     return reuse
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
