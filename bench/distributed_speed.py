@@ -29,19 +29,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def make_folder(cifar: Path, dest: Path, n: int, start: int = 0) -> list[Path]:
-    """dest/train/<class>/<name>: n images, the same number per class, from image `start` of each class."""
-    classes = sorted(p.name for p in (cifar / "train").iterdir() if p.is_dir())
-    per = n // len(classes)
-    made = []
-    for c in classes:
-        (dest / "train" / c).mkdir(parents=True, exist_ok=True)
-        for src in sorted((cifar / "train" / c).iterdir())[start:start + per]:
-            shutil.copy2(src, dest / "train" / c / src.name)
-            made.append(dest / "train" / c / src.name)
-    return made
+sys.path.insert(0, str(REPO / "bench"))
+from extract_memory import make_subset  # noqa: E402
 
 
 def timed(cmd: list[str], env=None) -> tuple[float, float]:
@@ -70,7 +59,7 @@ def main() -> None:
         sys.exit(f"no CIFAR-10 JPEGs at {cifar}: tar xf ../shared/assets/cifar10-jpg.tar -C {cifar}")
     work = Path(tempfile.mkdtemp(prefix="featprobe-dist-"))
     root = work / "images"
-    make_folder(cifar, root, args.images)
+    make_subset(cifar, args.images, root)
     py = sys.executable
     base = ["-m", "extract", "--model", args.model, "--data", "imagefolder", "--root", str(root), "--no-progress"]
     runners = {"process": [py, *base],
@@ -100,7 +89,7 @@ def main() -> None:
     full = timed([*runners["process"], "--cache-dir", str(cache)])
     updates = []
     for r in range(args.repeats):
-        make_folder(cifar, root, max(10, args.images // 100), start=4_000 + r * 100)   # unused images
+        make_subset(cifar, max(10, args.images // 100), root, start=4_000 + r * 100)   # unused images
         updates.append(timed([*runners["process"], "--cache-dir", str(cache)]))
     wall, inner = statistics.median(w for w, _ in updates), statistics.median(e for _, e in updates)
     print(f"incremental: +{max(10, args.images // 100)} images (1%): {wall:.1f} s whole process "

@@ -20,13 +20,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_subset(cifar: Path, n: int, dest: Path) -> Path:
-    """A train/<class>/ folder of symlinks to the first n images (balanced across classes)."""
+def make_subset(cifar: Path, n: int, dest: Path, start: int = 0) -> Path:
+    """A train/<class>/ folder of symlinks to n images (balanced across classes), from image `start` of
+    each class; a second call adds to the folder."""
     classes = sorted(os.listdir(cifar / "train"))
     per_class = -(-n // len(classes))
     for c in classes:
-        (dest / "train" / c).mkdir(parents=True)
-        for name in sorted(os.listdir(cifar / "train" / c))[:per_class]:
+        (dest / "train" / c).mkdir(parents=True, exist_ok=True)
+        for name in sorted(os.listdir(cifar / "train" / c))[start:start + per_class]:
             os.symlink(cifar / "train" / c / name, dest / "train" / c / name)
     return dest
 

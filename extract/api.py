@@ -197,7 +197,8 @@ def extract(model: str = "efficientnet_lite0", data: str = "digits", *, weights:
     p = plan(model, data, weights=weights, layers=layers, root=root, download=download,
              dataset_options=dataset_options, device=device, precision=precision, dtype=dtype,
              image_size=image_size, normalize=normalize, cache_dir=cache_dir,
-             batch_size=batch_size or DEFAULT_BATCH, workers=workers, progress=progress and ranks.leader, engine=engine, decoder=decoder)
+             batch_size=batch_size or DEFAULT_BATCH, workers=workers, progress=progress and ranks.leader,
+             engine=engine, decoder=decoder)
     if compile and (p.identity.engine != "torch" or ray):
         raise UserError("--compile applies to the torch engine in this process: drop it with --engine openvino "
                         "or --ray")
@@ -310,7 +311,7 @@ def _extract_split(backbone, p: Plan, identity: FeatureIdentity, source, path: P
                   "processes": ranks.world}
     manifest = {"identity": identity.to_dict(), "split": source.name, "fingerprint": fingerprint,
                 "dims": backbone.dims, "chunk_rows": chunk_rows, "n_images": len(source),
-                "base": cache.read_header(path)["fingerprint"] if reuse.base else None}
+                "base": reuse.base_fingerprint}
     if ranks.leader:
         ChunkStore.open(path, manifest, log.info)
     ranks.barrier()
@@ -318,11 +319,12 @@ def _extract_split(backbone, p: Plan, identity: FeatureIdentity, source, path: P
                    provenance)
     missing = ranks.broadcast(job.missing())
     store = job.store
+    done_before = len(store.done())
     if ranks.leader:
         if reuse.base is not None:
             log.info(f"{source.name}: {reuse.describe()}")
-        if len(store.done()):
-            log.info(f"resuming {path.name}: {len(store.done())} of {store.total} chunks already done")
+        if done_before:
+            log.info(f"resuming {path.name}: {done_before} of {store.total} chunks already done")
     desc = f"{identity.data.label}/{source.name}" + (f" rank {ranks.rank}" if ranks.world > 1 else "")
     try:
         if ray:
@@ -354,14 +356,9 @@ def _extract_split(backbone, p: Plan, identity: FeatureIdentity, source, path: P
         shown = "; ".join(f"{Path(p).name}: {r}" for _, p, r in stats.skipped[:3])
         log.warning(f"skipped {len(stats.skipped)} unreadable image(s) in {source.name} ({shown}"
                     + (" ..." if len(stats.skipped) > 3 else "") + "); recorded in the cache under skipped/")
-    status = "updated" if reuse.base is not None else ("resumed" if len(missing) < _chunks_with_work(job)
-                                                        else "extracted")
+    status = "updated" if reuse.base is not None else ("resumed" if done_before else "extracted")
     return SplitResult(source.name, path, status, stats.images, stats.seconds, len(stats.skipped),
                        reuse.describe() if reuse.base is not None else "")
-
-
-def _chunks_with_work(job: SplitJob) -> int:
-    return sum(1 for k in range(job.store.total) if len(job.todo(k)))
 
 
 def _embedder(backbone, p: Plan, identity: FeatureIdentity, path: Path, threads: int | None = None,

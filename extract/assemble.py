@@ -24,14 +24,14 @@ def reused_rows(base: h5py.File, reuse: Reuse, positions: range, source, stamps)
     take = pos[reuse.row[pos] >= 0]
     old = reuse.row[take]
     order = np.argsort(old, kind="stable")
+    ascending = old[order]   # h5py reads rows by increasing index only
     features = {}
     for name, ds in base["features"].items():
         features[name] = np.empty((len(take), ds.shape[1]), ds.dtype)
         if len(take):
-            lo, hi = int(old[order[0]]), int(old[order[-1]]) + 1
-            block = ds[lo:hi] if hi - lo <= 4 * len(take) else ds[np.sort(old)]
-            index = old[order] - lo if hi - lo <= 4 * len(take) else np.arange(len(take))
-            features[name][order] = block[index]
+            lo, hi = int(ascending[0]), int(ascending[-1]) + 1
+            # one slice read when the rows lie close together (the usual case), else a point selection
+            features[name][order] = ds[lo:hi][ascending - lo] if hi - lo <= 4 * len(take) else ds[ascending]
     paths = [source.paths[i] for i in take]
     skipped = []
     skip_pos = pos[reuse.skip[pos] >= 0]
@@ -59,9 +59,7 @@ def assemble(store: ChunkStore, reuse: Reuse, identity: FeatureIdentity, source,
             parts = [store.read(k)] if k in done else []
             if base is not None:
                 parts.append(reused_rows(base, reuse, positions, source, stamps))
-            rows = Rows.join(parts, dims, has_paths)
-            rows.features = {name: rows.features[name] for name in dims}
-            writer.append(rows)
+            writer.append(Rows.join(parts, dims, has_paths))
         if base is not None:
             base.close()
             base = None

@@ -48,6 +48,7 @@ class Features(NamedTuple):
 
 
 def partial_path(path) -> Path:
+    """The folder holding the finished chunks of the cache file `path` until it is complete."""
     return Path(str(path) + PARTIAL)
 
 

@@ -25,19 +25,13 @@ import h5py
 import numpy as np
 
 from .atomic import write_text_atomic
-from .cache import as_text
+from .cache import as_text, partial_path
 from .errors import UserError
 
-PARTIAL = ".partial"
 MANIFEST = "manifest.json"
 DEFAULT_CHUNK_ROWS = 1024
 _STR = h5py.string_dtype("utf-8")
 _SPACE_MARGIN = 64 * 1024
-
-
-def parts_dir(path) -> Path:
-    """The folder holding the finished chunks of the cache file `path`."""
-    return Path(str(path) + PARTIAL)
 
 
 def chunk_range(k: int, chunk_rows: int, n: int) -> range:
@@ -94,7 +88,7 @@ class ChunkStore:
 
     def __init__(self, path, manifest: dict):
         self.path = Path(path)
-        self.dir = parts_dir(path)
+        self.dir = partial_path(path)
         self.manifest = manifest
         self.chunk_rows = int(manifest["chunk_rows"])
         self.n = int(manifest["n_images"])

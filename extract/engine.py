@@ -304,16 +304,17 @@ def _run(embedder: Embedder, source, sink, batches, workers, on_error, progress,
     return stats
 
 
-class _Collect:
-    """A sink that keeps rows and skipped images in memory (for `embed`)."""
+class Collect:
+    """A sink that keeps rows and skipped images in memory (for `embed` and Ray's actors)."""
 
     def __init__(self):
-        self.rows, self.index, self.skipped = [], [], []
+        self.rows, self.index, self.skipped, self.n = [], [], [], 0
 
     def add(self, features, kept, n, skipped):
         self.rows.append(features)
-        self.index.append(np.asarray(kept))
+        self.index.append(np.asarray(kept, np.int64))
         self.skipped += skipped
+        self.n += n
 
 
 @dataclass
@@ -337,7 +338,7 @@ def embed(backbone, source, *, preprocess: Preprocess | None = None, precision: 
     if dev.type == "cpu":
         tune_malloc()
     preprocess = preprocess or effective_preprocess(backbone.preprocess, source.arrays is not None)
-    sink = _Collect()
+    sink = Collect()
     run(Embedder(backbone, dev, resolve_precision(precision, dev), preprocess), source, sink,
         list(BatchSampler(range(len(source)), batch_size, False)), workers=workers, progress=progress,
         decoder=decoder)

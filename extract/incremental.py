@@ -29,6 +29,7 @@ class Reuse:
     new: int = 0
     changed: int = 0
     removed: int = 0
+    base_fingerprint: str | None = None   # the base cache's, so a resume knows it is the same base
 
     @staticmethod
     def none(n: int) -> "Reuse":
@@ -37,10 +38,6 @@ class Reuse:
     @property
     def reused(self) -> int:
         return int((self.row >= 0).sum() + (self.skip >= 0).sum())
-
-    def todo(self) -> np.ndarray:
-        """Positions whose features must be computed."""
-        return np.flatnonzero((self.row < 0) & (self.skip < 0))
 
     def describe(self) -> str:
         return (f"{self.reused:,} reused, {self.new:,} new, {self.removed:,} removed, "
@@ -77,9 +74,11 @@ def plan(base: Path, paths: list[str], stamps: np.ndarray) -> Reuse:
         old_stamps = f["stamps"][()]
         skip_paths = [as_text(p) for p in f["skipped/path"][()]]
         skip_stamps = np.stack([f["skipped/size"][()], f["skipped/mtime"][()]], axis=1)
+        base_fingerprint = str(f.attrs.get("fingerprint", ""))
     rows = {p: (i, tuple(s)) for i, (p, s) in enumerate(zip(old_paths, old_stamps.tolist()))}
     skips = {p: (i, tuple(s)) for i, (p, s) in enumerate(zip(skip_paths, skip_stamps.tolist()))}
-    reuse = Reuse(Path(base), np.full(len(paths), -1, np.int64), np.full(len(paths), -1, np.int64))
+    reuse = Reuse(Path(base), np.full(len(paths), -1, np.int64), np.full(len(paths), -1, np.int64),
+                  base_fingerprint=base_fingerprint)
     seen = 0
     for pos, (p, s) in enumerate(zip(paths, stamps.tolist())):
         old = rows.get(p) or skips.get(p)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .engine import RunStats, cpu_cores, cpu_split, default_workers, run
+from .engine import Collect, RunStats, cpu_cores, cpu_split, default_workers, run
 from .errors import UserError
 from .job import ChunkSink, SplitJob
 
@@ -145,19 +145,6 @@ def _task(job: SplitJob, k: int, batch_size: int) -> bytes:
     return pickle.dumps(task, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-class _Rows:
-    """An in-memory sink: one chunk's batches as `extract.engine.run` hands them over."""
-
-    def __init__(self):
-        self.features, self.kept, self.skipped, self.n = [], [], [], 0
-
-    def add(self, features, kept, n, skipped):
-        self.features.append(features)
-        self.kept.append(np.asarray(kept, np.int64))
-        self.skipped += skipped
-        self.n += n
-
-
 class _ChunkEmbedder:
     """The Ray Data actor: loads the backbone once, then embeds one chunk per call."""
 
@@ -200,7 +187,7 @@ class _ChunkEmbedder:
         labels = np.zeros(m, np.int64)   # the driver's sink puts the labels in
         source = ImageSource("chunk", [], labels, paths=task["paths"]) if "paths" in task else \
             ImageSource("chunk", [], labels, arrays=task["arrays"])
-        sink = _Rows()
+        sink = Collect()
         try:
             stats = run(self.embedder, source, sink, task["batches"], workers=self.workers if "paths" in task else 0,
                         on_error=self.spec["on_error"], progress=False, decoder=self.spec["decoder"],
@@ -208,9 +195,9 @@ class _ChunkEmbedder:
         except UserError as e:   # --on-error stop: the driver says it (after saving what came before)
             return {"chunk": task["chunk"], "error": str(e)}
         taps = self.spec["dims"]
-        features = {t: np.concatenate([f[t] for f in sink.features]) if sink.features
+        features = {t: np.concatenate([f[t] for f in sink.rows]) if sink.rows
                     else np.zeros((0, d), np.float32) for t, d in taps.items()}
-        kept = positions[np.concatenate(sink.kept)] if sink.kept else np.zeros(0, np.int64)
+        kept = positions[np.concatenate(sink.index)] if sink.index else np.zeros(0, np.int64)
         skipped = [(int(positions[i]), path, reason) for i, path, reason in sink.skipped]
         return {"chunk": task["chunk"], "features": features, "kept": kept, "n": sink.n, "skipped": skipped,
                 "seconds": stats.seconds, "device": self.device, "workers": self.workers, "threads": self.threads,

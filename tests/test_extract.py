@@ -14,7 +14,7 @@ from PIL import Image
 
 from extract import load_features
 from extract.api import extract, plan
-from extract.cache import read_header
+from extract.cache import partial_path, read_header
 from extract.chunks import ChunkStore
 from extract.cli import main
 from extract.errors import UserError
@@ -151,7 +151,7 @@ def test_second_process_on_one_key_waits_then_reuses_the_first_ones_work(tmp_pat
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     final = cache_file(tmp_path / "cache", model="resnet18", weights="none", data="synthetic",
                        dataset_options={"n": 160})
-    partial = ChunkStore(final, {"chunk_rows": 1, "n_images": 0}).dir
+    partial = partial_path(final)
     deadline = time.time() + 120
     while not partial.exists() and time.time() < deadline and first.poll() is None:
         time.sleep(0.05)

@@ -22,7 +22,7 @@ from extract import allocator
 from extract.api import extract, plan
 from extract.cache import read_header
 from extract.datasets import ImageSource
-from extract.engine import _Collect, compute_threads, cpu_split, default_workers, run
+from extract.engine import Collect, compute_threads, cpu_split, default_workers, run
 from extract.errors import UserError
 from extract.identity import DataRef, FeatureIdentity
 from extract.images import decode_jpeg_file, jpeg_frame, open_rgb
@@ -389,10 +389,10 @@ def test_a_cpu_run_sets_threads_and_restores_them():
     src = ImageSource("train", ["a"], np.zeros(5, np.int64), arrays=np.zeros((5, 32, 32, 3), np.uint8))
     before = torch.get_num_threads()
     spy = _ThreadSpy()
-    run(spy, src, _Collect(), [[0, 1], [2, 3], [4]], workers=0, progress=False, threads=1)
+    run(spy, src, Collect(), [[0, 1], [2, 3], [4]], workers=0, progress=False, threads=1)
     assert spy.seen == [1, 1, 1] and torch.get_num_threads() == before
     spy = _ThreadSpy()
-    run(spy, src, _Collect(), [[0, 1, 2, 3, 4]], workers=0, progress=False)
+    run(spy, src, Collect(), [[0, 1, 2, 3, 4]], workers=0, progress=False)
     assert spy.seen == [compute_threads(0)] and torch.get_num_threads() == before
 
 

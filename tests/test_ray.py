@@ -18,7 +18,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from extract.api import extract  # noqa: E402
-from extract.chunks import parts_dir  # noqa: E402
+from extract.cache import partial_path  # noqa: E402
 from extract.errors import UserError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,7 +192,7 @@ def test_arrays_equal_single_process(cluster, tmp_path, tmp_path_factory):
     prov = provenance(got.path)
     assert prov["runner"] == "ray" and prov["ray"]["actors"] >= 1 and prov["device"] == "cpu"
     assert provenance(local)["runner"] == "process"
-    assert not parts_dir(got.path).exists()
+    assert not partial_path(got.path).exists()
 
 
 def test_image_folder_equal_single_process(cluster, tmp_path, tmp_path_factory):
