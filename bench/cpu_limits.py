@@ -75,9 +75,9 @@ def timed_process(cmd: list[str], env: dict | None = None) -> tuple[float, float
 def child_decode(root: Path, decoder: str, limit: int) -> dict:
     import torch
 
-    from extract.datasets import load_dataset
-    from extract.models import resolve_weights
-    from extract.pipeline import DecodedFiles
+    from extract.registry.datasets import load_dataset
+    from extract.registry.models import resolve_weights
+    from extract.compute.pipeline import DecodedFiles
 
     torch.set_num_threads(1)
     source = load_dataset("imagefolder", root=str(root)).splits["train"]
@@ -94,9 +94,9 @@ def child_forward(root: Path, model: str, engine: str, precision: str, batch: in
     import torch
 
     from extract.api import plan
-    from extract.engine import Embedder
-    from extract.models import load_backbone
-    from extract.pipeline import DecodedFiles
+    from extract.compute.engine import Embedder
+    from extract.registry.models import load_backbone
+    from extract.compute.pipeline import DecodedFiles
 
     p = plan(model, "imagefolder", root=str(root), precision=precision, engine=engine)
     source = p.dataset.splits["train"]
@@ -104,7 +104,7 @@ def child_forward(root: Path, model: str, engine: str, precision: str, batch: in
     images = torch.stack([files[i][0] for i in range(min(limit, len(source)))])
     backbone = load_backbone(model)
     if engine == "openvino":
-        from extract.openvino_engine import OpenVINOEmbedder
+        from extract.compute.engines.openvino_engine import OpenVINOEmbedder
         embed = OpenVINOEmbedder(backbone, p.autocast, p.identity.preprocess, Path(tempfile.mkdtemp()))
     else:
         embed = Embedder(backbone, p.device, p.autocast, p.identity.preprocess)
@@ -118,7 +118,7 @@ def child_forward(root: Path, model: str, engine: str, precision: str, batch: in
 def child_tutorial(root: Path, model: str, batch: int) -> dict:
     from extract_speed import naive_loop   # bench/ is on sys.path when this file runs as a script
 
-    from extract.models import load_backbone
+    from extract.registry.models import load_backbone
 
     return {"images_per_s": naive_loop(load_backbone(model), root, batch, workers=1)}
 

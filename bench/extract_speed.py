@@ -24,9 +24,9 @@ import torch
 from torchvision import datasets, transforms
 
 from extract.api import extract
-from extract.datasets import load_dataset
-from extract.engine import Embedder, effective_preprocess, resolve_device, resolve_precision
-from extract.models import load_backbone
+from extract.registry.datasets import load_dataset
+from extract.compute.engine import Embedder, effective_preprocess, resolve_device, resolve_precision
+from extract.registry.models import load_backbone
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 

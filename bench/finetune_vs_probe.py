@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 
 from extract.api import extract
-from extract.datasets import load_dataset
-from extract.engine import default_workers, precision_name, resolve_device, resolve_precision
-from extract.errors import UserError
+from extract.registry.datasets import load_dataset
+from extract.compute.engine import default_workers, precision_name, resolve_device, resolve_precision
+from extract.core.errors import UserError
 from finetune import finetune
 from finetune.splits import plan_splits
 from finetune.train import DEFAULT_LR

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from extract.datasets import load_dataset
-from extract.engine import Embedder, cpu_has_bf16, effective_preprocess
-from extract.models import load_backbone
-from extract.openvino_engine import OpenVINOEmbedder, version
+from extract.registry.datasets import load_dataset
+from extract.compute.engine import Embedder, cpu_has_bf16, effective_preprocess
+from extract.registry.models import load_backbone
+from extract.compute.engines.openvino_engine import OpenVINOEmbedder, version
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from extract import extract, load_features
-from extract.errors import UserError
+from extract.core.errors import UserError
 from probe.api import evaluate
 
 

@@ -3,7 +3,7 @@
 1. The logistic-regression sweep, three ways in one process, on the same train / validation / test rows:
 
      fast    featprobe `--grid fast`: warm-started path over every decade of the paper grid, refined around
-             the winner (probe.protocol.run_probe, as `python -m probe --head logreg --grid fast` runs it)
+             the winner (probe.protocol.search.run_probe, as `python -m probe --head logreg --grid fast` runs it)
      paper   featprobe `--grid paper`: the warm-started path over all 45 values
      naive   a plain scikit-learn sweep: a fresh make_pipeline(StandardScaler(), LogisticRegression(C=c))
              fit per C (no warm start) over the same 45 values C = 1/wd, wd = logspace(-6, 5, 45), each
@@ -46,11 +46,11 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_info
 
 from extract import load_features
-from extract.errors import UserError
+from extract.core.errors import UserError
 from probe.api import evaluate
-from probe.data import load_probe_data, selection_from_paths
-from probe.heads import PAPER_WD, get_head, list_heads
-from probe.protocol import _threads_for, run_probe
+from probe.protocol.data import load_probe_data, selection_from_paths
+from probe.heads.catalog import PAPER_WD, get_head, list_heads
+from probe.protocol.search import _threads_for, run_probe
 
 SUBSAMPLED_HEADS = ("svm-rbf", "rf")
 

@@ -29,11 +29,11 @@ from sklearn.exceptions import ConvergenceWarning
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from probe.data import load_probe_data, selection_from_paths  # noqa: E402
-from probe.device import resolve_device  # noqa: E402
-from probe.placement import place  # noqa: E402
-from probe.protocol import _threads_for, refit, search  # noqa: E402
-from probe.torch_logreg import TorchLogisticRegression  # noqa: E402
+from probe.protocol.data import load_probe_data, selection_from_paths  # noqa: E402
+from probe.heads.device import resolve_device  # noqa: E402
+from probe.heads.placement import place  # noqa: E402
+from probe.protocol.search import _threads_for, refit, search  # noqa: E402
+from probe.heads.torch_logreg import TorchLogisticRegression  # noqa: E402
 
 CIFAR_SUBSET = "cache/cifar10-sub-*/efficientnet_lite0/train.h5"
 

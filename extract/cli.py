@@ -1,13 +1,21 @@
-"""`python -m extract`: command line -> extract(...) keyword arguments -> one-line summary."""
+"""`python -m extract`: command line -> one ExtractRequest per model -> one-line summary each."""
 
 from __future__ import annotations
 
 import argparse
 import time
 
-from .errors import UserError, guarded
+from extract.compute.engines import AUTO, engine_names
+from extract.core.errors import UserError, guarded
+from extract.registry.datasets import describe_datasets
+from extract.registry.models import describe_models, expand_taps, resolve_weights
+from extract.run.extraction import run_request, summary
+from extract.run.request import DEFAULT_DATA, DEFAULT_MODEL, ExtractRequest
+from extract.run.runners import runner_names
+from extract.run.runners.torchrun import leave_process_group
+from extract.store.modelref import split_models
 
-DEFAULT_MODEL = "efficientnet_lite0"
+LOGGERS = ("extract",)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -19,7 +27,7 @@ def parser() -> argparse.ArgumentParser:
                         "comma-separated (or repeated) run in turn; default: " + DEFAULT_MODEL)
     p.add_argument("--weights", default="default",
                    help="weights tag (e.g. IMAGENET1K_V2, swav), 'none' for random init, or a local checkpoint file")
-    p.add_argument("--data", default="digits", help="dataset name (see --list-datasets)")
+    p.add_argument("--data", default=DEFAULT_DATA, help=f"dataset name (see --list-datasets); default: {DEFAULT_DATA}")
     p.add_argument("--root", help="dataset folder (imagefolder: the folder with train/val/test or class folders)")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
                    help="download torchvision datasets that are not on disk")
@@ -36,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast precision; auto = bf16/fp16 where the hardware has it, else fp32")
-    p.add_argument("--engine", default="torch", choices=["torch", "openvino", "auto"],
+    p.add_argument("--engine", default="torch", choices=[*engine_names(), AUTO],
                    help="what runs the network: torch (default), openvino (CPU only; pip install -e \".[openvino]\"; "
                         "converted once per model and kept under the cache), or auto (openvino on the CPU when "
                         "installed, else torch); an engine other than torch is named in the cache path")
@@ -57,6 +65,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=1024, metavar="N",
                    help="images per chunk: the unit of resume and of sharing work between torchrun ranks or "
                         "Ray actors (default: 1024)")
+    p.add_argument("--runner", default="auto", choices=["auto", *runner_names()],
+                   help="where the chunks are computed: auto (torchrun when launched by it, ray with --ray, else "
+                        "this process; default), or a registered runner by name")
     p.add_argument("--ray", metavar="ADDRESS",
                    help="run on a Ray cluster: auto (the one this machine belongs to), ray://host:port, or local "
                         "(start one here); pip install -e \".[ray]\"; images must be at a path every node sees")
@@ -87,20 +98,26 @@ def _split_list(values: list[str] | None) -> list[str] | None:
     return [v for value in values for v in value.split(",") if v] if values else None
 
 
-def model_taps(models: list[str], weights: str | None, layers: list[str] | None) -> dict[str, list[str] | None]:
-    """{model: taps to extract} in the order given ('all' expanded per model); every name is checked
-    first, so a bad one is reported before any work starts."""
-    from .api import check_model, expand_layers
-
-    models = list(dict.fromkeys(models))
-    for model in models:
-        check_model(model, weights)
-    return {model: expand_layers(model, layers) for model in models}
+def requests(args: argparse.Namespace) -> list:
+    """One ExtractRequest per model, with its weights resolved and its taps checked: every name and
+    weights file is checked before any work starts. Returns [(request, resolved weights)]."""
+    base = ExtractRequest(data=args.data, weights=args.weights, root=args.root, download=args.download,
+                          dataset_options=parse_options(args.option), splits=_split_list(args.splits),
+                          cache_dir=args.cache_dir, batch_size=args.batch_size, workers=args.workers,
+                          device=args.device, precision=args.precision, dtype=args.dtype, on_error=args.on_error,
+                          overwrite=args.overwrite, progress=args.progress,
+                          allow_missing_weights=args.allow_missing_weights, image_size=args.image_size,
+                          normalize=args.normalize, engine=args.engine, decoder=args.decoder,
+                          chunk_rows=args.chunk_size, runner=args.runner, ray=args.ray, compile=args.compile)
+    out = []
+    for model in split_models(args.model) or [DEFAULT_MODEL]:
+        weights = resolve_weights(model, args.weights)
+        layers = expand_taps(weights.spec, _split_list(args.layers))
+        out.append((base.replace(model=model, layers=layers), weights))
+    return out
 
 
 def print_models() -> None:
-    from .models import describe_models
-
     rows = describe_models()
     print(f"{'model':<22} {'dim':>5}  {'default weights':<26} taps (width)")
     for r in rows:
@@ -114,8 +131,6 @@ def print_models() -> None:
 
 
 def print_datasets() -> None:
-    from .datasets import describe_datasets
-
     rows = describe_datasets()
     width = max(map(len, rows))
     for name, text in rows.items():
@@ -129,21 +144,9 @@ def run(args: argparse.Namespace) -> int:
     if args.list_datasets:
         print_datasets()
         return 0
-    from .api import extract, summary
-
-    taps = model_taps(_split_list(args.model) or [DEFAULT_MODEL], args.weights, _split_list(args.layers))
-    options = parse_options(args.option)
-    for model, layers in taps.items():
+    for request, weights in requests(args):
         started = time.perf_counter()
-        results = extract(model=model, data=args.data, weights=args.weights, layers=layers,
-                          root=args.root, download=args.download, splits=_split_list(args.splits),
-                          cache_dir=args.cache_dir, batch_size=args.batch_size, workers=args.workers,
-                          device=args.device, precision=args.precision, dtype=args.dtype, on_error=args.on_error,
-                          overwrite=args.overwrite, progress=args.progress, dataset_options=options,
-                          allow_missing_weights=args.allow_missing_weights,
-                          image_size=args.image_size, normalize=args.normalize, engine=args.engine,
-                          decoder=args.decoder, chunk_rows=args.chunk_size, ray=args.ray,
-                          compile=args.compile)
+        results = run_request(request, weights)
         if not leader():
             continue
         for r in results.values():
@@ -162,8 +165,6 @@ def leader() -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return guarded(lambda: run(args))
+        return guarded(lambda: run(args), LOGGERS)
     finally:
-        from .distributed import leave_process_group
-
         leave_process_group()

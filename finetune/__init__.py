@@ -1,5 +1,5 @@
 """End-to-end fine-tuning of a registered backbone, reported beside the frozen-feature probes."""
 
-from .train import FinetuneResult, finetune
+from finetune.train import FinetuneResult, finetune
 
 __all__ = ["finetune", "FinetuneResult"]

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from extract.errors import UserError
+from extract.core.errors import UserError
 
-from .runtime import rng_state, set_rng_state
+from finetune.runtime import rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
 

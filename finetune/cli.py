@@ -7,11 +7,11 @@ import shlex
 import sys
 
 from extract.cli import parse_options
-from extract.errors import UserError, guarded
+from extract.core.errors import UserError, guarded
 
-from .data import CROP_SCALE
-from .model import FREEZE_HELP
-from .train import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, Interrupted
+from finetune.data import CROP_SCALE
+from finetune.model import FREEZE_HELP
+from finetune.train import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, Interrupted
 
 
 def parser() -> argparse.ArgumentParser:
@@ -78,7 +78,7 @@ def resume_command(argv: list[str]) -> str:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    from .train import finetune
+    from finetune.train import finetune
 
     try:
         out = finetune(model=args.model, data=args.data, weights=args.weights, root=args.root,
@@ -107,4 +107,4 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
-    return guarded(lambda: run(args, argv))
+    return guarded(lambda: run(args, argv), ("extract", "probe", "finetune"))

@@ -1,4 +1,4 @@
-"""Batches for training and evaluation: augmentation here, everything else in extract.pipeline.
+"""Batches for training and evaluation: augmentation here, everything else in extract.compute.pipeline.
 
 Augmentation draws from a generator seeded by (seed, epoch, source index), so a batch's
 pixels do not depend on worker count or on where a run was interrupted and resumed.
@@ -21,8 +21,8 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from extract.pipeline import SourceBatches, to_model_input
-from extract.preprocess import Preprocess
+from extract.compute.pipeline import SourceBatches, to_model_input
+from extract.store.preprocess import Preprocess
 
 CROP_SCALE = (0.08, 1.0)   # RandomResizedCrop's area range, as torchvision
 CROP_RATIO = (3 / 4, 4 / 3)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from extract.errors import UserError
+from extract.core.errors import UserError
 
 FREEZE_HELP = "none | backbone | until:<layer>"
 

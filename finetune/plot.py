@@ -7,7 +7,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from probe.plots import new_figure, save_png
+from probe.output.plots import new_figure, save_png
 
 
 def plot_history(history: list[dict], path: str | Path, title: str = "", best_epoch: int | None = None) -> Path:

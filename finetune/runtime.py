@@ -1,4 +1,4 @@
-"""Autocast for a resolved precision (see extract.engine) and the random state a run owns."""
+"""Autocast for a resolved precision (see extract.compute.engine) and the random state a run owns."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from contextlib import contextmanager, nullcontext
 import numpy as np
 import torch
 
-from extract.errors import UserError
+from extract.core.errors import UserError
 
 
 def check_precision(dtype: torch.dtype | None, device: torch.device) -> None:

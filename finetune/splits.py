@@ -1,7 +1,7 @@
 """Which rows train, select and test: the same rules as probe (probe/data.py).
 
 Validation is the dataset's own val split when it also has a test split, else a seeded
-stratified fraction of train (probe.splits.validation_mask over source indices); a dataset
+stratified fraction of train (probe.protocol.splits.validation_mask over source indices); a dataset
 with only train and val uses val as its test split.
 """
 
@@ -11,13 +11,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from extract.errors import UserError
-from probe.splits import split_roles, validation_mask
+from extract.core.errors import UserError
+from probe.protocol.splits import split_roles, validation_mask
 
 
 @dataclass
 class Part:
-    source: object          # an extract.datasets.ImageSource
+    source: object          # an extract.registry.datasets.ImageSource
     indices: np.ndarray     # rows of `source` in this part
 
     @property

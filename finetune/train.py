@@ -21,20 +21,20 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from extract.allocator import malloc_tuned, tune_malloc
+from extract.compute.allocator import malloc_tuned, tune_malloc
 from extract.api import plan as plan_features
-from extract.engine import default_workers, precision_name
-from extract.errors import UserError
-from extract.models import load_backbone
-from probe.metrics import classification_metrics
-from probe.results import SCHEMA, library_versions, write_result
+from extract.compute.engine import default_workers, precision_name
+from extract.core.errors import UserError
+from extract.registry.models import load_backbone
+from probe.protocol.metrics import classification_metrics
+from probe.output.results import SCHEMA, library_versions, write_result
 
-from . import checkpoint, schedule
-from .data import SplitLoader
-from .model import Classifier, apply_freeze, make_optimizer, param_groups, parse_freeze, set_train_mode
-from .plot import plot_history
-from .runtime import autocast, check_precision, seeded
-from .splits import SplitPlan, plan_splits
+from finetune import checkpoint, schedule
+from finetune.data import SplitLoader
+from finetune.model import Classifier, apply_freeze, make_optimizer, param_groups, parse_freeze, set_train_mode
+from finetune.plot import plot_history
+from finetune.runtime import autocast, check_precision, seeded
+from finetune.splits import SplitPlan, plan_splits
 
 OPTIMIZERS = ("sgd", "adamw")
 DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-4}
@@ -84,7 +84,7 @@ def finetune(model: str = "efficientnet_lite0", data: str = "digits", *, weights
     run's folders as extract names it). on_epoch_end(epoch, history_row, model) runs after each
     epoch's checkpoint is saved. Progress is logged to the `finetune.train` logger. The caller's
     global RNG states are the same afterwards. On the CPU glibc's malloc is tuned for the process
-    (`extract.allocator`; FEATPROBE_MALLOC_TUNING=0 turns that off).
+    (`extract.compute.allocator`; FEATPROBE_MALLOC_TUNING=0 turns that off).
     """
     _check_numbers(epochs=epochs, batch_size=batch_size, lr=lr, head_lr_mult=head_lr_mult, momentum=momentum,
                    weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing)
@@ -108,7 +108,7 @@ def finetune(model: str = "efficientnet_lite0", data: str = "digits", *, weights
     dev, amp = features.device, features.autocast
     check_precision(amp, dev)
     if dev.type == "cpu":
-        tune_malloc()   # keep freed activation buffers in the heap (extract.allocator)
+        tune_malloc()   # keep freed activation buffers in the heap (extract.compute.allocator)
     head = head_name(freeze, from_scratch)
     run_dir = identity.results_dir(runs_dir, head)
 

@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from extract.errors import UserError
+from extract.core.errors import UserError
 
-from .data import ProbeData, Selection, load_probe_data, select_caches, selection_from_paths
-from .heads import get_head, list_heads
-from .placement import check_solver, memory_for, place
-from .protocol import ProbeRun, run_probe
+from probe.protocol.data import ProbeData, Selection, load_probe_data, select_caches, selection_from_paths
+from probe.heads.catalog import get_head, list_heads
+from probe.heads.placement import check_solver, memory_for, place
+from probe.protocol.search import ProbeRun, run_probe
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,10 @@ def evaluate(heads: str | Sequence[str] = "logreg", *, cache_dir="cache", data: 
 
     solver: logreg's, auto|sklearn|torch; device: the torch heads', auto|cpu|cuda. Features whose in-memory
     path needs more than the available RAM (or `max_memory` GB) are streamed from the cache, which only
-    logreg on torch and knn can fit (probe.placement).
+    logreg on torch and knn can fit (probe.heads.placement).
     """
-    from .plots import plot_comparison
-    from .results import result_dir, save_head, write_result
+    from probe.output.plots import plot_comparison
+    from probe.output.results import result_dir, save_head, write_result
 
     names = head_names(heads)
     check_solver(names, solver)

@@ -6,11 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from extract.errors import UserError, guarded
+from extract.core.errors import UserError, guarded
 
-from .heads import GRIDS, SCALES, list_heads
-from .placement import SOLVERS
-from .report import FORMATS
+from probe.heads.catalog import GRIDS, SCALES, list_heads
+from probe.heads.placement import SOLVERS
+from probe.output.report import FORMATS
 
 EPILOG = """examples:
   python -m probe --head logreg                 newest extraction under ./cache
@@ -133,8 +133,8 @@ def _where(result: dict) -> str:
 
 
 def run_heads(args) -> int:
-    from .api import evaluate
-    from .report import format_rows, result_row
+    from probe.api import evaluate
+    from probe.output.report import format_rows, result_row
 
     out = evaluate(args.head, **_selection(args), results_dir=args.results_dir, grid=args.grid, scale=args.scale,
                    seed=args.seed, n_jobs=args.n_jobs, max_search_samples=args.max_search_samples, save=args.save,
@@ -167,7 +167,7 @@ def _many(value: str | None) -> bool:
 
 def run_compare(args) -> int:
     """--model all / a,b or --layer all / a,b: every selected backbone and tap, one pivot table."""
-    from .compare import compare, format_table, select_feature_sets, write_comparison
+    from probe.analyses.compare import compare, format_table, select_feature_sets, write_comparison
 
     selections = select_feature_sets(args.cache_dir, data=args.data, models=args.model, layers=args.layer,
                                      precision=args.precision, dtype=args.dtype, image_size=args.image_size,
@@ -184,10 +184,10 @@ def run_compare(args) -> int:
 
 def run_fewshot(args) -> int:
     """--shots: a few-shot curve per selected feature set and head, one combined picture."""
-    from .api import head_names
-    from .compare import select_feature_sets
-    from .data import load_probe_data, selection_from_paths
-    from .fewshot import fewshot, parse_shots, plot_fewshot, write_fewshot
+    from probe.api import head_names
+    from probe.analyses.compare import select_feature_sets
+    from probe.protocol.data import load_probe_data, selection_from_paths
+    from probe.analyses.fewshot import fewshot, parse_shots, plot_fewshot, write_fewshot
 
     shots = parse_shots(args.shots)
     if args.features:
@@ -217,12 +217,12 @@ def run_fewshot(args) -> int:
 
 
 def run_report(args) -> int:
-    from .report import format_rows, write_report
+    from probe.output.report import format_rows, write_report
     rows, paths = write_report(args.results_dir)
     if not rows:
         raise UserError(f"no result files under {args.results_dir}: run `python -m probe --head ...` first")
     if args.format == "html":
-        from .html import write_html_report
+        from probe.output.html import write_html_report
         print(write_html_report(args.results_dir))
         return 0
     print(format_rows(rows, args.format), end="")
@@ -231,7 +231,7 @@ def run_report(args) -> int:
 
 
 def run_predict(args) -> int:
-    from .predict import find_head_file, predict_files
+    from probe.analyses.predict import find_head_file, predict_files
 
     head_file = Path(args.head_file) if args.head_file else find_head_file(args.head, **_selection(args),
                                                                              results_dir=args.results_dir)
@@ -254,9 +254,9 @@ def _test_file(selection) -> Path:
 
 
 def run_map(args) -> int:
-    from .api import choose_features
-    from .maps import write_map
-    from .predict import find_head_file
+    from probe.api import choose_features
+    from probe.analyses.maps import write_map
+    from probe.analyses.predict import find_head_file
 
     sel = _selection(args)
     head_file = find_head_file(args.head, **sel, results_dir=args.results_dir) if args.head else None
@@ -267,8 +267,8 @@ def run_map(args) -> int:
 
 
 def run_samples(args) -> int:
-    from .predict import find_head_file
-    from .samples import write_samples
+    from probe.analyses.predict import find_head_file
+    from probe.analyses.samples import write_samples
 
     sel = _selection(args)
     head_file = find_head_file(args.head, **sel, results_dir=args.results_dir)
@@ -293,6 +293,6 @@ def _run(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return guarded(lambda: _run(argv))
+        return guarded(lambda: _run(argv), ("extract", "probe"))
     except SystemExit as e:  # --help
         return int(e.code or 0) if isinstance(e.code, int) or e.code is None else 2

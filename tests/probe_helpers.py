@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from extract.cache import write_features
-from extract.identity import DataRef, FeatureIdentity
-from extract.preprocess import Preprocess
+from extract.store.cache import write_features
+from extract.store.identity import DataRef, FeatureIdentity
+from extract.store.preprocess import Preprocess
 
 
 def blobs(n_per_class=40, n_classes=3, dim=16, sep=6.0, seed=0):

@@ -1,9 +1,9 @@
-"""extract.atomic: a target holds its old content or the whole new one, never a part; no temp file is left."""
+"""extract.core.atomic: a target holds its old content or the whole new one, never a part; no temp file is left."""
 
 import pytest
 
-from extract.atomic import atomic_path, write_errors, write_text_atomic
-from extract.errors import UserError
+from extract.core.atomic import atomic_path, write_errors, write_text_atomic
+from extract.core.errors import UserError
 
 
 def test_write_text_atomic_replaces_and_leaves_only_the_target(tmp_path):

@@ -6,12 +6,12 @@ import h5py
 import numpy as np
 import pytest
 
-from extract.assemble import assemble
-from extract.cache import iter_rows, load_features, partial_path, read_header, write_features
-from extract.chunks import ChunkStore, Rows
-from extract.incremental import Reuse
-from extract.catalog import feature_sets, find_caches
-from extract.errors import UserError
+from extract.store.assemble import assemble
+from extract.store.cache import iter_rows, load_features, partial_path, read_header, write_features
+from extract.store.chunks import ChunkStore, Rows
+from extract.store.incremental import Reuse
+from extract.store.catalog import feature_sets, find_caches
+from extract.core.errors import UserError
 from probe_helpers import toy_identity
 
 IDENT = toy_identity(dataset="d", model="m", taps=("penultimate", "layer4"))
@@ -178,6 +178,6 @@ def test_truncated_cache_is_called_damaged_with_how_to_rebuild(tmp_path):
 def test_reading_caches_does_not_import_torch():
     import subprocess
     import sys
-    code = "import sys, extract, probe.data; from extract import load_features; print('torch' in sys.modules)"
+    code = "import sys, extract, probe.protocol.data; from extract import load_features; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

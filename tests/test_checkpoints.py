@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from extract import checkpoints
-from extract.errors import UserError
-from extract.models import build_network, get_spec, load_backbone, load_classifier
+from extract.registry import checkpoints
+from extract.core.errors import UserError
+from extract.registry.models import build_network, get_spec, load_backbone, load_classifier
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Backbone comparison (probe.compare) on toy caches, and several models / every tap in one extract command."""
+"""Backbone comparison (probe.analyses.compare) on toy caches, and several models / every tap in one extract command."""
 
 import json
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from extract.cache import read_header, write_features
+from extract.store.cache import read_header, write_features
 from extract.cli import main
-from extract.errors import UserError
-from probe.compare import (choose_winner, compare, format_table, pivot, plot_layer_curve, select_feature_sets, tap_order,
+from extract.core.errors import UserError
+from probe.analyses.compare import (choose_winner, compare, format_table, pivot, plot_layer_curve, select_feature_sets, tap_order,
                            write_comparison)
 from probe_helpers import toy_identity, write_split
 

@@ -5,7 +5,7 @@ import pytest
 
 from extract import load_features
 from extract.api import extract
-from extract.errors import UserError
+from extract.core.errors import UserError
 
 REQUEST = dict(model="cifar_resnet20", weights="none", data="synthetic", dataset_options={"n": 24}, splits=["train"],
                precision="fp32", progress=False, batch_size=8)

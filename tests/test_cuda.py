@@ -6,9 +6,9 @@ import pytest
 import torch
 from sklearn.datasets import make_classification
 
-from probe.knn import KNNClassifier
-from probe.placement import place
-from probe.torch_logreg import TorchLogisticRegression
+from probe.heads.knn import KNNClassifier
+from probe.heads.placement import place
+from probe.heads.torch_logreg import TorchLogisticRegression
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

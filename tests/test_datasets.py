@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from extract.datasets import Dataset, ImageSource, list_datasets, load_dataset
-from extract.errors import UserError
-from extract.images import ImageError
+from extract.registry.datasets import Dataset, ImageSource, list_datasets, load_dataset
+from extract.core.errors import UserError
+from extract.registry.images import ImageError
 
 TORCHVISION_SETS = ["cifar10", "cifar100", "stl10", "svhn", "mnist", "fashionmnist"]
 

@@ -14,10 +14,10 @@ from PIL import Image
 
 from extract import load_features
 from extract.api import extract, plan
-from extract.cache import partial_path, read_header
-from extract.chunks import ChunkStore
+from extract.store.cache import partial_path, read_header
+from extract.store.chunks import ChunkStore
 from extract.cli import main
-from extract.errors import UserError
+from extract.core.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"model": "cifar_resnet20", "weights": "none", "progress": False}
@@ -253,7 +253,7 @@ def test_in_memory_sources_have_no_paths_column(tmp_path):
 
 def test_checkpoint_missing_network_weights_is_refused_unless_allowed(tmp_path, capsys):
     import torch
-    from extract.models import build_network
+    from extract.registry.models import build_network
 
     small = tmp_path / "resnet20-mine.pth"
     torch.save(build_network("cifar_resnet20").state_dict(), small)
@@ -304,7 +304,7 @@ def test_model_and_weights_spellings_name_one_identity(tmp_path):
 
 def test_weights_file_under_home_is_read_with_tilde(tmp_path, monkeypatch):
     import torch
-    from extract.models import build_network, resolve_weights
+    from extract.registry.models import build_network, resolve_weights
 
     monkeypatch.setenv("HOME", str(tmp_path))
     torch.save(build_network("cifar_resnet20").state_dict(), tmp_path / "ckpt.pth")
@@ -332,7 +332,7 @@ def test_user_error_is_a_value_error_for_library_callers():
 
 def test_published_weights_come_from_the_hub_cache_and_a_missing_one_is_one_line(tmp_path, monkeypatch, capsys):
     import torch
-    from extract.models import build_network
+    from extract.registry.models import build_network
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("FEATPROBE_OFFLINE", "1")

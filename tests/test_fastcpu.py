@@ -18,16 +18,16 @@ import pytest
 import torch
 from PIL import Image
 
-from extract import allocator
+from extract.compute import allocator
 from extract.api import extract, plan
-from extract.cache import read_header
-from extract.datasets import ImageSource
-from extract.engine import Collect, compute_threads, cpu_split, default_workers, run
-from extract.errors import UserError
-from extract.identity import DataRef, FeatureIdentity
-from extract.images import decode_jpeg_file, jpeg_frame, open_rgb
-from extract.pipeline import DecodedFiles, resolve_decoder
-from extract.preprocess import Preprocess
+from extract.store.cache import read_header
+from extract.registry.datasets import ImageSource
+from extract.compute.engine import Collect, compute_threads, cpu_split, default_workers, run
+from extract.core.errors import UserError
+from extract.store.identity import DataRef, FeatureIdentity
+from extract.registry.images import decode_jpeg_file, jpeg_frame, open_rgb
+from extract.compute.pipeline import DecodedFiles, resolve_decoder
+from extract.store.preprocess import Preprocess
 
 REPO = Path(__file__).resolve().parents[1]
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
@@ -47,7 +47,7 @@ def _child(code: str, **env) -> str:
 
 _MMAPPED_BLOCKS = """
 import ctypes
-from extract.allocator import tune_malloc, malloc_tuned
+from extract.compute.allocator import tune_malloc, malloc_tuned
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
@@ -215,7 +215,7 @@ def test_decoder_names(monkeypatch):
     assert resolve_decoder("pil") == "pil"
     with pytest.raises(UserError, match="unknown decoder"):
         resolve_decoder("cv2")
-    monkeypatch.setattr("extract.pipeline.tensor_decoder_available", lambda: False)
+    monkeypatch.setattr("extract.compute.pipeline.tensor_decoder_available", lambda: False)
     assert resolve_decoder("auto") == "pil"
     with pytest.raises(UserError, match="use --decoder pil"):
         resolve_decoder("tensor")
@@ -343,7 +343,7 @@ def test_provenance_records_decoder_allocator_workers_and_threads(tmp_path):
 
 
 def open_rgb_reason(path) -> str:
-    from extract.images import ImageError
+    from extract.registry.images import ImageError
 
     with pytest.raises(ImageError) as err:
         open_rgb(path)

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from extract.errors import UserError
-from probe.data import ProbeData, load_probe_data, select_caches
-from probe.fewshot import (cv_select, fewshot, kshot_rows, load_fewshot, mean_ci, parse_shots, plot_fewshot,
+from extract.core.errors import UserError
+from probe.protocol.data import ProbeData, load_probe_data, select_caches
+from probe.analyses.fewshot import (cv_select, fewshot, kshot_rows, load_fewshot, mean_ci, parse_shots, plot_fewshot,
                            write_fewshot)
-from probe.heads import get_head
-from probe.protocol import run_probe
+from probe.heads.catalog import get_head
+from probe.protocol.search import run_probe
 from probe_helpers import blobs, toy_cache, toy_identity
 
 T_975_DF2 = 4.302652729749464   # Student t quantiles, from tables: t(0.975, 2) and t(0.975, 4)

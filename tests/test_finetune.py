@@ -14,15 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-from extract.errors import UserError
-from extract.models import build_network, load_backbone
+from extract.core.errors import UserError
+from extract.registry.models import build_network, load_backbone
 from finetune import finetune
 from finetune.checkpoint import LAST
 from finetune.cli import main, resume_command
 from finetune.model import Classifier, apply_freeze, param_groups
 from finetune.train import Interrupted
-from probe.report import collect_rows
-from probe.results import load_results
+from probe.output.report import collect_rows
+from probe.output.results import load_results
 
 MODEL = "cifar_resnet20"
 DATA = {"n": 32, "size": 16}
@@ -130,7 +130,7 @@ def test_until_a_parameter_free_tap_starts_at_the_layer_feeding_it():
     # VGG16's fc6 tap is the ReLU after classifier.0: until:fc6 trains fc6, fc7 and the new layer.
     with torch.device("meta"):
         bb_net = build_network("vgg16")
-    from extract.models import PENULTIMATE, get_spec, measure_dims
+    from extract.registry.models import PENULTIMATE, get_spec, measure_dims
     spec = get_spec("vgg16")
     model = Classifier(bb_net, spec.head_path, measure_dims(spec, [PENULTIMATE])[PENULTIMATE], 5)
     apply_freeze(model, "until:fc6", lambda tap: bb_net.get_submodule(spec.taps[tap]))

@@ -9,14 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from extract.datasets import Dataset, ImageSource, load_dataset
-from extract.errors import UserError
-from extract.preprocess import Preprocess
+from extract.registry.datasets import Dataset, ImageSource, load_dataset
+from extract.core.errors import UserError
+from extract.store.preprocess import Preprocess
 from finetune.data import SplitLoader, augment_params, crop_params
 from finetune.model import Classifier, apply_freeze, parse_freeze, set_train_mode
 from finetune.schedule import describe, lr_scale, make_scheduler, step_milestones
 from finetune.splits import plan_splits
-from probe.splits import validation_mask
+from probe.protocol.splits import validation_mask
 
 
 def _lrs(name, epochs, steps_per_epoch, warmup_epochs, base=(0.1,)):
@@ -213,20 +213,20 @@ def test_frozen_part_computes_fixed_features_while_the_rest_trains():
 
 
 def _registry_taps():
-    from extract.models import get_spec, list_models
+    from extract.registry.models import get_spec, list_models
     return [(name, tap) for name in list_models() for tap in get_spec(name).taps]
 
 
 @pytest.mark.parametrize("name, tap", _registry_taps())
 def test_every_registry_tap_is_a_valid_freeze_point(name, tap):
-    from extract.models import build_network, get_spec
+    from extract.registry.models import build_network, get_spec
     spec = get_spec(name)
     try:
         with torch.device("meta"):   # shapes only, no memory
             net = build_network(name)
     except NotImplementedError:      # an init that reads tensor values
         net = build_network(name)
-    from extract.models import PENULTIMATE, measure_dims
+    from extract.registry.models import PENULTIMATE, measure_dims
     model = Classifier(net, spec.head_path, measure_dims(spec, [PENULTIMATE])[PENULTIMATE], 3, embed=spec.embed)
     apply_freeze(model, f"until:{tap}", lambda t: model.net.get_submodule(spec.taps[t]))
     assert all(p.requires_grad for p in model.head.parameters())

@@ -5,8 +5,8 @@ import dataclasses
 import h5py
 import pytest
 
-from extract.identity import DataRef, FeatureIdentity, differences, verdict
-from extract.preprocess import Preprocess
+from extract.store.identity import DataRef, FeatureIdentity, differences, verdict
+from extract.store.preprocess import Preprocess
 from probe_helpers import toy_identity
 
 BASE = FeatureIdentity(data=DataRef("imagefolder", "/data/a/pets"), model="resnet50.swav", weights_sha256="ab" * 32,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from extract.images import ImageError, is_image_file, open_rgb
+from extract.registry.images import ImageError, is_image_file, open_rgb
 
 W, H = 24, 16
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from extract import load_features
 from extract.api import extract
-from extract.errors import UserError
+from extract.core.errors import UserError
 from test_extract import make_folder
 
 TINY = {"model": "cifar_resnet20", "weights": "none", "progress": False, "precision": "fp32", "splits": ["train"]}

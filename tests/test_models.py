@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-import extract.backbone as backbone_mod
-from extract.backbone import pool
-from extract.errors import UserError
-from extract.models import (PENULTIMATE, Backbone, ModelSpec, build_network, describe_models, get_spec, list_models,
+import extract.registry.backbone as backbone_mod
+from extract.registry.backbone import pool
+from extract.core.errors import UserError
+from extract.registry.models import (PENULTIMATE, Backbone, ModelSpec, build_network, describe_models, get_spec, list_models,
                             load_backbone, load_classifier, measure_dims)
-from extract.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from extract.store.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 REQUIRED = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg16", "vgg16_bn", "densenet121",
             "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny", "regnet_y_800mf", "efficientnet_lite0",
@@ -312,7 +312,7 @@ def test_describe_models_measures_widths_and_downloads_nothing(tmp_path, monkeyp
 
 
 def test_missing_weight_package_names_the_pip_command():
-    from extract.models import WeightSpec, _package_file
+    from extract.registry.models import WeightSpec, _package_file
 
     w = WeightSpec("imagenet", "package", Preprocess(), package="efficientnet_lite9_pytorch_model",
                    pip_name="efficientnet-lite9-pytorch-model")

@@ -13,14 +13,15 @@ from PIL import Image
 from torch import nn
 
 from extract import load_features
-from extract import normalize as norm
-from extract.api import _check_runs_at, extract, plan
-from extract.catalog import feature_sets, select
+from extract.run import normalize as norm
+from extract.api import extract, plan
+from extract.run.extraction import check_runs_at as _check_runs_at
+from extract.store.catalog import feature_sets, select
 from extract.cli import main
-from extract.engine import effective_preprocess
-from extract.errors import UserError
-from extract.identity import DataRef, FeatureIdentity
-from extract.preprocess import Preprocess
+from extract.compute.engine import effective_preprocess
+from extract.core.errors import UserError
+from extract.store.identity import DataRef, FeatureIdentity
+from extract.store.preprocess import Preprocess
 
 TINY = {"model": "cifar_resnet20", "weights": "none", "progress": False, "precision": "fp32"}
 SYN = {"data": "synthetic", "dataset_options": {"n": 24}}

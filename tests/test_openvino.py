@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from extract import openvino_engine
-from extract.api import extract, plan, resolve_engine
-from extract.engine import Embedder, cpu_has_bf16, effective_preprocess
-from extract.errors import UserError
-from extract.models import load_backbone
-from extract.openvino_engine import OpenVINOEmbedder
+from extract.compute.engines import openvino_engine
+from extract.api import extract, plan
+from extract.compute.engines import resolve_engine
+from extract.compute.engine import Embedder, cpu_has_bf16, effective_preprocess
+from extract.core.errors import UserError
+from extract.registry.models import load_backbone
+from extract.compute.engines.openvino_engine import OpenVINOEmbedder
 
 if not openvino_engine.available():
     pytest.skip('openvino is not installed (pip install -e ".[openvino]")', allow_module_level=True)
@@ -145,7 +146,7 @@ def test_auto_resolves_to_a_concrete_engine():
 
 
 def test_hooked_taps_cannot_be_converted(tmp_path, monkeypatch):
-    import extract.backbone as bb
+    import extract.registry.backbone as bb
 
     def untraceable(self, *a, **k):
         raise RuntimeError("symbolically traced variables cannot be used as inputs to control flow")
@@ -160,7 +161,7 @@ def test_hooked_taps_cannot_be_converted(tmp_path, monkeypatch):
 
 def test_missing_openvino_is_one_line_and_auto_falls_back_to_torch(tmp_path):
     code = ("import sys; sys.modules['openvino'] = None  # as if not installed\n"
-            "from extract.api import resolve_engine\n"
+            "from extract.compute.engines import resolve_engine\n"
             "print('auto ->', resolve_engine('auto', 'cpu', 'fp32'))\n"
             "from extract.cli import main\n"
             f"sys.exit(main(['--model', 'cifar_resnet20.none', '--data', 'synthetic', '--option', 'n=8', "

@@ -12,13 +12,13 @@ import pytest
 from PIL import Image
 
 from extract.api import extract
-from extract.cache import load_features
-from extract.datasets import load_dataset
-from extract.errors import UserError
+from extract.store.cache import load_features
+from extract.registry.datasets import load_dataset
+from extract.core.errors import UserError
 from probe.api import evaluate
-from probe.maps import class_map, embed_2d, map_figure, stratified_rows, subsample, write_map
-from probe.results import load_head
-from probe.samples import choose_rows, dataset_source, plot_samples, sample_grid, write_samples
+from probe.analyses.maps import class_map, embed_2d, map_figure, stratified_rows, subsample, write_map
+from probe.output.results import load_head
+from probe.analyses.samples import choose_rows, dataset_source, plot_samples, sample_grid, write_samples
 
 FOLDER_CLASSES = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (50, 60, 210)}
 
@@ -262,11 +262,11 @@ def test_write_samples_goes_beside_the_head_and_decodes(digits):
 
 
 def test_a_file_gone_since_extraction_is_a_grey_tile_and_a_warning(tmp_path, caplog):
-    from probe.samples import file_images
+    from probe.analyses.samples import file_images
 
     good = tmp_path / "ok.png"
     Image.fromarray(np.full((10, 12, 3), 7, np.uint8)).save(good)
-    with caplog.at_level("WARNING", logger="probe.samples"):
+    with caplog.at_level("WARNING", logger="probe.analyses.samples"):
         shown = file_images([str(good), str(tmp_path / "gone.png")])
     assert shown[0].shape == (10, 12, 3) and (shown[0] == 7).all()
     assert (shown[1] == 200).all() and "gone.png" in caplog.text

@@ -1,4 +1,4 @@
-"""extract.pipeline: decoding with error reasons, uint8 batches from files or arrays, model input."""
+"""extract.compute.pipeline: decoding with error reasons, uint8 batches from files or arrays, model input."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 from torch.utils.data import BatchSampler
 
-from extract.datasets import ImageSource
-from extract.pipeline import DecodedFiles, SourceBatches, array_batch, to_model_input
-from extract.preprocess import Preprocess
+from extract.registry.datasets import ImageSource
+from extract.compute.pipeline import DecodedFiles, SourceBatches, array_batch, to_model_input
+from extract.store.preprocess import Preprocess
 
 PRE = Preprocess(resize=8, crop=8)
 

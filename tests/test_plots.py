@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from finetune.plot import history_figure, plot_history
-from probe.plots import comparison_figure, confusion_figure, plot_comparison, plot_confusion
+from probe.output.plots import comparison_figure, confusion_figure, plot_comparison, plot_confusion
 
 REPO = Path(__file__).resolve().parents[1]
 HISTORY = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "train_top1": 0.5 + e / 10,
@@ -26,9 +26,9 @@ def test_plotting_does_not_touch_the_backend_or_pyplot(tmp_path):
     code = (
         "import sys, matplotlib\n"
         "before = matplotlib.get_backend()\n"
-        "import probe.plots, finetune.plot\n"
+        "import probe.output.plots, finetune.plot\n"
         "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n"
-        "probe.plots.plot_confusion([[1, 0], [0.5, 0.5]], ['a', 'b'], sys.argv[1] + '/c.png')\n"
+        "probe.output.plots.plot_confusion([[1, 0], [0.5, 0.5]], ['a', 'b'], sys.argv[1] + '/c.png')\n"
         f"finetune.plot.plot_history({HISTORY!r}, sys.argv[1] + '/h.png')\n"
         "assert matplotlib.get_backend() == before, (before, matplotlib.get_backend())\n"
         "print(before)\n"

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from extract.cache import partial_path
+from extract.store.cache import partial_path
 from probe.cli import main
 from probe_helpers import blobs, toy_cache, write_split
 
@@ -179,7 +179,7 @@ def test_mixed_precision_pair_is_refused_naming_the_difference(tmp_path, capsys)
 def test_predict_with_a_local_checkpoint_and_one_unreadable_image(tmp_path, capsys):
     import torch
     from extract.api import extract
-    from extract.models import build_network
+    from extract.registry.models import build_network
 
     weights = tmp_path / "mine.pth"
     torch.save(build_network("cifar_resnet20").state_dict(), weights)

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from extract.errors import UserError
-from probe.heads import HEADS, PAPER_WD, get_head, list_heads
-from probe.knn import KNNClassifier
-from probe.protocol import search
+from extract.core.errors import UserError
+from probe.heads.catalog import HEADS, PAPER_WD, get_head, list_heads
+from probe.heads.knn import KNNClassifier
+from probe.protocol.search import search
 from probe_helpers import blobs
 
 

@@ -6,9 +6,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from probe.data import ProbeData, load_probe_data, select_caches
-from probe.protocol import run_probe, search
-from probe.splits import stratified_subsample, validation_mask
+from probe.protocol.data import ProbeData, load_probe_data, select_caches
+from probe.protocol.search import run_probe, search
+from probe.protocol.splits import stratified_subsample, validation_mask
 from probe_helpers import blobs, toy_cache, toy_identity
 
 
@@ -112,7 +112,7 @@ def test_max_search_samples_subsamples_the_search_only():
 def test_expensive_search_warns_and_names_the_flag(caplog):
     from dataclasses import replace
 
-    from probe.heads import HEADS
+    from probe.heads.catalog import HEADS
     slow_rf = replace(HEADS["rf"], seconds_per_fit=lambda params, stats: 1e4)
     X, y = blobs(n_per_class=20, n_classes=2, dim=4)
     with caplog.at_level("WARNING", logger="probe"):

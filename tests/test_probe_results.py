@@ -7,12 +7,12 @@ import warnings
 import numpy as np
 import pytest
 
-from extract.errors import UserError, guarded
-from probe.data import load_probe_data, select_caches
-from probe.metrics import classification_metrics
-from probe.protocol import run_probe
-from probe.report import collect_rows, format_rows, write_report
-from probe.results import SCHEMA, SklearnVersionWarning, load_head, load_results, save_head, write_result
+from extract.core.errors import UserError, guarded
+from probe.protocol.data import load_probe_data, select_caches
+from probe.protocol.metrics import classification_metrics
+from probe.protocol.search import run_probe
+from probe.output.report import collect_rows, format_rows, write_report
+from probe.output.results import SCHEMA, SklearnVersionWarning, load_head, load_results, save_head, write_result
 from probe_helpers import toy_cache
 
 RESULT_KEYS = {"schema", "kind", "head", "dataset", "model", "identity", "precision", "dtype", "layer", "metrics",

@@ -18,8 +18,8 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from extract.api import extract  # noqa: E402
-from extract.cache import partial_path  # noqa: E402
-from extract.errors import UserError  # noqa: E402
+from extract.store.cache import partial_path  # noqa: E402
+from extract.core.errors import UserError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ACTOR_TITLE = "ray::MapWorker(MapBatches(_ChunkEmbedder))"
@@ -215,7 +215,7 @@ def test_on_error_stop_is_one_line(cluster, tmp_path):
 
 
 def test_missing_ray_is_one_line(monkeypatch):
-    from extract import ray_runner
+    from extract.run.runners import ray_runner
 
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(UserError, match=re.escape('pip install -e ".[ray]"')):
@@ -223,7 +223,7 @@ def test_missing_ray_is_one_line(monkeypatch):
 
 
 def test_closed_port_is_one_line_not_a_wait():
-    from extract.ray_runner import _unreachable
+    from extract.run.runners.ray_runner import _unreachable
 
     assert "refused" in _unreachable("127.0.0.1:1").lower()
     assert "refused" in _unreachable("ray://127.0.0.1:1").lower()
@@ -231,7 +231,7 @@ def test_closed_port_is_one_line_not_a_wait():
 
 
 def test_actor_shape():
-    from extract.ray_runner import actor_shape
+    from extract.run.runners.ray_runner import actor_shape
 
     class Cluster:
         def __init__(self, *nodes):

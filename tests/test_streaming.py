@@ -10,19 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from extract.errors import UserError
+from extract.core.errors import UserError
 from probe.cli import main
-from probe.device import cuda_available
-from probe.heads import KNN_K
-from probe.knn import KNNClassifier, cosine_topk, l2_normalize
-from probe.placement import IN_MEMORY_COPIES, available_memory, memory_for, place
-from probe.results import load_head
-from probe.rows import Rows
+from probe.heads.device import cuda_available
+from probe.heads.catalog import KNN_K
+from probe.heads.knn import KNNClassifier, cosine_topk, l2_normalize
+from probe.heads.placement import IN_MEMORY_COPIES, available_memory, memory_for, place
+from probe.output.results import load_head
+from probe.protocol.rows import Rows
 from probe_helpers import toy_cache
 
 
 def _todays_topk(train, query, k, chunk_bytes=128 * 1024 * 1024):
-    """probe.knn.cosine_topk as it was before streaming: the whole bank, query chunks, torch on the CPU."""
+    """probe.heads.knn.cosine_topk as it was before streaming: the whole bank, query chunks, torch on the CPU."""
     k = min(k, len(train))
     bank = torch.from_numpy(np.ascontiguousarray(train))
     rows = max(1, chunk_bytes // (4 * max(1, len(train))))
@@ -98,7 +98,7 @@ def test_cuda_asked_for_without_cuda_is_a_user_error():
 
 @pytest.mark.skipif(cuda_available(), reason="needs a machine without CUDA")
 def test_choosing_sklearn_does_not_import_torch():
-    code = "import sys; from probe.placement import place; print(place('logreg').solver, 'torch' in sys.modules)"
+    code = "import sys; from probe.heads.placement import place; print(place('logreg').solver, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1], check=True).stdout
     assert out.split() == ["sklearn", "False"]

@@ -12,12 +12,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from extract.errors import UserError
-from probe.heads import get_head
-from probe.placement import place
-from probe.protocol import refit, search
-from probe.rows import Rows, concat
-from probe.torch_logreg import TorchLogisticRegression
+from extract.core.errors import UserError
+from probe.heads.catalog import get_head
+from probe.heads.placement import place
+from probe.protocol.search import refit, search
+from probe.protocol.rows import Rows, concat
+from probe.heads.torch_logreg import TorchLogisticRegression
 
 
 @pytest.fixture(autouse=True)

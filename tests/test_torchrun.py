@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from extract import load_features
-from extract.chunks import ChunkStore
-from extract.job import share
+from extract.store.chunks import ChunkStore
+from extract.run.job import share
 from test_extract import REPO, cache_file, make_folder
 
 ARGS = ["--weights", "none", "--data", "imagefolder", "--precision", "fp32",

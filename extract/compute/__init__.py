@@ -1,0 +1,1 @@
+"""Running a network over batches: the engines, the input pipeline, CPU tuning."""

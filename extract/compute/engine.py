@@ -1,0 +1,349 @@
+"""Batched frozen inference: what happens to a batch, top to bottom.
+
+source -> uint8 batches (DataLoader workers decode + resize files; in-memory arrays are sliced)
+-> device (pinned, non-blocking) -> resize on device if needed -> normalise -> channels_last
+(those steps are extract.compute.pipeline, shared with finetune)
+-> backbone under autocast -> pooled features -> writer thread -> HDF5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler
+from tqdm import tqdm
+
+from extract.compute.allocator import tune_malloc
+from extract.core.errors import UserError
+from extract.compute.pipeline import SourceBatches, to_model_input
+from extract.store.preprocess import Preprocess
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' picks cuda, then mps, then cpu."""
+    if device != "auto":
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise UserError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"device {device} asked for, but CUDA is not available here")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below AVX512_CORE_BF16: torch and OpenVINO both honour them
+_ISA_CAPS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+def cpu_has_bf16() -> bool:
+    """True on CPUs with native bf16 matrix instructions (AVX512-BF16 or AMX), unless
+    ONEDNN_MAX_CPU_ISA caps oneDNN below them (e.g. AVX2, to behave as an AVX2-only CPU)."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() in _ISA_CAPS_WITHOUT_BF16:
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for a precision name; None means plain fp32."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_bf16():
+        return torch.bfloat16
+    return None
+
+
+def precision_name(autocast: torch.dtype | None) -> str:
+    """'fp32', 'bf16' or 'fp16' for a resolved autocast dtype."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast]
+
+
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024
+
+
+def check_image_size(image_size) -> int | None:
+    """None, or an input side in [MIN_IMAGE_SIZE, MAX_IMAGE_SIZE] as an int; else a one-line UserError."""
+    if image_size is None:
+        return None
+    try:
+        size = int(image_size)
+        if size != float(image_size):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise UserError(f"--image-size takes a whole number of pixels, got {image_size!r}") from None
+    if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise UserError(f"--image-size {size} is out of range: use {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels")
+    return size
+
+
+def effective_preprocess(preprocess: Preprocess, in_memory: bool, image_size: int | None = None) -> Preprocess:
+    """The spatial preprocessing actually applied.
+
+    Small in-memory images (CIFAR, digits) are resized straight to the crop size, not cropped.
+    `image_size` N makes the network see N x N inputs: crop N, and files are first resized to
+    round(N * resize / crop) of the weights' own preprocessing (same crop ratio).
+    """
+    if image_size is not None:
+        resize = round(image_size * preprocess.resize / preprocess.crop)
+        preprocess = dataclasses.replace(preprocess, resize=max(resize, image_size), crop=image_size)
+    return dataclasses.replace(preprocess, resize=preprocess.crop) if in_memory else preprocess
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+CORES_PER_DECODE_WORKER = 4
+
+
+def default_workers(device: torch.device, cores: int | None = None) -> int:
+    """DataLoader workers for image files: up to 8 beside a GPU, up to 4 beside MPS; on the CPU
+    see `cpu_split`."""
+    cores = cores or cpu_cores()
+    if device.type == "cpu":
+        return cpu_split(cores)[0]
+    return min(8, cores) if device.type == "cuda" else max(1, min(4, cores - 1))
+
+
+def cpu_split(cores: int | None = None) -> tuple[int, int]:
+    """(decode workers, torch intra-op threads) for extraction on `cores` CPU cores.
+
+    Decoding and resizing a JPEG costs a fraction of a forward pass (ants/bees for Lite0: ~2 ms
+    against ~10-20 ms per image and core), so a core given to a worker mostly waits. Below
+    CORES_PER_DECODE_WORKER cores the main process decodes between batches and every core computes
+    (measured on 2 cores, whole pipeline, Lite0: 0 workers + 2 threads 82 img/s fp32 and 131 bf16;
+    1 worker + 2 threads 74 and 127; 1 worker + 1 thread 54 and 99). From there one core in
+    CORES_PER_DECODE_WORKER decodes in a DataLoader worker and the others compute (16 cores: 4 + 12),
+    so that inline decoding does not leave many threads idle and no thread shares a core with a
+    busy worker.
+    """
+    cores = max(1, cores or cpu_cores())
+    workers = cores // CORES_PER_DECODE_WORKER
+    return workers, cores - workers
+
+
+def compute_threads(workers: int, cores: int | None = None) -> int:
+    """torch intra-op threads for a CPU run beside `workers` decode workers: the cores they leave, but
+    workers beyond `cpu_split`'s share do not take more cores from compute (2 cores, Lite0, 1 or 2
+    workers: 2 threads 74-79 img/s fp32, 1 thread 54)."""
+    cores = cores or cpu_cores()
+    return max(1, cores - min(workers, cores // CORES_PER_DECODE_WORKER))
+
+
+class Embedder:
+    """A frozen backbone on a device at a precision: uint8 batch in, {layer: (B, D) tensor} out.
+
+    compile=True runs the backbone through torch.compile; the first batch of each shape pays for
+    the compilation, and `compile_seconds` says how long the first one took.
+    """
+
+    def __init__(self, backbone, device: torch.device, precision: torch.dtype | None, preprocess: Preprocess,
+                 compile: bool = False):
+        self.device, self.precision, self.preprocess = device, precision, preprocess
+        self.channels_last = device.type in ("cuda", "cpu")
+        backbone.eval().requires_grad_(False)
+        self.backbone = backbone.to(device, memory_format=torch.channels_last) if self.channels_last \
+            else backbone.to(device)
+        self.compiled = compile
+        self.compile_seconds: float | None = None
+        if compile:
+            self.backbone = torch.compile(self.backbone)
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        started = time.perf_counter()
+        x = to_model_input(x, self.preprocess, self.device, self.channels_last)
+        try:
+            with torch.autocast(self.device.type, dtype=self.precision or torch.float32,
+                                enabled=self.precision is not None):
+                out = self.backbone(x)
+        except torch.OutOfMemoryError:
+            raise UserError(f"out of {self.device.type.upper()} memory at a batch of {len(x)} images: rerun the "
+                            f"same command with --batch-size {max(1, len(x) // 2)} (finished chunks are kept)") \
+                from None
+        if self.compiled and self.compile_seconds is None:
+            self.compile_seconds = time.perf_counter() - started
+            log.info(f"torch.compile: the first batch took {self.compile_seconds:.1f} s (compilation included)")
+        return {k: v.float() for k, v in out.items()}
+
+    def provenance(self) -> dict:
+        return {"compile": self.compiled, "compile_seconds": self.compile_seconds}
+
+
+@dataclass
+class RunStats:
+    """What one extraction pass did."""
+
+    images: int = 0
+    seconds: float = 0.0
+    skipped: list[tuple[int, str, str]] = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)   # what ran (engine, device, workers), for the cache file
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+
+class _WriterThread:
+    """Moves feature batches to the host and into the sink while the next batch computes."""
+
+    def __init__(self, sink):
+        self.sink, self.error = sink, None
+        self.queue: queue.Queue = queue.Queue(maxsize=4)
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    feats, kept, n, skipped = item
+                    self.sink.add({k: v.cpu().numpy() for k, v in feats.items()}, kept, n, skipped)
+                except BaseException as e:  # re-raised in the main thread
+                    self.error = e
+
+    def put(self, item):
+        self._check()
+        self.queue.put(item)
+
+    def _check(self):
+        if self.error is not None:
+            raise self.error
+
+    def close(self):
+        self.queue.put(None)
+        self.thread.join()
+        self._check()
+
+
+def run(embedder: Embedder, source, sink, batches: Sequence[Sequence[int]], *, workers: int = 0,
+        on_error: str = "skip", progress: bool = True, desc: str = "", decoder: str = "auto",
+        threads: int | None = None) -> RunStats:
+    """Embed the source positions of `batches` (lists of positions) into `sink`, batch by batch.
+
+    `sink.add(features, kept, n, skipped)` receives each batch's features (numpy, readable images
+    only), their positions, the batch size and the unreadable images as (position, path, reason),
+    in a writer thread. decoder: how image files are decoded (extract.compute.pipeline.resolve_decoder).
+    threads: torch's intra-op threads while it runs on the CPU (None: `compute_threads(workers)`);
+    restored after.
+    """
+    if embedder.device.type != "cpu":
+        return _run(embedder, source, sink, batches, workers, on_error, progress, desc, decoder)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads or compute_threads(workers))
+    try:
+        return _run(embedder, source, sink, batches, workers, on_error, progress, desc, decoder)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _run(embedder: Embedder, source, sink, batches, workers, on_error, progress, desc, decoder) -> RunStats:
+    stats = RunStats()
+    pin = embedder.device.type == "cuda"
+    bar = tqdm(total=sum(map(len, batches)), desc=desc, unit="img", disable=not progress, dynamic_ncols=True,
+               smoothing=0.1)
+    loader = SourceBatches(source, embedder.preprocess, batches, workers=workers, pin=pin, decoder=decoder)
+    writer = _WriterThread(sink)
+    t0 = time.perf_counter()
+    try:
+        for x, positions, reasons in loader:
+            bad = [k for k, r in enumerate(reasons) if r]
+            skipped = []
+            for k in bad:
+                path = source.paths[positions[k]] if source.paths else None
+                if on_error == "stop":
+                    writer.close()
+                    raise UserError(f"cannot read {path}: {reasons[k]} (the chunks finished before it are saved; "
+                                    "fix or remove the file and rerun, or use --on-error skip)")
+                stats.skipped.append((int(positions[k]), path or "", reasons[k]))
+                skipped.append(stats.skipped[-1])
+            keep = np.array([not r for r in reasons])
+            feats = embedder(x)
+            if len(bad):
+                feats = {k: v[torch.from_numpy(keep).to(v.device)] for k, v in feats.items()}
+            writer.put((feats, positions[keep], len(positions), skipped))
+            stats.images += len(positions)
+            bar.update(len(positions))
+            bar.set_postfix_str(f"{stats.images / (time.perf_counter() - t0):.1f} img/s", refresh=False)
+        writer.close()
+    finally:
+        if writer.thread.is_alive():
+            writer.queue.put(None)
+            writer.thread.join()
+        bar.close()
+        stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+class Collect:
+    """A sink that keeps rows and skipped images in memory (for `embed` and Ray's actors)."""
+
+    def __init__(self):
+        self.rows, self.index, self.skipped, self.n = [], [], [], 0
+
+    def add(self, features, kept, n, skipped):
+        self.rows.append(features)
+        self.index.append(np.asarray(kept, np.int64))
+        self.skipped += skipped
+        self.n += n
+
+
+@dataclass
+class Embedded:
+    """Features of the readable images of a source, their positions, and the unreadable ones."""
+
+    features: dict[str, np.ndarray]      # {tap: (N, D) float32}
+    index: np.ndarray                    # source position of each row
+    skipped: list[tuple[int, str, str]]  # (position, path, reason)
+
+
+def embed(backbone, source, *, preprocess: Preprocess | None = None, precision: str = "auto", batch_size: int = 64,
+          device: str = "auto", workers: int = 0, progress: bool = False, decoder: str = "auto") -> Embedded:
+    """Embed a small source in memory; unreadable images are listed, not fatal.
+
+    `preprocess` defaults to the backbone's own (as extract applies it); pass a cache's recorded
+    preprocessing, precision and decoder to reproduce its features. On the CPU glibc's malloc is
+    tuned for the process first (`extract.compute.allocator`).
+    """
+    dev = resolve_device(device)
+    if dev.type == "cpu":
+        tune_malloc()
+    preprocess = preprocess or effective_preprocess(backbone.preprocess, source.arrays is not None)
+    sink = Collect()
+    run(Embedder(backbone, dev, resolve_precision(precision, dev), preprocess), source, sink,
+        list(BatchSampler(range(len(source)), batch_size, False)), workers=workers, progress=progress,
+        decoder=decoder)
+    features = {k: np.concatenate([r[k] for r in sink.rows]) if sink.rows else np.zeros((0, d), np.float32)
+                for k, d in backbone.dims.items()}
+    index = np.concatenate(sink.index) if sink.index else np.zeros(0, np.int64)
+    return Embedded(features, index, sink.skipped)

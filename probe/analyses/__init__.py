@@ -1,0 +1,1 @@
+"""Analyses built on the protocol: compare, few-shot, maps, samples, predict."""

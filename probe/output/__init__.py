@@ -1,0 +1,1 @@
+"""Results on disk and for people: JSON, saved heads, reports, pictures."""

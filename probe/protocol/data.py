@@ -1,0 +1,207 @@
+"""Which cache files a probe run reads, and the train / validation / test arrays it gets from them.
+
+Rules (GUIDE §5): validation is the dataset's own val split when it also has a test split, else a
+seeded stratified 20% of train; a dataset with only train and val uses val as its test split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from extract.store.cache import load_features
+from extract.store.catalog import FeatureSet, choose, select
+from extract.core.errors import UserError
+from extract.store.identity import FeatureIdentity, describe_differences, differences
+
+from probe.protocol.rows import Rows
+from probe.protocol.splits import split_roles, validation_mask
+
+@dataclass
+class ProbeData:
+    """Features and class ids of the three roles; y_test is only read after selection.
+
+    The X arrays are probe.protocol.rows.Rows views instead when the features are streamed from the cache.
+    """
+
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_val: np.ndarray
+    y_val: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    classes: list[str]
+    identity: FeatureIdentity
+    layer: str = "penultimate"
+    validation: str = "given"
+    test_split: str = "test"
+    provenance: dict = field(default_factory=dict)
+    sources: dict = field(default_factory=dict)    # role -> cache path
+    index_train: np.ndarray | None = None          # source indices of the train rows (subsampling)
+
+    @property
+    def sizes(self) -> dict:
+        return {"train": len(self.y_train), "val": len(self.y_val), "test": len(self.y_test)}
+
+    @property
+    def dataset(self) -> str:
+        return self.identity.data.label
+
+    @property
+    def model(self) -> str:
+        return self.identity.model
+
+
+@dataclass
+class Selection:
+    """The cache files of one extraction: split name -> path."""
+
+    files: dict[str, Path]
+    layer: str | None = None
+
+
+# --- choosing cache files ---------------------------------------------------------------------
+
+def select_caches(cache_dir="cache", *, model: str | None = None, data: str | None = None,
+                  layer: str | None = None, precision: str | None = None, dtype: str | None = None,
+                  image_size: int | None = None, normalize: str | None = None) -> Selection:
+    """The newest complete extraction under cache_dir matching the given filters (read from the files'
+    identities); the default request's extraction wins over ones with explicit choices."""
+    group: FeatureSet = choose(select(cache_dir, data=data, model=model, layer=layer, precision=precision,
+                                      dtype=dtype, image_size=image_size, normalize=normalize))
+    if "train" not in group.files:
+        raise UserError(f"no complete train split cached for {group.describe()} under {cache_dir}: "
+                        "run `python -m extract` for the train split")
+    return Selection(dict(group.files), layer)
+
+
+def selection_from_paths(features, test_features=None, val_features=None, layer=None) -> Selection:
+    """Explicit files; with only --features, the other splits of the same identity in its folder are used."""
+    train = Path(features)
+    if not train.exists():
+        if Path(str(train) + ".partial").exists():
+            load_features(train)  # raises the "incomplete" UserError
+        raise UserError(f"no cache file at {train}")
+    files = {"train": train}
+    if test_features:
+        files["test"] = Path(test_features)
+    if val_features:
+        files["val"] = Path(val_features)
+    if not test_features and not val_features:
+        suffix = train.name[len(train.name.split(".")[0]):]  # ".h5" or ".bf16.h5": the same variant
+        for split in ("val", "test"):
+            sibling = train.with_name(split + suffix)
+            if sibling.exists():
+                files[split] = sibling
+    return Selection(files, layer)
+
+
+# --- loading and checking ---------------------------------------------------------------------
+
+def _load(path: Path, layer: str | None, role: str, lazy: bool = False):
+    if lazy:  # a view of the file; blocks are checked for NaN/inf as they are read
+        feats = load_features(path, layer, lazy=True)
+        name = feats.X.name
+        feats.meta.pop("file").close()
+        X = Rows.of(path, name)
+        if len(X) == 0:
+            raise UserError(f"{role} split in {path} is empty")
+        return X, np.asarray(feats.y, np.int64), feats.meta
+    feats = load_features(path, layer)
+    X = np.asarray(feats.X, dtype=np.float32)
+    if X.ndim != 2 or len(X) == 0:
+        raise UserError(f"{role} split in {path} is empty")
+    bad = ~np.isfinite(X)
+    if bad.any():
+        rows = int(bad.any(axis=1).sum())
+        raise UserError(f"{role} features in {path} contain NaN or inf values in {rows} of {len(X)} rows")
+    return X, np.asarray(feats.y, np.int64), feats.meta
+
+
+def check_same_identity(metas: dict[str, dict]) -> None:
+    """Refuse files whose identities differ in anything but the split (and the taps they hold)."""
+    ref_role, ref = next(iter(metas.items()))
+    for role, meta in metas.items():
+        diff = differences(ref["identity"], meta["identity"])
+        if diff:
+            raise UserError(f"{ref_role} and {role} features come from different extractions: "
+                            f"{describe_differences(diff, ref['identity'], meta['identity'])} "
+                            f"({ref['path']} vs {meta['path']})")
+        if meta["layer"] != ref["layer"]:
+            raise UserError(f"{ref_role} and {role} features are of different layers: {ref['layer']!r} vs "
+                            f"{meta['layer']!r}")
+        if list(meta.get("classes") or []) != list(ref.get("classes") or []):
+            raise UserError(f"{ref_role} and {role} caches have different class lists "
+                            f"({ref['path']} vs {meta['path']})")
+
+
+def _require_classes(y: np.ndarray, role: str, what: str) -> None:
+    if len(y) == 0:
+        raise UserError(f"the {role} split is empty ({what})")
+    if len(np.unique(y)) < 2:
+        raise UserError(f"the {role} split has only one class ({what}); a classifier needs at least two")
+
+
+def load_probe_data(selection: Selection, seed: int = 0, val_fraction: float = 0.2, lazy: bool = False) -> ProbeData:
+    """Read the selected cache files, check they belong together, and assign train/val/test roles.
+
+    lazy=True leaves the features in their files (Rows views) and reads only labels and metadata.
+    """
+    files = selection.files
+    roles = split_roles(files)
+    if roles is None:
+        raise UserError(f"only a train split is cached ({files['train']}); a probe needs a held-out "
+                        "test (or val) split: extract one, or pass --test-features")
+    test_split, val_split = roles
+    arrays, metas = {}, {}
+    for split in dict.fromkeys(["train", val_split, test_split]):
+        if split:
+            X, y, meta = _load(files[split], selection.layer, split, lazy)
+            arrays[split], metas[split] = (X, y), meta
+    check_same_identity(metas)
+    dims = {role: X.shape[1] for role, (X, _) in arrays.items()}
+    if len(set(dims.values())) > 1:
+        raise UserError(f"the splits' features have different dimensions ({dims}): the files were not written "
+                        "by one extraction")
+    train_meta = metas["train"]
+    classes = [str(c) for c in (train_meta.get("classes") or [])]
+    X_tr, y_tr = arrays["train"]
+    index_tr = np.asarray(train_meta["index"])
+    _require_classes(y_tr, "train", str(files["train"]))
+    if val_split:
+        X_va, y_va = arrays[val_split]
+        validation = f"the dataset's own '{val_split}' split"
+    else:
+        mask = _validation_rows(index_tr, y_tr, train_meta.get("skipped") or [], seed, val_fraction)
+        X_va, y_va = X_tr[mask], y_tr[mask]
+        X_tr, y_tr, index_tr = X_tr[~mask], y_tr[~mask], index_tr[~mask]
+        validation = f"stratified {val_fraction:.0%} of train (seed {seed})"
+        if test_split == "val":
+            validation += "; the dataset has no test split, so its 'val' split is the test set"
+        _require_classes(y_tr, "train", f"after carving validation from {files['train']}")
+    _require_classes(y_va, "validation", validation)
+    X_te, y_te = arrays[test_split]
+    if len(y_te) == 0:
+        raise UserError(f"the test split is empty ({files[test_split]})")
+    if len(np.unique(y_te)) < 2:
+        raise UserError(f"the test split has only one class ({files[test_split]}); its scores would mean little")
+    if not classes:
+        classes = [str(c) for c in range(int(max(y_tr.max(), y_va.max(), y_te.max())) + 1)]
+    top = int(max(y_tr.max(), y_va.max(), y_te.max()))
+    if top >= len(classes) or min(y_tr.min(), y_va.min(), y_te.min()) < 0:
+        raise UserError(f"labels in {files['train']} fall outside its {len(classes)} classes")
+    return ProbeData(
+        X_tr, y_tr, X_va, y_va, X_te, y_te, classes, train_meta["identity"], layer=train_meta["layer"],
+        validation=validation, test_split=test_split, provenance=train_meta.get("provenance", {}),
+        sources={role: str(files[s]) for role, s in (("train", "train"), ("val", val_split), ("test", test_split)) if s},
+        index_train=index_tr)
+
+
+def _validation_rows(index, labels, skipped: list[dict], seed: int, fraction: float) -> np.ndarray:
+    """validation_mask over every train image, unreadable ones included, so finetune carves the same rows."""
+    known = [s for s in skipped if s.get("label", -1) >= 0]
+    full_index = np.concatenate([index, np.asarray([s["index"] for s in known], dtype=index.dtype)])
+    full_labels = np.concatenate([labels, np.asarray([s["label"] for s in known], dtype=labels.dtype)])
+    return validation_mask(full_index, full_labels, seed=seed, fraction=fraction)[:len(index)]
