@@ -1,12 +1,11 @@
 """Frozen-backbone embeddings, cached to HDF5."""
 
-__version__ = "0.1.0"
+from extract.core.version import __version__
+from extract.store.cache import Features, iter_rows
+from extract.store.catalog import CacheQuery, feature_sets, find_caches, load_features
+from extract.store.identity import DataRef, FeatureIdentity
 
-from extract.store.cache import Features, iter_rows, load_features  # noqa: E402
-from extract.store.catalog import feature_sets, find_caches  # noqa: E402
-from extract.store.identity import DataRef, FeatureIdentity  # noqa: E402
-
-__all__ = ["extract", "load_features", "iter_rows", "find_caches", "feature_sets", "Features", "FeatureIdentity",
+__all__ = ["extract", "load_features", "CacheQuery", "iter_rows", "find_caches", "feature_sets", "Features", "FeatureIdentity",
            "DataRef", "__version__"]
 
 

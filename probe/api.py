@@ -5,16 +5,19 @@ The command line (`python -m probe`) and bench/ both call it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from extract.core.errors import UserError
+from extract.store.catalog import CacheQuery
 
 from probe.protocol.data import ProbeData, Selection, load_probe_data, select_caches, selection_from_paths
 from probe.heads.catalog import get_head, list_heads
 from probe.heads.placement import check_solver, memory_for, place
+from probe.protocol.options import FitOptions
 from probe.protocol.search import ProbeRun, run_probe
 
 log = logging.getLogger(__name__)
@@ -40,67 +43,67 @@ def head_names(heads: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(get_head(h).name for h in heads))
 
 
-def choose_features(*, cache_dir="cache", data: str | None = None, model: str | None = None,
-                    layer: str | None = None, precision: str | None = None, dtype: str | None = None,
-                    image_size: int | None = None, normalize: str | None = None, features=None,
-                    test_features=None, val_features=None) -> Selection:
-    """Explicit cache files, or the newest complete extraction matching the filters; says which."""
-    if features:
-        sel = selection_from_paths(features, test_features, val_features, layer)
+def split_keywords(query: CacheQuery | None, options: FitOptions | None, keywords: dict):
+    """(CacheQuery, FitOptions) with each keyword applied to the value that has that field."""
+    query_fields = {f.name for f in dataclasses.fields(CacheQuery)}
+    option_fields = {f.name for f in dataclasses.fields(FitOptions)}
+    unknown = set(keywords) - query_fields - option_fields
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    query = (query or CacheQuery()).replace(**{k: v for k, v in keywords.items() if k in query_fields})
+    options = (options or FitOptions()).replace(**{k: v for k, v in keywords.items() if k in option_fields})
+    return query, options
+
+
+def choose_features(query: CacheQuery) -> Selection:
+    """Explicit cache files, or the newest complete extraction matching the query's filters; says which."""
+    if query.features:
+        sel = selection_from_paths(query.features, query.test_features, query.val_features, query.layer)
         log.info("using " + ", ".join(f"{s}: {p}" for s, p in sel.files.items()))
         return sel
-    if test_features or val_features:
+    if query.test_features or query.val_features:
         raise UserError("--test-features/--val-features need --features TRAIN_H5 as well")
-    sel = select_caches(cache_dir, model=model, data=data, layer=layer, precision=precision, dtype=dtype,
-                        image_size=image_size, normalize=normalize)
-    chosen = "" if any((model, data, layer, precision, dtype, image_size, normalize)) else \
-        "the newest complete extraction, "
+    sel = select_caches(query)
+    chosen = "" if query.filtered else "the newest complete extraction, "
     folder = Path(next(iter(sel.files.values()))).parent
     log.info(f"using {folder} ({chosen}splits: {', '.join(sel.files)})")
     return sel
 
 
-def evaluate(heads: str | Sequence[str] = "logreg", *, cache_dir="cache", data: str | None = None,
-             model: str | None = None, layer: str | None = None, precision: str | None = None,
-             dtype: str | None = None, image_size: int | None = None, normalize: str | None = None,
-             features=None, test_features=None, val_features=None, results_dir="results", grid: str = "fast", scale: str | None = None, seed: int = 0,
-             n_jobs: int | None = None, max_search_samples: int | None = None, save: bool = True,
-             progress: bool = True, solver: str = "auto", device: str = "auto",
-             max_memory: float | None = None) -> Evaluation:
+def evaluate(heads: str | Sequence[str] = "logreg", query: CacheQuery | None = None,
+             options: FitOptions | None = None, **keywords) -> Evaluation:
     """Fit each head on cached features (select on validation, refit, test once) and write its results.
 
-    solver: logreg's, auto|sklearn|torch; device: the torch heads', auto|cpu|cuda. Features whose in-memory
-    path needs more than the available RAM (or `max_memory` GB) are streamed from the cache, which only
-    logreg on torch and knn can fit (probe.heads.placement).
+    `query` picks the features (default: the newest extraction under ./cache); `options` how heads
+    are fit; `keywords` change single fields of either (``cache_dir=..., model=..., seed=...``).
+    Features whose in-memory path needs more than the available RAM (or `max_memory` GB) are
+    streamed from the cache, which only logreg on torch and knn can fit (probe.heads.placement).
     """
     from probe.output.plots import plot_comparison
     from probe.output.results import result_dir, save_head, write_result
 
+    query, options = split_keywords(query, options, keywords)
     names = head_names(heads)
-    check_solver(names, solver)
-    if max_search_samples is not None and max_search_samples < 2:
-        raise UserError("--max-search-samples must be at least 2")
-    selection = choose_features(cache_dir=cache_dir, data=data, model=model, layer=layer, precision=precision,
-                                dtype=dtype, image_size=image_size, normalize=normalize, features=features,
-                                test_features=test_features, val_features=val_features)
-    memory = memory_for(selection.files, selection.layer, max_memory)
-    placed = [place(name, solver=solver, device=device, scale=scale, streamed=not memory.fits, memory=memory)
-              for name in names]
+    check_solver(names, options.solver)
+    selection = choose_features(query)
+    memory = memory_for(selection.files, selection.layer, options.max_memory)
+    placed = [place(name, solver=options.solver, device=options.device, scale=options.scale,
+                    streamed=not memory.fits, memory=memory) for name in names]
     if not memory.fits:
         log.info(f"the features would need {memory.describe()} in memory: streaming them from the cache")
-    probe_data = load_probe_data(selection, seed=seed, lazy=not memory.fits)
+    probe_data = load_probe_data(selection, seed=options.seed, lazy=not memory.fits)
     out = Evaluation(probe_data, [])
     for head in placed:
-        run = run_probe(head, probe_data, grid=grid, scale=scale, seed=seed, n_jobs=n_jobs,
-                        max_search_samples=max_search_samples, progress=progress)
+        run = run_probe(head, probe_data, options)
         out.runs.append(run)
-        out.result_paths.append(write_result(run.result, results_dir))
-        if save:
-            out.head_paths.append(save_head(run.pipeline, run.result, results_dir))
+        out.result_paths.append(write_result(run.result, options.results_dir))
+        if options.save:
+            out.head_paths.append(save_head(run.pipeline, run.result, options.results_dir))
     if len(names) > 1:
         rows = [{"label": r.result["head"], "top1": r.result["metrics"]["top1"],
                  "seconds": r.result["timing"]["search_seconds"] + r.result["timing"]["fit_seconds"]}
                 for r in out.runs]
-        out.comparison = plot_comparison(rows, result_dir(out.runs[0].result, results_dir) / "comparison.png",
+        out.comparison = plot_comparison(rows, result_dir(out.runs[0].result, options.results_dir) /
+                                         "comparison.png",
                                          title=f"{probe_data.dataset} · {probe_data.model} · {probe_data.layer}")
     return out

@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 
 from extract.core.errors import UserError, guarded
+from extract.store.catalog import CacheQuery
 
 from probe.heads.catalog import GRIDS, SCALES, list_heads
 from probe.heads.placement import SOLVERS
+from probe.protocol.options import FitOptions
 from probe.output.report import FORMATS
 
 EPILOG = """examples:
@@ -44,6 +46,8 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-size", type=int, help="only features of this input size (extract --image-size)")
     g.add_argument("--normalize", choices=["weights", "dataset"],
                    help="only features normalised with the weights' or the dataset's statistics")
+    g.add_argument("--engine", help="only features computed by this engine (torch, openvino)")
+    g.add_argument("--decoder", help="only features of image files decoded this way (tensor, pil)")
     g.add_argument("--features", metavar="TRAIN_H5", help="explicit train cache file; sibling val/test files are used")
     g.add_argument("--test-features", metavar="TEST_H5", help="explicit test cache file")
     g.add_argument("--val-features", metavar="VAL_H5", help="explicit validation cache file")
@@ -51,11 +55,18 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--results-dir", default="results", help="where results go (default: ./results)")
 
 
-def _selection(args) -> dict:
-    return {"cache_dir": args.cache_dir, "data": args.data, "model": args.model, "layer": args.layer,
-            "precision": args.precision, "dtype": args.dtype, "image_size": args.image_size,
-            "normalize": args.normalize, "features": args.features,
-            "test_features": args.test_features, "val_features": args.val_features}
+def _query(args) -> CacheQuery:
+    return CacheQuery(args.cache_dir, data=args.data, model=args.model, layer=args.layer, precision=args.precision,
+                      dtype=args.dtype, image_size=args.image_size, normalize=args.normalize, engine=args.engine,
+                      decoder=args.decoder, features=args.features, test_features=args.test_features,
+                      val_features=args.val_features)
+
+
+def _options(args) -> FitOptions:
+    return FitOptions(grid=args.grid, scale=args.scale, seed=args.seed, n_jobs=args.n_jobs,
+                      max_search_samples=args.max_search_samples, solver=args.solver, device=args.device,
+                      max_memory=args.max_memory, progress=args.progress, save=args.save,
+                      results_dir=args.results_dir)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -136,9 +147,7 @@ def run_heads(args) -> int:
     from probe.api import evaluate
     from probe.output.report import format_rows, result_row
 
-    out = evaluate(args.head, **_selection(args), results_dir=args.results_dir, grid=args.grid, scale=args.scale,
-                   seed=args.seed, n_jobs=args.n_jobs, max_search_samples=args.max_search_samples, save=args.save,
-                   progress=args.progress, solver=args.solver, device=args.device, max_memory=args.max_memory)
+    out = evaluate(args.head, _query(args), _options(args))
     data = out.data
     print(f"{data.dataset} / {data.model} / layer {data.layer} ({data.identity.precision}, {data.identity.dtype}): "
           f"{data.sizes['train']} train, {data.sizes['val']} validation, {data.sizes['test']} test "
@@ -169,13 +178,7 @@ def run_compare(args) -> int:
     """--model all / a,b or --layer all / a,b: every selected backbone and tap, one pivot table."""
     from probe.analyses.compare import compare, format_table, select_feature_sets, write_comparison
 
-    selections = select_feature_sets(args.cache_dir, data=args.data, models=args.model, layers=args.layer,
-                                     precision=args.precision, dtype=args.dtype, image_size=args.image_size,
-                                     normalize=args.normalize)
-    out = compare(args.head, selections, results_dir=args.results_dir, grid=args.grid, seed=args.seed,
-                  n_jobs=args.n_jobs, progress=args.progress, scale=args.scale,
-                  max_search_samples=args.max_search_samples, save=args.save, solver=args.solver,
-                  device=args.device, max_memory=args.max_memory)
+    out = compare(args.head, select_feature_sets(_query(args)), _options(args))
     print(format_table(out.rows, out.winner))
     for path in write_comparison(out).values():
         print(f"wrote {path}")
@@ -194,16 +197,12 @@ def run_fewshot(args) -> int:
         selections = [selection_from_paths(args.features, args.test_features, args.val_features, args.layer)]
     else:
         selections = [selection_from_paths(g.files["train"], g.files.get("test"), g.files.get("val"), tap)
-                      for g, tap in select_feature_sets(args.cache_dir, data=args.data, models=args.model,
-                                                        layers=args.layer, precision=args.precision,
-                                                        dtype=args.dtype, image_size=args.image_size,
-                                                        normalize=args.normalize)]
+                      for g, tap in select_feature_sets(_query(args))]
     curves = []
     for selection in selections:
         data = load_probe_data(selection, seed=args.seed)
         for head in head_names(args.head):
-            curve = fewshot(head, data, shots, args.seeds, grid=args.grid, seed=args.seed, n_jobs=args.n_jobs,
-                            progress=args.progress, scale=args.scale)
+            curve = fewshot(head, data, shots, args.seeds, _options(args))
             curves.append(curve)
             points = ", ".join(f"{'all' if k is None else k}: {100 * p['mean']:.1f}%"
                                for k, p in zip(curve["k"], curve["points"]))
@@ -233,8 +232,7 @@ def run_report(args) -> int:
 def run_predict(args) -> int:
     from probe.analyses.predict import find_head_file, predict_files
 
-    head_file = Path(args.head_file) if args.head_file else find_head_file(args.head, **_selection(args),
-                                                                             results_dir=args.results_dir)
+    head_file = Path(args.head_file) if args.head_file else find_head_file(args.head, _query(args), args.results_dir)
     out = predict_files(head_file, args.images, device=args.device, batch_size=args.batch_size, top=args.top)
     for row in out.rows:
         shown = ", ".join(f"{lab} {p:.3f}" if p is not None else lab for lab, p in row["labels"])
@@ -258,9 +256,9 @@ def run_map(args) -> int:
     from probe.analyses.maps import write_map
     from probe.analyses.predict import find_head_file
 
-    sel = _selection(args)
-    head_file = find_head_file(args.head, **sel, results_dir=args.results_dir) if args.head else None
-    test = _test_file(choose_features(**sel))
+    query = _query(args)
+    head_file = find_head_file(args.head, query, args.results_dir) if args.head else None
+    test = _test_file(choose_features(query))
     print(write_map(test, head_file=head_file, results_root=args.results_dir, layer=args.layer,
                     method=args.method, seed=args.seed, max_points=args.max_points))
     return 0
@@ -270,8 +268,7 @@ def run_samples(args) -> int:
     from probe.analyses.predict import find_head_file
     from probe.analyses.samples import write_samples
 
-    sel = _selection(args)
-    head_file = find_head_file(args.head, **sel, results_dir=args.results_dir)
+    head_file = find_head_file(args.head, _query(args), args.results_dir)
     print(write_samples(head_file=head_file, results_root=args.results_dir, n=args.n, seed=args.seed,
                         only_mistakes=args.only_mistakes, layer=args.layer))
     return 0

@@ -9,6 +9,7 @@ from PIL import Image
 from extract.store.cache import read_header, write_features
 from extract.cli import main
 from extract.core.errors import UserError
+from extract.store.catalog import CacheQuery
 from probe.analyses.compare import (choose_winner, compare, format_table, pivot, plot_layer_curve, select_feature_sets, tap_order,
                            write_comparison)
 from probe_helpers import toy_identity, write_split
@@ -62,15 +63,15 @@ def pairs(selections):
 def test_selection_orders_models_by_name_or_as_listed_then_taps_by_depth(three_backbones):
     cache = three_backbones
     multi_tap_backbone(cache)
-    assert pairs(select_feature_sets(cache)) == [("efficientnet_lite0", "penultimate"), ("toy_good", "penultimate"),
+    assert pairs(select_feature_sets(CacheQuery(cache))) == [("efficientnet_lite0", "penultimate"), ("toy_good", "penultimate"),
                                                  ("toy_noise", "penultimate"), ("toy_weak", "penultimate")]
-    assert pairs(select_feature_sets(cache, layers=["all"])) == [
+    assert pairs(select_feature_sets(CacheQuery(cache, layer="all"))) == [
         ("efficientnet_lite0", "stage1"), ("efficientnet_lite0", "stage2"), ("efficientnet_lite0", "head_conv"),
         ("efficientnet_lite0", "penultimate"), ("toy_good", "penultimate"), ("toy_noise", "penultimate"),
         ("toy_weak", "penultimate")]
-    assert pairs(select_feature_sets(cache, models=["toy_weak", "toy_good"])) == [
+    assert pairs(select_feature_sets(CacheQuery(cache, model="toy_weak,toy_good"))) == [
         ("toy_weak", "penultimate"), ("toy_good", "penultimate")]
-    assert pairs(select_feature_sets(cache, models="all", layers="head_conv,stage1")) == [
+    assert pairs(select_feature_sets(CacheQuery(cache, model="all", layer="head_conv,stage1"))) == [
         ("efficientnet_lite0", "stage1"), ("efficientnet_lite0", "head_conv")]
 
 
@@ -83,32 +84,32 @@ def test_tap_order_follows_the_registry_else_the_files_order():
 
 def test_unregistered_architecture_taps_keep_the_files_order(tmp_path):
     multi_tap_backbone(tmp_path, model="tinynet", taps={"blockB": 1.0, "blockA": 2.0, "penultimate": 3.0})
-    assert [tap for _, tap in select_feature_sets(tmp_path, layers=["all"])] == ["blockB", "blockA", "penultimate"]
+    assert [tap for _, tap in select_feature_sets(CacheQuery(tmp_path, layer="all"))] == ["blockB", "blockA", "penultimate"]
 
 
 def test_several_datasets_need_a_choice_and_unknown_names_are_refused(three_backbones):
     toy_backbone(three_backbones, "toy_good", 6.0, dataset="other")
     with pytest.raises(UserError, match=r"2 datasets \(other, toy\).*--data"):
-        select_feature_sets(three_backbones)
-    assert len(select_feature_sets(three_backbones, data="other")) == 1
-    assert len(select_feature_sets(three_backbones, data="toy")) == 3
+        select_feature_sets(CacheQuery(three_backbones))
+    assert len(select_feature_sets(CacheQuery(three_backbones, data="other"))) == 1
+    assert len(select_feature_sets(CacheQuery(three_backbones, data="toy"))) == 3
     with pytest.raises(UserError, match="no complete cache"):
-        select_feature_sets(three_backbones, data="toy", models=["toy_good", "resnet50"])
+        select_feature_sets(CacheQuery(three_backbones, data="toy", model="toy_good,resnet50"))
     with pytest.raises(UserError, match="layer4.*available: toy_good: penultimate"):
-        select_feature_sets(three_backbones, data="toy", models=["toy_good"], layers=["layer4"])
+        select_feature_sets(CacheQuery(three_backbones, data="toy", model="toy_good", layer="layer4"))
 
 
 def test_a_model_with_only_a_train_split_is_left_out(three_backbones):
     X, y = points("train", 6.0)
     write_split(three_backbones, "train", X, y, identity=toy_identity(model="toy_trainonly"))
-    assert "toy_trainonly" not in {m for m, _ in pairs(select_feature_sets(three_backbones))}
+    assert "toy_trainonly" not in {m for m, _ in pairs(select_feature_sets(CacheQuery(three_backbones)))}
 
 
 # --- comparing ----------------------------------------------------------------------------------
 
 def test_comparison_rows_are_the_result_files_and_the_winner_is_chosen_on_validation(three_backbones, tmp_path):
     results = tmp_path / "results"
-    comparison = compare("linear,knn", select_feature_sets(three_backbones), results_dir=results, seed=0,
+    comparison = compare("linear,knn", select_feature_sets(CacheQuery(three_backbones)), results_dir=results, seed=0,
                          n_jobs=1, progress=False, save=False)
     rows = comparison.rows
     assert [(r["backbone"], r["head"]) for r in rows] == [(m, h) for m in ("toy_good", "toy_noise", "toy_weak")
@@ -137,7 +138,7 @@ def test_comparison_rows_are_the_result_files_and_the_winner_is_chosen_on_valida
 
 
 def test_the_winner_is_chosen_on_validation_even_when_another_head_tests_higher(three_backbones, tmp_path):
-    comparison = compare("linear,logreg", select_feature_sets(three_backbones, models=["toy_weak"]),
+    comparison = compare("linear,logreg", select_feature_sets(CacheQuery(three_backbones, model="toy_weak")),
                          results_dir=tmp_path / "results", n_jobs=1, progress=False, save=False)
     linear, logreg = comparison.rows
     assert linear["val_top1"] > logreg["val_top1"] and linear["test_top1"] < logreg["test_top1"]
@@ -154,7 +155,7 @@ def test_winner_rule_ignores_test_and_breaks_ties_by_table_order():
 
 
 def test_write_comparison_writes_json_and_a_decodable_chart(three_backbones, tmp_path):
-    comparison = compare(["knn"], select_feature_sets(three_backbones, models=["toy_noise", "toy_good"]),
+    comparison = compare(["knn"], select_feature_sets(CacheQuery(three_backbones, model="toy_noise,toy_good")),
                          results_dir=tmp_path / "results", n_jobs=1, progress=False, save=False)
     paths = write_comparison(comparison)
     assert set(paths) == {"json", "png"} and paths["json"].parent == tmp_path / "results" / "toy"
@@ -171,7 +172,7 @@ def test_layer_sweep_rows_follow_depth_and_write_a_layer_curve(tmp_path):
     cache = tmp_path / "cache"
     multi_tap_backbone(cache)
     toy_backbone(cache, "toy_good", 6.0)
-    comparison = compare("knn", select_feature_sets(cache, layers=["all"]), results_dir=tmp_path / "results",
+    comparison = compare("knn", select_feature_sets(CacheQuery(cache, layer="all")), results_dir=tmp_path / "results",
                          n_jobs=1, progress=False, save=False)
     assert [(r["backbone"], r["tap"]) for r in comparison.rows] == [
         ("efficientnet_lite0", "stage1"), ("efficientnet_lite0", "stage2"), ("efficientnet_lite0", "head_conv"),
@@ -213,7 +214,7 @@ def test_extract_runs_several_models_with_every_tap_in_one_file(tmp_path, capsys
         assert header["layers"] == ["layer1", "layer2", "layer3", "penultimate"]
     assert main(args) == 0   # everything is a hit now
     assert sum(line.startswith("Nothing to extract") for line in capsys.readouterr().out.splitlines()) == 2
-    assert pairs(select_feature_sets(cache, layers="all")) == [
+    assert pairs(select_feature_sets(CacheQuery(cache, layer="all"))) == [
         (m, t) for m in ("cifar_resnet20.none", "cifar_resnet32.none") for t in ("layer1", "layer2", "layer3",
                                                                                   "penultimate")]
 

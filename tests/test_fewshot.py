@@ -8,6 +8,7 @@ from PIL import Image
 
 from extract.core.errors import UserError
 from probe.protocol.data import ProbeData, load_probe_data, select_caches
+from extract.store.catalog import CacheQuery
 from probe.analyses.fewshot import (cv_select, fewshot, kshot_rows, load_fewshot, mean_ci, parse_shots, plot_fewshot,
                            write_fewshot)
 from probe.heads.catalog import get_head
@@ -177,7 +178,7 @@ def test_bad_arguments():
 
 def test_write_round_trip_and_png(tmp_path):
     toy_cache(tmp_path / "cache", n_per_class=20)
-    data = load_probe_data(select_caches(tmp_path / "cache"))
+    data = load_probe_data(select_caches(CacheQuery(tmp_path / "cache")))
     res = fewshot("logreg", data, [1, 3, None], seeds=2, progress=False)
     assert res["identity"] == data.identity.to_dict() and res["layer"] == "penultimate"
     assert res["points"][1]["n_train"] == [9, 9]
@@ -217,7 +218,7 @@ def test_digits_random_resnet20_curve(tmp_path):
 
     extract(model="cifar_resnet20", weights="none", data="digits", cache_dir=tmp_path, image_size=8,
             progress=False)
-    data = load_probe_data(select_caches(tmp_path))
+    data = load_probe_data(select_caches(CacheQuery(tmp_path)))
     res = fewshot("logreg", data, "1,5,all", seeds=3, progress=False)
     means = [p["mean"] for p in res["points"]]
     assert res["n_classes"] == 10 and [p["n_train"][0] for p in res["points"]] == [10, 50, 1347]

@@ -16,7 +16,7 @@ from extract import load_features
 from extract.run import normalize as norm
 from extract.api import extract, plan
 from extract.run.extraction import check_runs_at as _check_runs_at
-from extract.store.catalog import feature_sets, select
+from extract.store.catalog import CacheQuery, feature_sets, select
 from extract.cli import main
 from extract.compute.engine import effective_preprocess
 from extract.core.errors import UserError
@@ -187,14 +187,14 @@ def test_catalog_tells_the_extractions_apart(tmp_path):
     assert len(described) == 3
     assert sum("--image-size 16" in d for d in described) == 1
     assert sum("--normalize dataset" in d for d in described) == 1
-    (sized,) = select(tmp_path, image_size=16)
+    (sized,) = select(CacheQuery(tmp_path, image_size=16))
     assert sized.identity.variant == "size16.fp32"
-    (own,) = select(tmp_path, image_size=32, normalize="weights")        # the weights' own size
+    (own,) = select(CacheQuery(tmp_path, image_size=32, normalize="weights"))        # the weights' own size
     assert own.identity.variant == "fp32"
-    (data,) = select(tmp_path, normalize="dataset")
+    (data,) = select(CacheQuery(tmp_path, normalize="dataset"))
     assert data.identity.variant == "normdata.fp32"
     with pytest.raises(UserError, match="--image-size 64.*available:.*--image-size 16"):
-        select(tmp_path, image_size=64)
+        select(CacheQuery(tmp_path, image_size=64))
     X, _, meta = load_features(data="synthetic", model="cifar_resnet20.none", cache_dir=tmp_path, image_size=16)
     assert meta["identity"].image_size == 16
 

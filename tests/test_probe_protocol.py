@@ -7,6 +7,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from probe.protocol.data import ProbeData, load_probe_data, select_caches
+from extract.store.catalog import CacheQuery
 from probe.protocol.search import run_probe, search
 from probe.protocol.splits import stratified_subsample, validation_mask
 from probe_helpers import blobs, toy_cache, toy_identity
@@ -89,7 +90,7 @@ def test_fast_logreg_grid_refines_around_winner():
 
 def test_two_split_dataset_uses_val_as_test(tmp_path):
     toy_cache(tmp_path, splits=("train", "val"))
-    data = load_probe_data(select_caches(tmp_path))
+    data = load_probe_data(select_caches(CacheQuery(tmp_path)))
     assert data.test_split == "val"
     assert "no test split" in data.validation
     assert data.sizes["train"] + data.sizes["val"] == 120
@@ -97,7 +98,7 @@ def test_two_split_dataset_uses_val_as_test(tmp_path):
 
 def test_three_split_dataset_uses_its_own_val(tmp_path):
     toy_cache(tmp_path, splits=("train", "val", "test"))
-    data = load_probe_data(select_caches(tmp_path))
+    data = load_probe_data(select_caches(CacheQuery(tmp_path)))
     assert data.test_split == "test" and data.validation == "the dataset's own 'val' split"
     assert data.sizes == {"train": 120, "val": 60, "test": 60}
 

@@ -9,6 +9,7 @@ import pytest
 
 from extract.core.errors import UserError, guarded
 from probe.protocol.data import load_probe_data, select_caches
+from extract.store.catalog import CacheQuery
 from probe.protocol.metrics import classification_metrics
 from probe.protocol.search import run_probe
 from probe.output.report import collect_rows, format_rows, write_report
@@ -24,7 +25,7 @@ METRIC_KEYS = {"top1", "top5", "balanced_accuracy", "macro_f1", "per_class_accur
 def logreg_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cache")
     toy_cache(root, splits=("train", "test"), n_classes=7, dim=12)
-    data = load_probe_data(select_caches(root))
+    data = load_probe_data(select_caches(CacheQuery(root)))
     return run_probe("logreg", data, progress=False)
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from extract.store.cache import CacheWriter, as_text
+from extract.store.cache import CacheWriter
+from extract.store.chunks import as_text
 from extract.store.chunks import ChunkStore, Rows, chunk_range
 from extract.store.identity import FeatureIdentity
 from extract.store.incremental import Reuse

@@ -29,9 +29,10 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from extract.core.errors import UserError
+from extract.core.version import __version__
+from extract.store.chunks import PARTIAL, ChunkStore, Rows, as_text, partial_path
 from extract.store.identity import FeatureIdentity
 
-PARTIAL = ".partial"
 _STR = h5py.string_dtype("utf-8")
 _CHUNK_BYTES = 256 * 1024
 _SPACE_MARGIN = 256 * 1024
@@ -45,11 +46,6 @@ class Features(NamedTuple):
     X: np.ndarray
     y: np.ndarray
     meta: dict
-
-
-def partial_path(path) -> Path:
-    """The folder holding the finished chunks of the cache file `path` until it is complete."""
-    return Path(str(path) + PARTIAL)
 
 
 def lock_for(path, timeout: float = -1) -> FileLock:
@@ -79,7 +75,6 @@ def versions() -> dict:
         except PackageNotFoundError:
             out[name] = None
     if out["featprobe"] is None:  # running from a source checkout
-        from extract import __version__
         out["featprobe"] = __version__
     return out
 
@@ -215,8 +210,6 @@ class CacheWriter:
 def write_features(identity: FeatureIdentity, cache_dir, split: str, features: dict[str, np.ndarray], labels,
                    index=None, provenance: dict | None = None, paths=None, fingerprint: str = "") -> Path:
     """Write a complete cache file in one go (tests, imports from other tools); returns its path."""
-    from extract.store.chunks import Rows
-
     labels = np.asarray(labels, np.int64)
     index = np.arange(len(labels)) if index is None else np.asarray(index, np.int64)
     provenance = dict(provenance or {})
@@ -236,14 +229,7 @@ def _column(f: h5py.File, name: str) -> np.ndarray:
     return f[name][()] if name in f else np.full(len(f["skipped/index"]), -1)
 
 
-def as_text(value) -> str:
-    """An HDF5 string (bytes or str) as str."""
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _require_complete(path: Path) -> None:
-    from extract.store.chunks import ChunkStore
-
     if path.name.endswith(PARTIAL) or (not path.exists() and partial_path(path).exists()):
         final = Path(str(path)[:-len(PARTIAL)]) if path.name.endswith(PARTIAL) else path
         store = ChunkStore.existing(final)
@@ -253,19 +239,12 @@ def _require_complete(path: Path) -> None:
         raise UserError(f"no cache file at {path}: run `python -m extract` first")
 
 
-def load_features(path=None, layer: str | None = None, lazy: bool = False, *, data: str | None = None,
-                  model: str | None = None, split: str = "train", cache_dir="cache", precision: str | None = None,
-                  dtype: str | None = None, image_size: int | None = None, normalize: str | None = None) -> Features:
-    """Read one tap of a complete cache: X (N, D), y (N,) and metadata.
+def load_features(path, layer: str | None = None, lazy: bool = False) -> Features:
+    """Read one tap of the complete cache file at `path`: X (N, D), y (N,) and metadata.
 
-    Give the file's path, or the request that made it (``data="digits", model="efficientnet_lite0",
-    split="train"``; `precision`/`dtype`/`image_size`/`normalize` choose among several extractions of one model).
     With lazy=True, X is an open h5py.Dataset read on demand (slice it in chunks for large caches).
+    To find a file by the request that made it, see `extract.store.catalog.load_features`.
     """
-    if path is None:
-        from extract.store.catalog import find_one
-        path = find_one(cache_dir, data=data, model=model, split=split, layer=layer, precision=precision,
-                        dtype=dtype, image_size=image_size, normalize=normalize)
     path = Path(path)
     _require_complete(path)
     try:

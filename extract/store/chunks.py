@@ -25,8 +25,20 @@ import h5py
 import numpy as np
 
 from extract.core.atomic import write_text_atomic
-from extract.store.cache import as_text, partial_path
 from extract.core.errors import UserError
+
+PARTIAL = ".partial"
+
+
+def partial_path(path) -> Path:
+    """The folder holding the finished chunks of the cache file `path` until it is complete."""
+    return Path(str(path) + PARTIAL)
+
+
+def as_text(value) -> str:
+    """An HDF5 string (bytes or str) as str."""
+    return value.decode() if isinstance(value, bytes) else value
+
 
 MANIFEST = "manifest.json"
 DEFAULT_CHUNK_ROWS = 1024

@@ -16,7 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from extract.store.cache import as_text
+from extract.store.chunks import as_text
 
 
 @dataclass

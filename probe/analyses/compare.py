@@ -26,11 +26,12 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from extract.core.atomic import write_errors, write_text_atomic
-from extract.store.catalog import FeatureSet, select
+from extract.store.catalog import CacheQuery, FeatureSet, select
 from extract.core.errors import UserError
 from extract.store.identity import PENULTIMATE, DataRef, FeatureIdentity
 
 from probe.output.plots import new_figure, save_png
+from probe.protocol.options import FitOptions, fit_options
 
 log = logging.getLogger(__name__)
 SCHEMA = "featprobe.compare/1"
@@ -75,13 +76,13 @@ def _is_all(values: str | Sequence[str] | None) -> bool:
     return [n.strip().lower() for n in names if n and n.strip()] == [ALL]
 
 
-def _matching_sets(cache_dir, models, filters: dict) -> list[tuple[int, FeatureSet]]:
-    """(model rank, feature set) for every extraction matching the filters (catalog.select per model)."""
-    if models is None:
-        return [(0, g) for g in select(cache_dir, **filters)]
+def _matching_sets(query: CacheQuery) -> list[tuple[int, FeatureSet]]:
+    """(model rank, feature set) for every extraction matching the query (catalog.select per model)."""
+    if not query.models:
+        return [(0, g) for g in select(query.replace(model=None, layer=None))]
     found: dict[FeatureIdentity, tuple[int, FeatureSet]] = {}
-    for rank, model in enumerate(models):
-        for g in select(cache_dir, model=model, **filters):
+    for rank, model in enumerate(query.models):
+        for g in select(query.replace(layer=None), model):
             found.setdefault(g.identity, (rank, g))
     return list(found.values())
 
@@ -150,23 +151,19 @@ def _taps_for(g: FeatureSet, layers: list[str] | None, all_layers: bool) -> list
     return tap_order(g.identity.model, [t for t in layers if t in common], stored)
 
 
-def select_feature_sets(cache_dir="cache", *, data: str | None = None, models: str | Sequence[str] | None = None,
-                        layers: str | Sequence[str] | None = None, precision: str | None = None,
-                        dtype: str | None = None, **filters) -> list[tuple[FeatureSet, str]]:
-    """(feature set, tap) for every complete extraction of ONE dataset matching the filters.
+def select_feature_sets(query: CacheQuery) -> list[tuple[FeatureSet, str]]:
+    """(feature set, tap) for every complete extraction of ONE dataset matching the query.
 
-    `models`: names (``resnet50``, ``resnet50.swav``) or None/['all'] for every cached backbone;
-    `layers`: tap names, ['all'] for every tap in the files, or None for each file's default tap
-    (penultimate). Ordered by model (as listed, else by name), then tap depth (registry order,
-    penultimate last). UserError naming what exists when nothing matches, or naming the datasets
-    when `data` is None and several are cached. Other keyword filters (image_size, normalize) go to
-    extract.store.catalog.select as given.
+    `query.model`: names (``resnet50``, ``resnet50.swav``, comma-separated) or None/'all' for every
+    cached backbone; `query.layer`: tap names, 'all' for every tap in the files, or None for each
+    file's default tap (penultimate). Ordered by model (as listed, else by name), then tap depth
+    (registry order, penultimate last). UserError naming what exists when nothing matches, or
+    naming the datasets when `query.data` is None and several are cached.
     """
-    filters = {k: v for k, v in {"data": data, "precision": precision, "dtype": dtype, **filters}.items()
-               if v is not None}
+    cache_dir, models, layers = query.cache_dir, query.model, query.layer
     model_names, layer_names = _names(models), _names(layers)
     all_layers = _is_all(layers)
-    sets = [(rank, g) for rank, g in _matching_sets(cache_dir, model_names, filters) if _complete(g)]
+    sets = [(rank, g) for rank, g in _matching_sets(query) if _complete(g)]
     if not sets:
         raise UserError(f"no complete extraction (train and test or val) under {cache_dir} matches")
     _one_dataset(sets, cache_dir)
@@ -211,13 +208,14 @@ def choose_winner(rows: list[dict]) -> dict | None:
     return max(rows, key=lambda r: r["val_top1"]) if rows else None   # max keeps the first of equals
 
 
-def compare(heads: str | Sequence[str], selections: list[tuple[FeatureSet, str]], *, results_dir="results",
-            grid: str = "fast", seed: int = 0, n_jobs: int | None = None, progress: bool = True,
-            scale: str | None = None, max_search_samples: int | None = None, save: bool = True,
-            solver: str = "auto", device: str = "auto", max_memory: float | None = None) -> Comparison:
-    """Run `probe.api.evaluate` for each (feature set, tap) and collect one row per head; pick the winner."""
+def compare(heads: str | Sequence[str], selections: list[tuple[FeatureSet, str]],
+            options: FitOptions | None = None, **keywords) -> Comparison:
+    """Run `probe.api.evaluate` for each (feature set, tap) and collect one row per head; pick the winner.
+
+    `keywords` change single fields of `options` (FitOptions)."""
     from probe.api import evaluate, head_names
 
+    options = fit_options(options, **keywords)
     if not selections:
         raise UserError("nothing to compare: no feature set was selected")
     data = _one_dataset([(0, g) for g, _ in selections], "the selection")
@@ -225,13 +223,13 @@ def compare(heads: str | Sequence[str], selections: list[tuple[FeatureSet, str]]
     rows = []
     for g, tap in selections:
         log.info(f"{backbone_label(g.identity)} / {tap}: {', '.join(names)}")
-        out = evaluate(names, features=g.files["train"], test_features=g.files.get("test"),
-                       val_features=g.files.get("val"), layer=tap, results_dir=results_dir, grid=grid,
-                       scale=scale, seed=seed, n_jobs=n_jobs, max_search_samples=max_search_samples, save=save,
-                       progress=progress, solver=solver, device=device, max_memory=max_memory)
+        query = CacheQuery(features=g.files["train"], test_features=g.files.get("test"),
+                           val_features=g.files.get("val"), layer=tap)
+        out = evaluate(names, query, options)
         rows += [result_row(run.result, path, g.identity) for run, path in zip(out.runs, out.result_paths)]
-    settings = {"grid": grid, "seed": seed, "scale": scale, "max_search_samples": max_search_samples}
-    return Comparison(rows, choose_winner(rows), data, names, Path(results_dir), settings)
+    settings = {"grid": options.grid, "seed": options.seed, "scale": options.scale,
+                "max_search_samples": options.max_search_samples}
+    return Comparison(rows, choose_winner(rows), data, names, Path(options.results_dir), settings)
 
 
 # --- tables -------------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ from extract.core.errors import UserError
 
 from probe.protocol.data import ProbeData
 from probe.heads.catalog import Head, get_head, make_scaler
-from probe.protocol.search import _silence, _threads_for, run_probe
+from probe.protocol.options import FitOptions, fit_options
+from probe.protocol.search import run_probe, silence, threads_for, winner_index
 from probe.output.results import _safe, library_versions, result_dir
 
 SCHEMA = "featprobe.fewshot/1"
@@ -116,10 +117,9 @@ def _grid_points(head: Head, grid: str, scale: str, X, y) -> list[dict]:
 
 
 def _best_index(cv: dict) -> int:
-    """Highest mean fold top-1, then lowest fold log-loss where scored, then the first tried."""
-    top1 = np.round(cv["mean_test_top1"], 12)
-    loss = np.round(cv.get("mean_test_loss", np.zeros_like(top1)), 12)
-    return int(np.lexsort((np.arange(len(top1)), -loss, -top1))[0])
+    """The search's tie rule (probe.protocol.search.winner_index) over the CV means."""
+    loss = -np.asarray(cv["mean_test_loss"]) if "mean_test_loss" in cv else None   # sklearn scores neg log-loss
+    return winner_index(cv["mean_test_top1"], loss)
 
 
 def cv_select(head: Head, X, y, *, grid="fast", scale=None, seed=0, cv_seed=0, n_jobs=None) -> dict:
@@ -138,7 +138,7 @@ def cv_select(head: Head, X, y, *, grid="fast", scale=None, seed=0, cv_seed=0, n
                           [{f"head__{k}": [v] for k, v in p.items()} for p in points],
                           scoring=scoring, refit=False, error_score="raise",
                           cv=StratifiedKFold(n_splits, shuffle=True, random_state=cv_seed))
-    with warnings.catch_warnings(), _threads_for(X, n_jobs):
+    with warnings.catch_warnings(), threads_for(X, n_jobs):
         warnings.simplefilter("ignore", ConvergenceWarning)
         search.fit(X, y)
     best = _best_index(search.cv_results_)
@@ -169,8 +169,8 @@ def kshot_draw(head: Head, data: ProbeData, X_pool, y_pool, k: int, draw: int, *
     cv_seed = int(np.random.SeedSequence([seed, draw, k]).generate_state(1)[0])
     picked = cv_select(head, X, y, grid=grid, scale=scale, seed=seed, cv_seed=cv_seed, n_jobs=n_jobs)
     pipe = head.pipeline(scale, seed=seed, n_jobs=n_jobs, **(picked["params"] or {}))
-    with _threads_for(X, n_jobs):
-        converged = _silence(pipe.fit, X, y)
+    with threads_for(X, n_jobs):
+        converged = silence(pipe.fit, X, y)
     # The test labels are read here, once, after the head is final.
     accuracy = float(np.mean(pipe.predict(data.X_test) == data.y_test))
     return {"accuracy": accuracy, "hyperparameters": {**_chosen(pipe, head, picked["params"], grid), "scale": scale},
@@ -202,9 +202,9 @@ def _kshot_point(head, data, X_pool, y_pool, k, seeds, bar, **kw) -> dict:
             "short_classes": short, "seconds": round(sum(d["seconds"] for d in draws), 4)}
 
 
-def _all_point(head_name, data, *, grid, scale, seed, n_jobs, progress) -> dict:
+def _all_point(head_name: str, data: ProbeData, options: FitOptions) -> dict:
     t0 = time.perf_counter()
-    run = run_probe(head_name, data, grid=grid, scale=scale, seed=seed, n_jobs=n_jobs, progress=progress).result
+    run = run_probe(head_name, data, options).result
     top1 = run["metrics"]["top1"]
     return {"k": None, "label": "all", **mean_ci([top1]), "accuracies": [top1],
             "hyperparameters": [run["hyperparameters"]], "selection": [run["validation"]], "cv_top1": [None],
@@ -221,9 +221,20 @@ def _check(shots, seeds: int, seed: int) -> list[int | None]:
     return ks
 
 
-def fewshot(head_name: str, data: ProbeData, shots="1,2,5,10,20,all", seeds: int = 5, *, grid: str = "fast",
-            seed: int = 0, n_jobs: int | None = None, progress: bool = True, scale: str | None = None) -> dict:
-    """Test top-1 against k labelled images per class, `seeds` draws per k; see the module docstring."""
+def fewshot(head_name: str, data: ProbeData, shots="1,2,5,10,20,all", seeds: int = 5,
+            options: FitOptions | None = None, **keywords) -> dict:
+    """Test top-1 against k labelled images per class, `seeds` draws per k; see the module docstring.
+
+    Every point, `all` included, is fit by scikit-learn on the CPU (k-shot rows are small), so the
+    curve is one solver's: --solver torch or a --device other than auto/cpu is refused in one line.
+    `keywords` change single fields of `options` (FitOptions).
+    """
+    o = fit_options(options, **keywords)
+    if o.solver == "torch" or o.device not in ("auto", "cpu"):
+        raise UserError("few-shot curves fit scikit-learn heads on the CPU: drop --solver torch / --device "
+                        f"{o.device}")
+    o = o.replace(device="cpu")   # with solver auto on the CPU and in-memory rows: scikit-learn
+    grid, seed, n_jobs, progress, scale = o.grid, o.seed, o.n_jobs, o.progress, o.scale
     head = get_head(head_name)
     ks = _check(shots, seeds, seed)
     _grid_keys(head, grid)
@@ -240,8 +251,7 @@ def fewshot(head_name: str, data: ProbeData, shots="1,2,5,10,20,all", seeds: int
                                        seed=seed, n_jobs=n_jobs))
             _log_point(head.name, points[-1])
     if None in ks:
-        points.append(_all_point(head.name, data, grid=grid, scale=scale, seed=seed, n_jobs=n_jobs,
-                                 progress=progress))
+        points.append(_all_point(head.name, data, o.replace(scale=scale)))
         _log_point(head.name, points[-1])
     return {
         "schema": SCHEMA, "kind": "fewshot", "head": head.name, "description": head.description,

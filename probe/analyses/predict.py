@@ -12,6 +12,7 @@ import numpy as np
 
 from extract.store.cache import load_features
 from extract.core.errors import UserError
+from extract.store.catalog import CacheQuery
 from extract.store.identity import FeatureIdentity
 
 log = logging.getLogger(__name__)
@@ -35,13 +36,13 @@ def image_files(items) -> list[str]:
     return out
 
 
-def find_head_file(head: str, *, results_dir="results", layer: str | None = None, **selection) -> Path:
-    """<results>/<identity>/<layer>/<head>.joblib of the features a selection picks (see probe.api)."""
+def find_head_file(head: str, query: CacheQuery, results_dir="results") -> Path:
+    """<results>/<identity>/<layer>/<head>.joblib of the features a query picks (see probe.api)."""
     from probe.api import choose_features
     from probe.heads.catalog import get_head
 
     name = get_head(head).name
-    sel = choose_features(layer=layer, **selection)
+    sel = choose_features(query)
     meta = load_features(sel.files["train"], sel.layer, lazy=True).meta
     meta.pop("file").close()
     return meta["identity"].results_dir(results_dir, meta["layer"]) / f"{name}.joblib"

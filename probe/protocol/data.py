@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from extract.store.cache import load_features
-from extract.store.catalog import FeatureSet, choose, select
+from extract.store.catalog import CacheQuery, FeatureSet, choose, select
 from extract.core.errors import UserError
 from extract.store.identity import FeatureIdentity, describe_differences, differences
 
@@ -64,17 +64,14 @@ class Selection:
 
 # --- choosing cache files ---------------------------------------------------------------------
 
-def select_caches(cache_dir="cache", *, model: str | None = None, data: str | None = None,
-                  layer: str | None = None, precision: str | None = None, dtype: str | None = None,
-                  image_size: int | None = None, normalize: str | None = None) -> Selection:
-    """The newest complete extraction under cache_dir matching the given filters (read from the files'
-    identities); the default request's extraction wins over ones with explicit choices."""
-    group: FeatureSet = choose(select(cache_dir, data=data, model=model, layer=layer, precision=precision,
-                                      dtype=dtype, image_size=image_size, normalize=normalize))
+def select_caches(query: CacheQuery) -> Selection:
+    """The newest complete extraction matching the query (read from the files' identities); the
+    default request's extraction wins over ones with explicit choices."""
+    group: FeatureSet = choose(select(query))
     if "train" not in group.files:
-        raise UserError(f"no complete train split cached for {group.describe()} under {cache_dir}: "
+        raise UserError(f"no complete train split cached for {group.describe()} under {query.cache_dir}: "
                         "run `python -m extract` for the train split")
-    return Selection(dict(group.files), layer)
+    return Selection(dict(group.files), query.layer)
 
 
 def selection_from_paths(features, test_features=None, val_features=None, layer=None) -> Selection:

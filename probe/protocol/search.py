@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from probe.protocol.data import ProbeData
 from probe.heads.catalog import PAPER_WD, FAST_REFINE, Head, get_head, make_scaler
 from probe.protocol.metrics import classification_metrics
+from probe.protocol.options import FitOptions, fit_options
 from probe.heads.placement import Memory, place
 from probe.output.results import SCHEMA, library_versions
 from probe.protocol.rows import concat, is_streamed
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 SMALL = 2_000_000  # below this many feature values, threads cost more than they save
 
 
-def _threads_for(X, n_jobs: int | None = None):
+def threads_for(X, n_jobs: int | None = None):
     """Cap BLAS/OpenMP threads: at n_jobs when given, at one for small problems (thread start-up and
     spinning dominate them), else the libraries' default."""
     if n_jobs is not None and n_jobs > 0:
@@ -48,7 +49,7 @@ class SearchResult:
     warm: dict | None = None   # fitted state of the winner, to warm-start the refit (path heads)
 
 
-def _silence(fn, *args, **kwargs) -> bool:
+def silence(fn, *args, **kwargs) -> bool:
     """Call fn, swallowing ConvergenceWarning; True if it converged."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
@@ -65,7 +66,7 @@ def _grid_search(head, grid, Xtr, ytr, Xva, yva, seed, n_jobs, progress):
     for params in _bar(grid, f"{head.name} grid", progress):
         est = head.build(seed=seed, n_jobs=n_jobs, **params)
         t0 = time.perf_counter()
-        converged = _silence(est.fit, Xtr, ytr)
+        converged = silence(est.fit, Xtr, ytr)
         rows.append({"params": params, "val_top1": float(np.mean(est.predict(Xva) == yva)),
                      "seconds": time.perf_counter() - t0, "converged": converged})
     return rows, None
@@ -106,7 +107,7 @@ def _path_search(head, grid, Xtr, ytr, Xva, yva, seed, n_jobs, progress, refine=
             est.coef_, est.intercept_ = (a.copy() for a in start)
         est.set_params(**params)
         t0 = time.perf_counter()
-        converged = _silence(est.fit, Xtr, ytr)
+        converged = silence(est.fit, Xtr, ytr)
         proba = est.predict_proba(Xva)
         pred = est.classes_[proba.argmax(axis=1)]
         rows.append({"params": params, "val_top1": float(np.mean(pred == yva)),
@@ -125,10 +126,18 @@ def _path_search(head, grid, Xtr, ytr, Xva, yva, seed, n_jobs, progress, refine=
     return rows, {"coef_": states[best["C"]][0], "intercept_": states[best["C"]][1]}
 
 
+def winner_index(top1, loss=None) -> int:
+    """The one tie rule of every search: highest accuracy; ties go to the lower log-loss where
+    recorded, then to the point tried first (the stronger regularisation). Values are compared at
+    12 decimals, so a difference in the last bits of a float sum is a tie."""
+    top1 = np.round(np.asarray(top1, float), 12)
+    loss = np.zeros_like(top1) if loss is None else np.round(np.asarray(loss, float), 12)
+    return int(np.lexsort((np.arange(len(top1)), loss, -top1))[0])
+
+
 def _winner(rows: list[dict]) -> dict:
-    """Highest validation accuracy; ties go to the lower validation log-loss where recorded, then to
-    the row tried first (the stronger regularisation)."""
-    return max(rows, key=lambda r: (r["val_top1"], -r.get("val_loss", 0.0)))["params"]  # max keeps the first
+    loss = [r.get("val_loss", 0.0) for r in rows]
+    return rows[winner_index([r["val_top1"] for r in rows], loss)]["params"]
 
 
 def search(head: Head | str, X_train, y_train, X_val, y_val, *, grid: str = "fast", scale: str | None = None,
@@ -151,7 +160,7 @@ def search(head: Head | str, X_train, y_train, X_val, y_val, *, grid: str = "fas
         if estimate > WARN_SECONDS:
             log.warning(f"warning: the {head.name} search ({len(points)} fits on {stats['n']} rows) may take "
                    f"~{_human(estimate)}; --max-search-samples N searches on a stratified subsample")
-    with _threads_for(Xtr, n_jobs):
+    with threads_for(Xtr, n_jobs):
         if head.name == "knn":
             rows, warm = _knn_search(head, points, Xtr, y_train, Xva, y_val, seed, n_jobs, progress)
         elif head.path:
@@ -174,8 +183,8 @@ def refit(head: Head, best: dict, X, y, *, scale=None, seed=0, n_jobs=None, warm
         est.set_params(warm_start=True)
         for k, v in warm.items():
             setattr(est, k, v.copy())
-    with _threads_for(X, n_jobs):
-        _silence(pipe.fit, X, y)
+    with threads_for(X, n_jobs):
+        silence(pipe.fit, X, y)
     if warm:
         est.set_params(warm_start=False)
     return pipe
@@ -203,26 +212,28 @@ class ProbeRun:
     pipeline: object
 
 
-def run_probe(head_name: str | Head, data: ProbeData, *, grid: str = "fast", scale: str | None = None, seed: int = 0,
-              n_jobs: int | None = None, max_search_samples: int | None = None, progress: bool = True,
-              solver: str = "auto", device: str = "auto", memory: Memory | None = None) -> ProbeRun:
+def run_probe(head_name: str | Head, data: ProbeData, options: FitOptions | None = None, *,
+              memory: Memory | None = None, **keywords) -> ProbeRun:
     """Search on validation, refit on train+val, score once on test; returns the result dict and head.
 
     A head name is placed here (probe.heads.placement: solver, device, streaming); a Head is used as given.
+    `keywords` change single fields of `options` (FitOptions).
     """
+    o = fit_options(options, **keywords)
+    grid, seed, n_jobs = o.grid, o.seed, o.n_jobs
     streamed = is_streamed(data.X_train)
-    head = place(head_name, solver=solver, device=device, scale=scale, streamed=streamed, memory=memory) \
+    head = place(head_name, solver=o.solver, device=o.device, scale=o.scale, streamed=streamed, memory=memory) \
         if isinstance(head_name, str) else head_name
-    scale = scale or head.default_scale
+    scale = o.scale or head.default_scale
     Xs, ys = data.X_train, data.y_train
     validation = data.validation
-    if max_search_samples and len(ys) > max_search_samples:
+    if o.max_search_samples and len(ys) > o.max_search_samples:
         index = data.index_train if data.index_train is not None else np.arange(len(ys))
-        keep = stratified_subsample(index, ys, max_search_samples, seed=seed)
+        keep = stratified_subsample(index, ys, o.max_search_samples, seed=seed)
         Xs, ys = Xs[keep], ys[keep]
         validation += f"; search fit on a stratified subsample of {len(keep)} of {len(data.y_train)} train rows"
     found = search(head, Xs, ys, data.X_val, data.y_val, grid=grid, scale=scale, seed=seed, n_jobs=n_jobs,
-                   progress=progress)
+                   progress=o.progress)
     X_fit = concat(data.X_train, data.X_val)
     y_fit = np.concatenate([data.y_train, data.y_val])
     if head.seconds_per_fit:
