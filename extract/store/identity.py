@@ -144,16 +144,15 @@ class FeatureIdentity:
 
     @classmethod
     def from_dict(cls, d: dict) -> "FeatureIdentity":
-        data = DataRef(d["data"]["name"], d["data"].get("root"), tuple(sorted(d["data"].get("options", {}).items())))
-        pre = d["preprocess"]
-        preprocess = Preprocess(**{**pre, "mean": tuple(pre["mean"]), "std": tuple(pre["std"])})
-        return cls(data=data, model=d["model"], weights_sha256=d.get("weights_sha256"), preprocess=preprocess,
-                   precision=d["precision"], precision_requested=d.get("precision_requested", DEFAULT_PRECISION),
-                   dtype=d.get("dtype", DEFAULT_DTYPE), taps=tuple(d.get("taps", (PENULTIMATE,))),
-                   format=int(d.get("format", FORMAT)),
-                   image_size=None if d.get("image_size") is None else int(d["image_size"]),
-                   normalize=d.get("normalize", DEFAULT_NORMALIZE), engine=d.get("engine", DEFAULT_ENGINE),
-                   decoder=d["decoder"] if "decoder" in d else (LEGACY_DECODER if data.root is not None else None))
+        """The inverse of `to_dict`, field by field; fields an older file lacks take `_LEGACY` values
+        (else the dataclass default)."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name in d:
+                values[f.name] = _READ.get(f.name, lambda v: v)(d[f.name])
+            elif f.name in _LEGACY:
+                values[f.name] = _LEGACY[f.name](values)
+        return cls(**values)
 
     def to_attrs(self) -> dict:
         """HDF5 attributes: the identity as JSON, plus flat copies for tools such as h5ls."""
@@ -171,6 +170,20 @@ class FeatureIdentity:
         except (ValueError, KeyError, TypeError):
             return None
 
+
+def _read_data(d: dict) -> DataRef:
+    return DataRef(d["name"], d.get("root"), tuple(sorted(d.get("options", {}).items())))
+
+
+def _read_preprocess(d: dict) -> Preprocess:
+    return Preprocess(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+
+
+# how a stored JSON value becomes a field value (the others are taken as stored)
+_READ = {"data": _read_data, "preprocess": _read_preprocess, "taps": tuple, "format": int,
+         "image_size": lambda v: None if v is None else int(v)}
+# what a file written before a field existed meant by it, from the fields read so far
+_LEGACY = {"decoder": lambda values: LEGACY_DECODER if values["data"].root is not None else None}
 
 _WHAT = {"data": "the dataset differs", "model": "the model or weights differ",
          "weights_sha256": "the weights file changed", "preprocess": "the preprocessing changed",
