@@ -36,7 +36,7 @@ from extract.compute.engine import default_workers, precision_name, resolve_devi
 from extract.core.errors import UserError
 from finetune import finetune
 from finetune.splits import plan_splits
-from finetune.train import DEFAULT_LR
+from finetune.config import DEFAULT_LR
 from probe.api import evaluate
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"

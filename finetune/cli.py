@@ -11,7 +11,8 @@ from extract.core.errors import UserError, guarded
 
 from finetune.data import CROP_SCALE
 from finetune.model import FREEZE_HELP
-from finetune.train import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, Interrupted
+from finetune.config import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, TrainConfig
+from finetune.train import Interrupted, finetune
 
 
 def parser() -> argparse.ArgumentParser:
@@ -78,18 +79,16 @@ def resume_command(argv: list[str]) -> str:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    from finetune.train import finetune
-
     try:
-        out = finetune(model=args.model, data=args.data, weights=args.weights, root=args.root,
-                       download=args.download, dataset_options=parse_options(args.option), freeze=args.freeze,
-                       from_scratch=args.from_scratch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                       head_lr_mult=args.head_lr_mult, optimizer=args.optimizer, momentum=args.momentum,
-                       weight_decay=args.weight_decay, sched=args.sched, warmup_epochs=args.warmup_epochs,
-                       label_smoothing=args.label_smoothing, seed=args.seed, val_fraction=args.val_fraction,
-                       precision=args.precision, device=args.device, workers=args.workers,
-                       results_dir=args.results_dir, runs_dir=args.runs_dir, resume=args.resume,
-                       progress=args.progress, image_size=args.image_size)
+        out = finetune(config=TrainConfig(
+            model=args.model, data=args.data, weights=args.weights, root=args.root, download=args.download,
+            dataset_options=parse_options(args.option), freeze=args.freeze, from_scratch=args.from_scratch,
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, head_lr_mult=args.head_lr_mult,
+            optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay, sched=args.sched,
+            warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, seed=args.seed,
+            val_fraction=args.val_fraction, precision=args.precision, device=args.device, workers=args.workers,
+            results_dir=args.results_dir, runs_dir=args.runs_dir, resume=args.resume, progress=args.progress,
+            image_size=args.image_size))
     except Interrupted as e:
         if e.epochs_done:
             print(f"error: interrupted after {e.epochs_done} of {e.epochs} epochs; the checkpoint is in "

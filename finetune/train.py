@@ -22,23 +22,21 @@ from torch import nn
 from tqdm import tqdm
 
 from extract.compute.allocator import malloc_tuned, tune_malloc
-from extract.api import plan as plan_features
 from extract.compute.engine import default_workers, precision_name
 from extract.core.errors import UserError
-from extract.registry.models import load_backbone
+from extract.registry.models import build_backbone
+from extract.run.plan import plan as plan_request
+from extract.run.request import ExtractRequest
 from probe.protocol.metrics import classification_metrics
 from probe.output.results import SCHEMA, library_versions, write_result
 
 from finetune import checkpoint, schedule
+from finetune.config import TrainConfig
 from finetune.data import SplitLoader
-from finetune.model import Classifier, apply_freeze, make_optimizer, param_groups, parse_freeze, set_train_mode
+from finetune.model import Classifier, apply_freeze, make_optimizer, param_groups, set_train_mode
 from finetune.plot import plot_history
 from finetune.runtime import autocast, check_precision, seeded
 from finetune.splits import SplitPlan, plan_splits
-
-OPTIMIZERS = ("sgd", "adamw")
-DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-4}
-DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 0.05}
 
 logger = logging.getLogger(__name__)
 
@@ -65,40 +63,27 @@ def head_name(freeze: str, from_scratch: bool) -> str:
     return f"{'scratch' if from_scratch else 'finetune'}-{freeze.replace(':', '-')}"
 
 
-def finetune(model: str = "efficientnet_lite0", data: str = "digits", *, weights: str | None = "default",
-             root: str | None = None, download: bool = False, dataset_options: dict | None = None,
-             freeze: str = "none", from_scratch: bool = False, epochs: int = 10, batch_size: int = 32,
-             lr: float | None = None, head_lr_mult: float | None = None, optimizer: str = "sgd",
-             momentum: float = 0.9, weight_decay: float | None = None, sched: str = "cosine",
-             warmup_epochs: int = 1, label_smoothing: float = 0.0, seed: int = 0, val_fraction: float = 0.2,
-             precision: str = "auto", device: str = "auto", workers: int | None = None,
-             results_dir: str | os.PathLike = "results", runs_dir: str | os.PathLike = "runs",
-             resume: bool | None = None, progress: bool = True, image_size: int | None = None,
-             on_epoch_end: Callable[[int, dict, nn.Module], None] | None = None) -> FinetuneResult:
-    """Fine-tune `model` on `data` and write a result beside probe's; see `python -m finetune --help`.
+def finetune(model: str | None = None, data: str | None = None, config: TrainConfig | None = None, *,
+             on_epoch_end: Callable[[int, dict, nn.Module], None] | None = None, **keywords) -> FinetuneResult:
+    """Fine-tune and write a result beside probe's; see TrainConfig and `python -m finetune --help`.
 
-    lr / weight_decay None pick the optimizer's default (sgd 0.01 / 1e-4, adamw 1e-4 / 0.05);
-    head_lr_mult None is 10 for pretrained weights and 1 for random init. resume: True continues
-    the run's last checkpoint, False starts over, None starts over unless an unfinished run exists.
-    image_size N trains and evaluates on N x N inputs (None: the weights' own size; named in the
-    run's folders as extract names it). on_epoch_end(epoch, history_row, model) runs after each
-    epoch's checkpoint is saved. Progress is logged to the `finetune.train` logger. The caller's
-    global RNG states are the same afterwards. On the CPU glibc's malloc is tuned for the process
-    (`extract.compute.allocator`; FEATPROBE_MALLOC_TUNING=0 turns that off).
+    `model`, `data` and `keywords` change single fields of `config`. on_epoch_end(epoch,
+    history_row, model) runs after each epoch's checkpoint is saved. Progress is logged to the
+    `finetune.train` logger. The caller's global RNG states are the same afterwards. On the CPU
+    glibc's malloc is tuned for the process (`extract.compute.allocator`; FEATPROBE_MALLOC_TUNING=0
+    turns that off).
     """
-    _check_numbers(epochs=epochs, batch_size=batch_size, lr=lr, head_lr_mult=head_lr_mult, momentum=momentum,
-                   weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing)
-    parse_freeze(freeze)
-    if optimizer not in OPTIMIZERS:
-        raise UserError(f"unknown optimizer {optimizer!r}: use {' or '.join(OPTIMIZERS)}")
-    if sched not in schedule.SCHEDULES:
-        raise UserError(f"unknown schedule {sched!r}: use {' or '.join(schedule.SCHEDULES)}")
-    lr = DEFAULT_LR[optimizer] if lr is None else lr
-    weight_decay = DEFAULT_WEIGHT_DECAY[optimizer] if weight_decay is None else weight_decay
-
-    features = plan_features(model, data, weights="none" if from_scratch else weights, root=root, download=download,
-                             dataset_options=dataset_options, device=device, precision=precision,
-                             image_size=image_size)
+    given = {k: v for k, v in (("model", model), ("data", data)) if v is not None}
+    c = (config or TrainConfig()).replace(**given, **keywords)
+    (data, freeze, epochs, batch_size, optimizer, momentum, sched, warmup_epochs, label_smoothing, seed,
+     val_fraction, workers, progress) = (c.data, c.freeze, c.epochs, c.batch_size, c.optimizer, c.momentum,
+                                         c.sched, c.warmup_epochs, c.label_smoothing, c.seed, c.val_fraction,
+                                         c.workers, c.progress)
+    lr, weight_decay, head_lr_mult, from_scratch = c.learning_rate, c.decay, c.head_lr_mult, c.from_scratch
+    features = plan_request(ExtractRequest(
+        model=c.model, data=c.data, weights="none" if from_scratch else c.weights, root=c.root,
+        download=c.download, dataset_options=c.dataset_options, device=c.device, precision=c.precision,
+        image_size=c.image_size))
     identity, dataset, spec = features.identity, features.dataset, features.weights.spec
     weights_id = features.weights.tag
     from_scratch = from_scratch or weights_id == "none"   # --weights none is the same baseline
@@ -110,10 +95,10 @@ def finetune(model: str = "efficientnet_lite0", data: str = "digits", *, weights
     if dev.type == "cpu":
         tune_malloc()   # keep freed activation buffers in the heap (extract.compute.allocator)
     head = head_name(freeze, from_scratch)
-    run_dir = identity.results_dir(runs_dir, head)
+    run_dir = identity.results_dir(c.runs_dir, head)
 
     with seeded(seed, dev):  # the run's own RNG stream; the caller's is restored on exit
-        backbone = load_backbone(spec.name, weights=features.weights.argument)
+        backbone = build_backbone(features.weights)
         n_classes = len(dataset.classes)
         net = Classifier(backbone.net, backbone.head_path, backbone.dims["penultimate"], n_classes,
                          embed=backbone.spec.embed)
@@ -145,7 +130,7 @@ def finetune(model: str = "efficientnet_lite0", data: str = "digits", *, weights
                  "fingerprints": {name: src.fingerprint() for name, src in dataset.splits.items()}}
         trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
         total = sum(p.numel() for p in net.parameters())
-        state = checkpoint.start_or_resume(run_dir, hyper, resume, net, opt, scheduler, scaler, dev)
+        state = checkpoint.start_or_resume(run_dir, hyper, c.resume, net, opt, scheduler, scaler, dev)
         logger.info(f"fine-tuning {spec.name} ({weights_id}) on {identity.data.label}: {head}, "
                     f"{trainable:,} of {total:,} parameters trained, {len(plan.train.indices)} train / "
                     f"{len(plan.val.indices)} val images, {dev} {precision_name(amp)}; checkpoints in {run_dir}")
@@ -212,7 +197,7 @@ def finetune(model: str = "efficientnet_lite0", data: str = "digits", *, weights
         "versions": {**library_versions(), "torchvision": _torchvision_version()},
         "seed": seed, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    path = write_result(result, results_dir)
+    path = write_result(result, c.results_dir)
     curves = plot_history(history, path.with_name(f"{path.stem}.curves.png"),
                           title=f"{head} · {identity.data.label} · {identity.model}", best_epoch=best_state["epoch"])
     logger.info(f"test top-1 {metrics['top1']:.4f} (best epoch {best_state['epoch']} of {epochs}); result: {path}")
@@ -287,15 +272,6 @@ def evaluate(net, loader: SplitLoader, dev, amp, skipped: dict, *, keep_scores: 
     if keep_scores:
         out.update(scores=np.concatenate(scores), y=np.concatenate(labels))
     return out
-
-
-def _check_numbers(**values) -> None:
-    rules = {"epochs": lambda v: v >= 1, "batch_size": lambda v: v >= 1, "lr": lambda v: v > 0,
-             "head_lr_mult": lambda v: v >= 0, "momentum": lambda v: 0 <= v < 1, "weight_decay": lambda v: v >= 0,
-             "warmup_epochs": lambda v: v >= 0, "label_smoothing": lambda v: 0 <= v < 1}
-    for name, value in values.items():
-        if value is not None and not rules[name](value):
-            raise UserError(f"bad --{name.replace('_', '-')} {value!r}")
 
 
 def _sizes(plan: SplitPlan, skipped: dict | None = None) -> dict:
