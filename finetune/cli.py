@@ -7,7 +7,7 @@ import shlex
 import sys
 
 from extract.cli import parse_options
-from extract.core.errors import UserError, guarded
+from extract.core.errors import guarded
 
 from finetune.data import CROP_SCALE
 from finetune.model import FREEZE_HELP
@@ -94,8 +94,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             print(f"error: interrupted after {e.epochs_done} of {e.epochs} epochs; the checkpoint is in "
                   f"{e.run_dir}. Continue with:\n  {resume_command(argv)}", file=sys.stderr)
         else:
-            print(f"error: interrupted during the first epoch, before any checkpoint; "
-                  f"rerun the same command to start again", file=sys.stderr)
+            print("error: interrupted during the first epoch, before any checkpoint; "
+                  "rerun the same command to start again", file=sys.stderr)
         return 130
     m = out.result["metrics"]
     print(f"{out.result['head']}: test top-1 {m['top1']:.4f}, balanced {m['balanced_accuracy']:.4f} "

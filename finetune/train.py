@@ -9,7 +9,6 @@ restore the best-validation weights -> one test pass -> result JSON + training-c
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone

@@ -26,7 +26,7 @@ from torch import nn
 from extract.core.errors import UserError
 
 if TYPE_CHECKING:
-    from extract.registry.models import ModelSpec
+    from extract.registry.spec import ModelSpec
     from extract.store.preprocess import Preprocess
 
 PENULTIMATE = "penultimate"

@@ -27,6 +27,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from extract.core.atomic import write_text_atomic
 from extract.core.errors import UserError
 
 # Heads that self-supervised and supervised checkpoints carry next to the trunk.
@@ -66,12 +67,9 @@ def _remember_sha(key: str, digest: str) -> None:
     """Best effort: a cache that cannot be written only costs a re-hash next time."""
     path = sha_cache_file()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         known = _read_sha_cache(path)
         known[key] = digest
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known, indent=0, sort_keys=True))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(known, indent=0, sort_keys=True))
     except OSError:
         pass
 

@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 
 from extract.compute.allocator import malloc_tuned, tune_malloc
-from extract.compute.engine import resolve_device
 from extract.compute.engines import get_engine, resolve_engine
 from extract.core.errors import UserError
-from extract.registry.models import ResolvedWeights, resolve_weights
+from extract.registry.models import ResolvedWeights
 from extract.run.job import SplitJob
 from extract.run.plan import COMPILE_HINT, plan
 from extract.run.request import ExtractRequest

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import torch
 
-from extract.compute.engine import (default_workers, effective_preprocess, precision_name, resolve_device,
-                                    resolve_precision)
+from extract.compute.engine import (default_workers, effective_preprocess, precision_name, resolve_precision)
 from extract.compute.engines import EngineContext, get_engine, resolve_engine
 from extract.compute.pipeline import resolve_decoder
 from extract.core.errors import UserError

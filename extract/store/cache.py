@@ -19,7 +19,6 @@ import errno
 import json
 import os
 import shutil
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, NamedTuple

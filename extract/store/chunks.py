@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from extract.core.atomic import write_text_atomic
+from extract.core.atomic import atomic_path, write_text_atomic
 from extract.core.errors import UserError
 
 PARTIAL = ".partial"
@@ -155,29 +154,23 @@ class ChunkStore:
     def write(self, k: int, rows: Rows) -> None:
         """Save chunk `k` whole, or leave no trace of it (OSError on a full disk)."""
         target = self.chunk_path(k)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         need = _SPACE_MARGIN + sum(v.nbytes for v in rows.features.values()) + 300 * (len(rows) + len(rows.skipped))
         free = shutil.disk_usage(self.dir).free
         if free < need:
             raise OSError(errno.ENOSPC, f"No space left on device ({free // 1024} KiB free)")
-        try:
-            with h5py.File(tmp, "w") as f:
-                for name, values in rows.features.items():
-                    f.create_dataset(f"features/{name}", data=values)
-                f.create_dataset("labels", data=np.asarray(rows.labels, np.int64))
-                f.create_dataset("index", data=np.asarray(rows.index, np.int64))
-                if rows.paths is not None:
-                    f.create_dataset("paths", data=list(rows.paths), dtype=_STR)
-                    f.create_dataset("stamps", data=np.asarray(rows.stamps, np.int64).reshape(-1, 2))
-                skipped = list(zip(*rows.skipped)) or [()] * 6
-                for name, column, dt in zip(("index", "label", "path", "reason", "size", "mtime"), skipped,
-                                            (np.int64, np.int64, _STR, _STR, np.int64, np.int64)):
-                    f.create_dataset(f"skipped/{name}", data=np.asarray(column, dtype=object if dt is _STR else dt),
-                                     dtype=dt)
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_path(target) as tmp, h5py.File(tmp, "w") as f:
+            for name, values in rows.features.items():
+                f.create_dataset(f"features/{name}", data=values)
+            f.create_dataset("labels", data=np.asarray(rows.labels, np.int64))
+            f.create_dataset("index", data=np.asarray(rows.index, np.int64))
+            if rows.paths is not None:
+                f.create_dataset("paths", data=list(rows.paths), dtype=_STR)
+                f.create_dataset("stamps", data=np.asarray(rows.stamps, np.int64).reshape(-1, 2))
+            skipped = list(zip(*rows.skipped)) or [()] * 6
+            for name, column, dt in zip(("index", "label", "path", "reason", "size", "mtime"), skipped,
+                                        (np.int64, np.int64, _STR, _STR, np.int64, np.int64)):
+                f.create_dataset(f"skipped/{name}", data=np.asarray(column, dtype=object if dt is _STR else dt),
+                                 dtype=dt)
 
     def read(self, k: int) -> Rows:
         with h5py.File(self.chunk_path(k), "r") as f:

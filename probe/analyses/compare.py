@@ -160,9 +160,8 @@ def select_feature_sets(query: CacheQuery) -> list[tuple[FeatureSet, str]]:
     (registry order, penultimate last). UserError naming what exists when nothing matches, or
     naming the datasets when `query.data` is None and several are cached.
     """
-    cache_dir, models, layers = query.cache_dir, query.model, query.layer
-    model_names, layer_names = _names(models), _names(layers)
-    all_layers = _is_all(layers)
+    cache_dir, layers = query.cache_dir, query.layer
+    layer_names, all_layers = _names(layers), _is_all(layers)
     sets = [(rank, g) for rank, g in _matching_sets(query) if _complete(g)]
     if not sets:
         raise UserError(f"no complete extraction (train and test or val) under {cache_dir} matches")

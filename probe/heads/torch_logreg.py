@@ -17,13 +17,17 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.utils.validation import check_is_fitted
 
 from probe.heads.device import resolve_device, runtime_device
+from probe.heads.inputs import fit_inputs, predict_inputs
 from probe.protocol.rows import is_streamed, iter_blocks
 
 BLOCK_BYTES = 128 * 1024 * 1024   # one block's features plus its logits and gradient rows
 DEVICE_SHARE = 0.6                # part of free GPU memory that streamed features may occupy there
+
+
+# scikit-learn's estimator checks this head does not pass, on purpose (tests/test_estimator_checks.py): none
+EXPECTED_FAILED_CHECKS: dict[str, str] = {}
 
 
 class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
@@ -44,13 +48,11 @@ class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
     # --- fitting ----------------------------------------------------------------------------------
 
     def fit(self, X, y):
+        X, y = fit_inputs(self, X, y)
         X = _features(X)
-        y = np.asarray(y)
-        if len(y) != len(X):
-            raise ValueError(f"X has {len(X)} rows but y has {len(y)}")
         self.classes_, y_enc = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
-            raise ValueError("logistic regression needs samples of at least 2 classes")
+            raise ValueError(f"logistic regression needs samples of at least 2 classes; got {len(self.classes_)} class")
         if self.scale not in ("standard", "l2", "none"):
             raise ValueError(f"scale must be standard, l2 or none; got {self.scale!r}")
         n, d = X.shape
@@ -118,8 +120,7 @@ class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
 
     def _logits(self, X) -> np.ndarray:
         """(N, n_classes) float64 logits; the binary model's first column is the constant 0."""
-        check_is_fitted(self, "coef_")
-        X = _features(X)
+        X = _features(predict_inputs(self, X, "coef_"))
         device = runtime_device(self.device)
         W = torch.as_tensor(self.coef_, dtype=torch.float32, device=device)
         b = torch.as_tensor(self.intercept_, dtype=torch.float32, device=device)
@@ -139,7 +140,8 @@ class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
         return p / p.sum(axis=1, keepdims=True)
 
     def predict(self, X) -> np.ndarray:
-        return self.classes_[self._logits(X).argmax(axis=1)]
+        logits = self._logits(X)
+        return self.classes_[logits.argmax(axis=1)]
 
 
 def _features(X):

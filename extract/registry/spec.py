@@ -1,0 +1,56 @@
+"""What a registry entry is: an architecture (ModelSpec) and the weights it can load (WeightSpec)."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from extract.core.errors import UserError
+from extract.store.preprocess import Preprocess
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """One set of weights for an architecture."""
+
+    tag: str
+    source: str                     # "torchvision" | "url" | "package"
+    preprocess: Preprocess
+    url: str | None = None
+    filename: str | None = None     # name in the torch.hub cache (default: the URL's basename)
+    package: str | None = None      # importable module holding the file (source "package")
+    pip_name: str | None = None
+    sha256: str | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """An architecture in the registry."""
+
+    name: str
+    family: str
+    build: Callable[[], nn.Module]          # random-init network with its classifier
+    head_path: str                          # dotted path of the classifier
+    taps: dict[str, str]                    # tap alias -> module path (widths: backbone.measure_dims)
+    weights: dict[str, WeightSpec]
+    default_weights: str
+    preprocess: Preprocess                  # for random init and local checkpoint files
+    source: str
+    embed: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    input_size: int | None = None           # fixed input resolution, if the network needs one
+    aliases: dict[str, str] = field(default_factory=dict)   # extra weight names -> tag
+
+    def weight(self, tag: str) -> WeightSpec:
+        key = self.aliases.get(tag.upper(), self.aliases.get(tag.lower(), tag))
+        for t, w in self.weights.items():
+            if t.lower() == key.lower():
+                return w
+        close = difflib.get_close_matches(tag, list(self.weights) + list(self.aliases), n=3, cutoff=0.4)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UserError(f"unknown weights {tag!r} for {self.name} (available: {', '.join(self.weights)}, "
+                        f"'none', or a checkpoint file path){hint}")
