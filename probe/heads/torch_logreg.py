@@ -72,7 +72,7 @@ class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
             return loss
 
         opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=self.max_iter, max_eval=2 * self.max_iter + 20,
-                                tolerance_grad=self.tol, tolerance_change=1e-9, history_size=self.history_size,
+                                tolerance_grad=self.tol, tolerance_change=1e-12, history_size=self.history_size,
                                 line_search_fn="strong_wolfe")
         opt.step(closure)
         state = opt.state[W]
