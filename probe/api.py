@@ -13,7 +13,7 @@ from typing import Sequence
 from extract.core.errors import UserError
 
 from probe.protocol.data import ProbeData, Selection, load_probe_data, select_caches, selection_from_paths
-from probe.heads.catalog import get_head, list_heads
+from probe.heads.catalog import OPT_IN, get_head, list_heads
 from probe.heads.placement import check_solver, memory_for, place
 from probe.protocol.search import ProbeRun, run_probe
 
@@ -32,12 +32,13 @@ class Evaluation:
 
 
 def head_names(heads: str | Sequence[str]) -> list[str]:
-    """'all', 'logreg', 'logreg,knn' or a list -> registered head names (UserError for unknown ones)."""
+    """'all', 'logreg', 'logreg,knn' or a list -> registered head names (UserError for unknown ones);
+    opt-in evaluations (retrieval) only when named."""
     if isinstance(heads, str):
         heads = [h for h in heads.split(",") if h]
     if list(heads) == ["all"]:
         return list_heads()
-    return list(dict.fromkeys(get_head(h).name for h in heads))
+    return list(dict.fromkeys(h if h in OPT_IN else get_head(h).name for h in heads))
 
 
 def choose_features(*, cache_dir="cache", data: str | None = None, model: str | None = None,
@@ -69,10 +70,12 @@ def evaluate(heads: str | Sequence[str] = "logreg", *, cache_dir="cache", data: 
              max_memory: float | None = None) -> Evaluation:
     """Fit each head on cached features (select on validation, refit, test once) and write its results.
 
-    solver: logreg's, auto|sklearn|torch; device: the torch heads', auto|cpu|cuda. Features whose in-memory
+    solver: logreg's, auto|sklearn|torch; device: the torch heads' and retrieval's, auto|cpu|cuda. `retrieval`
+    (probe.analyses.retrieval) is scored beside the heads when named and fits nothing. Features whose in-memory
     path needs more than the available RAM (or `max_memory` GB) are streamed from the cache, which only
     logreg on torch and knn can fit (probe.heads.placement).
     """
+    from probe.analyses.retrieval import NAME as RETRIEVAL, run_retrieval
     from probe.output.plots import plot_comparison
     from probe.output.results import result_dir, save_head, write_result
 
@@ -84,18 +87,21 @@ def evaluate(heads: str | Sequence[str] = "logreg", *, cache_dir="cache", data: 
                                 dtype=dtype, image_size=image_size, normalize=normalize, features=features,
                                 test_features=test_features, val_features=val_features)
     memory = memory_for(selection.files, selection.layer, max_memory)
-    placed = [place(name, solver=solver, device=device, scale=scale, streamed=not memory.fits, memory=memory)
-              for name in names]
+    placed = [name if name in OPT_IN else place(name, solver=solver, device=device, scale=scale,
+                                                streamed=not memory.fits, memory=memory) for name in names]
     if not memory.fits:
         log.info(f"the features would need {memory.describe()} in memory: streaming them from the cache")
     probe_data = load_probe_data(selection, seed=seed, lazy=not memory.fits)
     out = Evaluation(probe_data, [])
     for head in placed:
-        run = run_probe(head, probe_data, grid=grid, scale=scale, seed=seed, n_jobs=n_jobs,
-                        max_search_samples=max_search_samples, progress=progress)
+        if head == RETRIEVAL:
+            run = run_retrieval(probe_data, device=device, progress=progress, seed=seed)
+        else:
+            run = run_probe(head, probe_data, grid=grid, scale=scale, seed=seed, n_jobs=n_jobs,
+                            max_search_samples=max_search_samples, progress=progress)
         out.runs.append(run)
         out.result_paths.append(write_result(run.result, results_dir))
-        if save:
+        if save and run.pipeline is not None:
             out.head_paths.append(save_head(run.pipeline, run.result, results_dir))
     if len(names) > 1:
         rows = [{"label": r.result["head"], "top1": r.result["metrics"]["top1"],

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from extract.core.errors import UserError, guarded
 
-from probe.heads.catalog import GRIDS, SCALES, list_heads
+from probe.heads.catalog import GRIDS, OPT_IN, SCALES, list_heads
 from probe.heads.placement import SOLVERS
 from probe.output.report import FORMATS
 
@@ -65,7 +65,8 @@ def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m probe", description="Fit, tune and compare classical heads on cached embeddings.",
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--head", default="logreg",
-                   help=f"one of {', '.join(list_heads())}, several comma-separated, or all (default: logreg)")
+                   help=f"one of {', '.join(list_heads())}, several comma-separated, or all (default: logreg); "
+                        f"opt-in, not in all: {', '.join(OPT_IN)} (cosine retrieval, recall@k and mAP@R)")
     p.add_argument("--report", action="store_true", help="collate every result JSON under --results-dir")
     p.add_argument("--format", default="table", choices=(*FORMATS, "html"),
                    help="report format on stdout (default: table); html writes one self-contained results/report.html")
@@ -174,10 +175,14 @@ def run_heads(args) -> int:
         r = run.result
         best_val = max(g["val_top1"] for g in r["grid"])
         m, t = r["metrics"], r["timing"]
-        print(f"{r['head']}{_where(r)}: {_params(r['hyperparameters'])} (val top-1 {_pct(best_val)}) -> test top-1 "
+        params = _params(r["hyperparameters"])
+        print(f"{r['head']}{_where(r)}: {params + ' ' if params else ''}(val top-1 {_pct(best_val)}) -> test top-1 "
               f"{_pct(m['top1'])}" + (f", top-5 {_pct(m['top5'])}" if m["top5"] is not None else "")
               + f", balanced {_pct(m['balanced_accuracy'])}, macro-F1 {_pct(m['macro_f1'])}"
               + f" [search {t['search_seconds']:.2f} s, refit {t['fit_seconds']:.2f} s]")
+        if r.get("kind") == "retrieval":
+            from probe.analyses.retrieval import describe
+            print(f"  {describe(r)}")
         print(f"  wrote {path}")
     if out.comparison:
         rows = [result_row(r.result) for r in out.runs]
