@@ -70,7 +70,9 @@ def test_debiased_is_closer_to_zero_for_independent_wide_features():
 
 def test_a_tap_matrix_holds_every_pair():
     X, Y = related(80, 6, 5)
-    blocks = lambda: (({"a": X[s:s + 9], "b": X[s:s + 9] ** 2}, {"c": Y[s:s + 9]}) for s in range(0, 80, 9))
+
+    def blocks():
+        return (({"a": X[s:s + 9], "b": X[s:s + 9] ** 2}, {"c": Y[s:s + 9]}) for s in range(0, 80, 9))
     m = cka_sums(blocks).matrix(debiased=True)
     assert m.shape == (2, 1)
     assert m[0, 0] == pytest.approx(dense_cka(X, Y, True)) and m[1, 0] == pytest.approx(dense_cka(X ** 2, Y, True))

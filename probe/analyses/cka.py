@@ -118,5 +118,7 @@ def linear_cka(X, Y, debiased: bool = False, rows: int = 4096) -> float:
     X, Y = np.asarray(X), np.asarray(Y)
     if len(X) != len(Y):
         raise UserError(f"CKA needs matched rows: {len(X)} vs {len(Y)}")
-    blocks = lambda: (({"x": X[s:s + rows]}, {"y": Y[s:s + rows]}) for s in range(0, len(X), rows))  # noqa: E731
+
+    def blocks():
+        return (({"x": X[s:s + rows]}, {"y": Y[s:s + rows]}) for s in range(0, len(X), rows))
     return float(cka_sums(blocks).matrix(debiased)[0, 0])

@@ -146,9 +146,9 @@ def format_ranking(ranking: Ranking) -> str:
               str(r["dims"]), "-" if r["test_top1"] is None else f"{100 * r['test_top1']:.2f}"]
              for r in ranking.rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
-    left = (1,)
-    line = lambda values: "  ".join(v.ljust(w) if i in left else v.rjust(w)   # noqa: E731
-                                    for i, (v, w) in enumerate(zip(values, widths)))
+
+    def line(values):   # the label column left-aligned, numbers right-aligned
+        return "  ".join(v.ljust(w) if i == 1 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths)))
     out = [f"{ranking.data.label}: {SPLIT_NOTE}", line(header), *map(line, cells)]
     out += [f"Kendall's tau, {SCORES[s]} vs {ranking.head} test top-1: {describe_tau(c)}"
             for s, c in ranking.correlation.items()]

@@ -149,12 +149,15 @@ def run_retrieval(data: ProbeData, *, device: str = "auto", ks=KS, progress: boo
     return ProbeRun(result, None)
 
 
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
 def describe(result: dict) -> str:
     """'recall@1 95.1%, @5 ..., mAP@R 80.2%, precision@10 ...' of a retrieval result."""
     overall = result["metrics"]["retrieval"]["overall"]
     ks = result["metrics"]["retrieval"]["ks"]
-    pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"   # noqa: E731
-    recall = ", ".join(f"@{k} {pct(overall[f'recall@{k}'])}" for k in ks)
-    precision = ", ".join(f"@{k} {pct(overall[f'precision@{k}'])}" for k in ks)
-    return (f"recall {recall}; mAP@R {pct(overall['map@r'])}; precision {precision} "
+    recall = ", ".join(f"@{k} {_pct(overall[f'recall@{k}'])}" for k in ks)
+    precision = ", ".join(f"@{k} {_pct(overall[f'precision@{k}'])}" for k in ks)
+    return (f"recall {recall}; mAP@R {_pct(overall['map@r'])}; precision {precision} "
             f"({overall['queries']} queries, gallery {result['metrics']['retrieval']['gallery']})")
