@@ -15,7 +15,7 @@ from extract.core.errors import UserError
 from extract.store.catalog import CacheQuery
 
 from probe.protocol.data import ProbeData, Selection, load_probe_data, select_caches, selection_from_paths
-from probe.heads.catalog import get_head, list_heads
+from probe.heads.catalog import OPT_IN, get_head, list_heads
 from probe.heads.placement import check_solver, memory_for, place
 from probe.protocol.options import FitOptions
 from probe.protocol.search import ProbeRun, run_probe
@@ -35,12 +35,13 @@ class Evaluation:
 
 
 def head_names(heads: str | Sequence[str]) -> list[str]:
-    """'all', 'logreg', 'logreg,knn' or a list -> registered head names (UserError for unknown ones)."""
+    """'all', 'logreg', 'logreg,knn' or a list -> registered head names (UserError for unknown ones);
+    opt-in evaluations (retrieval) only when named."""
     if isinstance(heads, str):
         heads = [h for h in heads.split(",") if h]
     if list(heads) == ["all"]:
         return list_heads()
-    return list(dict.fromkeys(get_head(h).name for h in heads))
+    return list(dict.fromkeys(h if h in OPT_IN else get_head(h).name for h in heads))
 
 
 def split_keywords(query: CacheQuery | None, options: FitOptions | None, keywords: dict):
@@ -76,9 +77,11 @@ def evaluate(heads: str | Sequence[str] = "logreg", query: CacheQuery | None = N
 
     `query` picks the features (default: the newest extraction under ./cache); `options` how heads
     are fit; `keywords` change single fields of either (``cache_dir=..., model=..., seed=...``).
+    `retrieval` (probe.analyses.retrieval) is scored beside the heads when named and fits nothing.
     Features whose in-memory path needs more than the available RAM (or `max_memory` GB) are
     streamed from the cache, which only logreg on torch and knn can fit (probe.heads.placement).
     """
+    from probe.analyses.retrieval import NAME as RETRIEVAL, run_retrieval
     from probe.output.plots import plot_comparison
     from probe.output.results import result_dir, save_head, write_result
 
@@ -87,17 +90,21 @@ def evaluate(heads: str | Sequence[str] = "logreg", query: CacheQuery | None = N
     check_solver(names, options.solver)
     selection = choose_features(query)
     memory = memory_for(selection.files, selection.layer, options.max_memory)
-    placed = [place(name, solver=options.solver, device=options.device, scale=options.scale,
-                    streamed=not memory.fits, memory=memory) for name in names]
+    placed = [name if name in OPT_IN else place(name, solver=options.solver, device=options.device,
+                                                scale=options.scale, streamed=not memory.fits, memory=memory)
+              for name in names]
     if not memory.fits:
         log.info(f"the features would need {memory.describe()} in memory: streaming them from the cache")
     probe_data = load_probe_data(selection, seed=options.seed, lazy=not memory.fits)
     out = Evaluation(probe_data, [])
     for head in placed:
-        run = run_probe(head, probe_data, options)
+        if head == RETRIEVAL:
+            run = run_retrieval(probe_data, device=options.device, progress=options.progress, seed=options.seed)
+        else:
+            run = run_probe(head, probe_data, options)
         out.runs.append(run)
         out.result_paths.append(write_result(run.result, options.results_dir))
-        if options.save:
+        if options.save and run.pipeline is not None:
             out.head_paths.append(save_head(run.pipeline, run.result, options.results_dir))
     if len(names) > 1:
         rows = [{"label": r.result["head"], "top1": r.result["metrics"]["top1"],

@@ -9,7 +9,7 @@ from pathlib import Path
 from extract.core.errors import UserError, guarded
 from extract.store.catalog import CacheQuery
 
-from probe.heads.catalog import GRIDS, SCALES, list_heads
+from probe.heads.catalog import GRIDS, OPT_IN, SCALES, list_heads
 from probe.heads.placement import SOLVERS
 from probe.protocol.options import FitOptions
 from probe.output.report import FORMATS
@@ -26,6 +26,9 @@ EPILOG = """examples:
   python -m probe predict --head logreg photo.jpg more_photos/
   python -m probe map --head logreg             t-SNE of the test features, mistakes marked
   python -m probe samples --head logreg         test images with true and predicted labels
+  python -m probe rank --model all              LogME / H-score of every cached backbone (train split only)
+  python -m probe similarity --model a,b --layer all   linear CKA between every tap of a and of b
+  python -m probe --head retrieval              cosine retrieval: recall@k, mAP@R of test queries
 """
 
 
@@ -73,7 +76,8 @@ def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m probe", description="Fit, tune and compare classical heads on cached embeddings.",
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--head", default="logreg",
-                   help=f"one of {', '.join(list_heads())}, several comma-separated, or all (default: logreg)")
+                   help=f"one of {', '.join(list_heads())}, several comma-separated, or all (default: logreg); "
+                        f"opt-in, not in all: {', '.join(OPT_IN)} (cosine retrieval, recall@k and mAP@R)")
     p.add_argument("--report", action="store_true", help="collate every result JSON under --results-dir")
     p.add_argument("--format", default="table", choices=(*FORMATS, "html"),
                    help="report format on stdout (default: table); html writes one self-contained results/report.html")
@@ -100,7 +104,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--save", action=argparse.BooleanOptionalAction, default=True,
                    help="save the refit head with joblib beside its result (default: yes)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
-    sub = p.add_subparsers(dest="command", metavar="{predict,map,samples}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="{predict,map,samples,rank,similarity}", parser_class=_Parser)
     q = sub.add_parser("predict", help="label new images with a saved head",
                        description="Label new images with a saved head and the backbone recorded in its cache.")
     q.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
@@ -125,7 +129,30 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--only-mistakes", action="store_true", help="show only misclassified images")
     g.add_argument("--seed", type=int, default=0)
     _selection_args(g)
+    _analysis_parsers(sub)
     return p
+
+
+def _analysis_parsers(sub) -> None:
+    """The rank and similarity subcommands."""
+    r = sub.add_parser("rank", help="transferability scores (LogME, H-score) of every cached backbone/tap",
+                       description="LogME and the regularised H-score of every selected backbone/tap of one "
+                                   "dataset, computed on the train split only, ranked, and compared with measured "
+                                   "probe accuracy (Kendall's tau) where results exist.")
+    r.add_argument("--head", default="logreg", help="whose measured test top-1 the scores are compared with "
+                                                    "(default: logreg)")
+    _selection_args(r)
+    r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
+    c = sub.add_parser("similarity", help="linear CKA between the taps of two backbones (or one with itself)",
+                       description="Linear CKA between every tap of --model a and every tap of b on the same "
+                                   "images (rows paired by source index): a heat map and JSON.")
+    c.add_argument("--split", choices=["train", "val", "test"],
+                   help="split whose images are compared (default: test, else val, else train)")
+    c.add_argument("--estimator", default="auto", choices=["auto", "debiased", "biased"],
+                   help="HSIC estimator: debiased (Song et al. 2012), biased, or auto (default): debiased below "
+                        "10,000 images")
+    _selection_args(c)
+    c.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
 
 
 def _pct(v) -> str:
@@ -157,10 +184,14 @@ def run_heads(args) -> int:
         r = run.result
         best_val = max(g["val_top1"] for g in r["grid"])
         m, t = r["metrics"], r["timing"]
-        print(f"{r['head']}{_where(r)}: {_params(r['hyperparameters'])} (val top-1 {_pct(best_val)}) -> test top-1 "
+        params = _params(r["hyperparameters"])
+        print(f"{r['head']}{_where(r)}: {params + ' ' if params else ''}(val top-1 {_pct(best_val)}) -> test top-1 "
               f"{_pct(m['top1'])}" + (f", top-5 {_pct(m['top5'])}" if m["top5"] is not None else "")
               + f", balanced {_pct(m['balanced_accuracy'])}, macro-F1 {_pct(m['macro_f1'])}"
               + f" [search {t['search_seconds']:.2f} s, refit {t['fit_seconds']:.2f} s]")
+        if r.get("kind") == "retrieval":
+            from probe.analyses.retrieval import describe
+            print(f"  {describe(r)}")
         print(f"  wrote {path}")
     if out.comparison:
         rows = [result_row(r.result) for r in out.runs]
@@ -274,10 +305,51 @@ def run_samples(args) -> int:
     return 0
 
 
+def _every_match(args) -> CacheQuery:
+    """The query of an analysis that reads every matching extraction (explicit files are refused)."""
+    explicit = [flag for flag, v in (("--features", args.features), ("--test-features", args.test_features),
+                                     ("--val-features", args.val_features)) if v]
+    if explicit:
+        raise UserError(f"{args.command} reads every matching extraction under --cache-dir; "
+                        f"{', '.join(explicit)} is not used here")
+    return _query(args)
+
+
+def run_rank(args) -> int:
+    """rank: LogME and H-score of every selected backbone/tap (train split only), with Kendall's tau."""
+    from probe.api import head_names
+    from probe.analyses.compare import select_feature_sets
+    from probe.analyses.ranking import format_ranking, rank, write_ranking
+
+    heads = head_names(args.head)
+    if len(heads) != 1:
+        raise UserError("rank compares the scores with one head's measured accuracy: --head NAME")
+    selections = select_feature_sets(_every_match(args))
+    ranking = rank(selections, results_dir=args.results_dir, head=heads[0], progress=args.progress)
+    print(format_ranking(ranking), end="")
+    for path in write_ranking(ranking).values():
+        print(f"wrote {path}")
+    return 0
+
+
+def run_similarity(args) -> int:
+    """similarity: linear CKA between every tap of two backbones (or one with itself)."""
+    from probe.analyses.similarity import format_similarity, pick_sides, similarity, write_similarity
+
+    a, b, split = pick_sides(_every_match(args), split=args.split)
+    result = similarity(a, b, split=split, estimator=args.estimator, results_dir=args.results_dir,
+                        progress=args.progress)
+    print(format_similarity(result), end="")
+    for path in write_similarity(result).values():
+        print(f"wrote {path}")
+    return 0
+
+
 def _run(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    if args.command in ("predict", "map", "samples"):
-        return {"predict": run_predict, "map": run_map, "samples": run_samples}[args.command](args)
+    if args.command in ("predict", "map", "samples", "rank", "similarity"):
+        return {"predict": run_predict, "map": run_map, "samples": run_samples, "rank": run_rank,
+                "similarity": run_similarity}[args.command](args)
     if args.report:
         return run_report(args)
     if args.shots:

@@ -178,6 +178,11 @@ HEADS: dict[str, Head] = {
 }
 
 
+# Evaluations run like a head by `python -m probe --head NAME` (a result JSON of the same schema)
+# but fitting nothing, so not part of `all`: probe.analyses.retrieval.
+OPT_IN = ("retrieval",)
+
+
 def list_heads() -> list[str]:
     return list(HEADS)
 
@@ -186,6 +191,9 @@ def get_head(name: str) -> Head:
     """The registered head, or a UserError suggesting the closest names."""
     if name in HEADS:
         return HEADS[name]
-    close = difflib.get_close_matches(name, HEADS, n=2, cutoff=0.4)
+    if name in OPT_IN:
+        raise UserError(f"{name} fits no head: it runs as `python -m probe --head {name}` (alone, beside other "
+                        "heads, or with --model/--layer comparisons), not here")
+    close = difflib.get_close_matches(name, [*HEADS, *OPT_IN], n=2, cutoff=0.4)
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    raise UserError(f"unknown head {name!r}{hint} (heads: {', '.join(HEADS)}, all)")
+    raise UserError(f"unknown head {name!r}{hint} (heads: {', '.join(HEADS)}, all; opt-in: {', '.join(OPT_IN)})")

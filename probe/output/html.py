@@ -13,6 +13,7 @@ from pathlib import Path
 
 from extract.core.atomic import write_errors, write_text_atomic
 
+from probe.output.html_analyses import analysis_sections
 from probe.output.report import COLUMNS, NUMERIC, cell_text, collect_rows, format_rows
 from probe.output.results import load_results
 
@@ -96,12 +97,12 @@ def _provenance(results: list[dict]) -> str:
     return "".join(out)
 
 
-def _pictures(root: Path) -> str:
+def _pictures(root: Path, shown=frozenset()) -> str:
     """Every PNG under the results folder (confusion matrices, comparisons, curves, maps, samples),
-    grouped by the folder it belongs to."""
+    grouped by the folder it belongs to; those in `shown` are already on the page."""
     groups: dict[Path, list[Path]] = {}
     for png in sorted(root.glob("**/*.png")):
-        if png.parent == root and png.name == "report.png":
+        if (png.parent == root and png.name == "report.png") or png in shown:
             continue
         groups.setdefault(png.parent, []).append(png)
     out = []
@@ -112,7 +113,8 @@ def _pictures(root: Path) -> str:
 
 
 def write_html_report(results_dir="results") -> Path:
-    """Write results/report.html: comparisons, every result, every picture, each row's provenance."""
+    """Write results/report.html: comparisons, the transferability ranking, CKA heat maps and retrieval
+    rows (each picture linked to its JSON), every result, every picture, each row's provenance."""
     root = Path(results_dir)
     rows = collect_rows(root)
     results = load_results(root)
@@ -124,8 +126,10 @@ def write_html_report(results_dir="results") -> Path:
         for found in sorted(root.glob(f"**/{name}")):
             parts.append(f"<h2>{question}: {html.escape(str(found.parent.relative_to(root)))}</h2>"
                          + _comparison(found))
+    analyses, shown = analysis_sections(root, results)
+    parts.append(analyses)
     parts.append("<h2>Every result</h2>" + _results_table(rows))
-    parts.append("<h2>Pictures</h2>" + _pictures(root))
+    parts.append("<h2>Pictures</h2>" + _pictures(root, shown))
     parts.append("<h2>Provenance</h2>" + _provenance(results))
     parts.append(f"<details><summary>Markdown of the table</summary><pre>{html.escape(format_rows(rows, 'markdown'))}"
                  "</pre></details></body></html>")
