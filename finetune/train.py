@@ -116,7 +116,7 @@ def finetune(model: str = "efficientnet_lite0", data: str = "digits", *, weights
         backbone = load_backbone(spec.name, weights=features.weights.argument)
         n_classes = len(dataset.classes)
         net = Classifier(backbone.net, backbone.head_path, backbone.dims["penultimate"], n_classes,
-                         embed=backbone.spec.embed)
+                         embed=backbone.spec.embed, reset=backbone.spec.family == "timm")
         frozen = apply_freeze(net, freeze, backbone.module_for)
         channels_last = dev.type == "cuda"
         net.to(dev, memory_format=torch.channels_last if channels_last else torch.preserve_format)
