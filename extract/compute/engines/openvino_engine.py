@@ -130,7 +130,7 @@ def converted_model(backbone, crop: int, folder: Path):
     module, index = backbone.tuple_module()
     key = model_key(backbone, crop)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    xml = Path(folder) / f"{backbone.name}-{crop}-{digest}.xml"
+    xml = Path(folder) / f"{backbone.name.replace('/', '_')}-{crop}-{digest}.xml"   # timm/<arch>: one folder
     if xml.is_file() and xml.with_suffix(".bin").is_file():
         try:
             model = ov.Core().read_model(str(xml))
