@@ -23,8 +23,8 @@ def parser() -> argparse.ArgumentParser:
                                 description="Run a frozen pretrained backbone over a dataset and cache the "
                                             "embeddings to HDF5 (one file per split).")
     p.add_argument("--model", action="append", metavar="MODEL",
-                   help="backbone as arch or arch.weights (resnet50, resnet50.swav), any torchvision classification model, "
-                        "or a timm model as on the hub, timm/<arch>[.<tag>] (timm/convnext_tiny.fb_in22k_ft_in1k; "
+                   help="backbone as arch or arch.weights (resnet50, resnet50.swav), any torchvision "
+                        "classification model, or a timm model as on the hub, timm/<arch>[.<tag>] (timm/convnext_tiny.fb_in22k_ft_in1k; "
                         "see --list-models 'timm/convnext*'); several "
                         "comma-separated (or repeated) run in turn; default: " + DEFAULT_MODEL)
     p.add_argument("--weights", default="default",

@@ -413,7 +413,8 @@ class Backbone(nn.Module):
             {layer: nodes.index(self._taps.node_of[layer]) for layer in self.layers}
 
     def provenance(self) -> dict:
-        return {"name": self.name, "weights": self.weights, "weights_file": self.weights_file,
+        return {"name": self.name, "source": self.spec.source, "weights": self.weights,
+                "weights_file": self.weights_file,
                 "weights_sha256": self.weights_sha256, "layers": list(self.layers), "dims": dict(self.dims),
                 "preprocess": self.preprocess.as_dict(), "head_path": self.head_path,
                 "load_report": {k: self.load_report.get(k) for k in ("missing", "unexpected", "prefix")}

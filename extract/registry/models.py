@@ -374,7 +374,8 @@ def _weights_on_disk(w: WeightSpec) -> bool:
         return bool(found and found.submodule_search_locations
                     and any(any((Path(d) / "models").glob("*.pth")) for d in found.submodule_search_locations))
     if w.source == "hf":
-        return w.hf_repo is not None and checkpoints.hf_cached(w.hf_repo, w.hf_files or checkpoints.HF_FILES) is not None
+        files = w.hf_files or checkpoints.HF_FILES
+        return w.hf_repo is not None and checkpoints.hf_cached(w.hf_repo, files) is not None
     if w.source == "unsupported":
         return False
     import urllib.parse
@@ -581,7 +582,8 @@ class _WithHead(nn.Module):
 
 
 __all__ = ["Backbone", "ModelSpec", "WeightSpec", "PENULTIMATE", "build_network", "describe_models", "get_spec",
-           "list_models", "model_names", "describe_model", "torchvision_names", "measure_dims", "load_backbone", "build_backbone", "expand_taps", "ALL_TAPS", "load_classifier", "resolve_weights", "ResolvedWeights"]
+           "list_models", "model_names", "describe_model", "torchvision_names", "measure_dims", "load_backbone",
+           "build_backbone", "expand_taps", "ALL_TAPS", "load_classifier", "resolve_weights", "ResolvedWeights"]
 
 
 ALL_TAPS = "all"
@@ -589,7 +591,8 @@ ALL_TAPS = "all"
 
 def expand_taps(spec: ModelSpec, layers: Sequence[str] | None) -> list[str] | None:
     """`layers` with 'all' replaced by the model's default tap (penultimate), then every registry tap
-    in depth order (a timm transformer's blocks with the pooling of its own head); penultimate stays first so it remains the file's default layer. None stays None.
+    in depth order (a timm transformer's blocks with the pooling of its own head); penultimate stays
+    first so it remains the file's default layer. None stays None.
 
     Names that are neither taps nor 'all' are checked as module paths on a meta-device copy of the
     network (UserError with close matches), so a bad one is reported before any work starts."""

@@ -270,8 +270,9 @@ def _weight(arch: str, cfg, dynamic: bool):
     if cfg.url and not cfg.custom_load:
         name = os.path.basename(urllib.parse.urlsplit(cfg.url).path)
         return WeightSpec(tag, "url", url=cfg.url, filename=f"timm_{name}", **common)
+    rest = {k: v for k, v in common.items() if k != "note"}
     return WeightSpec(tag, "unsupported", note=f"timm/{arch}.{tag} has no hub file featprobe can read "
-                      f"(source {cfg.url or cfg.file or 'unknown'})", **{k: v for k, v in common.items() if k != "note"})
+                      f"(source {cfg.url or cfg.file or 'unknown'})", **rest)
 
 
 def _adapt_state(module_name: str):
@@ -325,7 +326,8 @@ def timm_spec(name: str):
         name=PREFIX + arch, family="timm", build=_builder(arch, default, info.dynamic), head_path=info.head_path,
         taps=dict(info.paths), weights=weights, default_weights=default or "none", preprocess=preprocess,
         source=f"timm {timm.__version__} {info.cls_name}", embed=_prelogits,
-        input_size=preprocess.crop if fixed else None, fixed_input=fixed, aliases={"DEFAULT": default} if default else {},
+        input_size=preprocess.crop if fixed else None, fixed_input=fixed,
+        aliases={"DEFAULT": default} if default else {},
         reader=functools.partial(TimmTaps, info=info), default_taps=tuple(info.default_taps),
         adapt_state=_adapt_state(info.module))
 
