@@ -337,6 +337,7 @@ def test_weights_on_disk_reads_the_hugging_face_cache(monkeypatch, tmp_path):
     from extract.registry import checkpoints
     from extract.registry.models import describe_model
 
+    monkeypatch.setattr(checkpoints, "hf_cached", lambda repo, filenames=checkpoints.HF_FILES: None)
     assert describe_model("timm/resnet10t")["weights_on_disk"] is False
     seen = []
 
