@@ -271,8 +271,11 @@ def _weight(arch: str, cfg, dynamic: bool):
         name = os.path.basename(urllib.parse.urlsplit(cfg.url).path)
         return WeightSpec(tag, "url", url=cfg.url, filename=f"timm_{name}", **common)
     rest = {k: v for k, v in common.items() if k != "note"}
+    if not (cfg.url or cfg.file):
+        return WeightSpec(tag, "unsupported", note=f"timm/{arch}.{tag} has no published weights: use --weights none "
+                          "or --weights FILE", **rest)
     return WeightSpec(tag, "unsupported", note=f"timm/{arch}.{tag} has no hub file featprobe can read "
-                      f"(source {cfg.url or cfg.file or 'unknown'})", **rest)
+                      f"(timm loads {cfg.url or cfg.file} with code of its own): use --weights FILE", **rest)
 
 
 def _adapt_state(module_name: str):
