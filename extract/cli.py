@@ -8,7 +8,7 @@ import time
 from extract.compute.engines import AUTO, engine_names
 from extract.core.errors import UserError, guarded
 from extract.registry.datasets import describe_datasets
-from extract.registry.models import describe_models, expand_taps, resolve_weights
+from extract.registry.models import MAX_DESCRIBED, describe_model, expand_taps, model_names, resolve_weights
 from extract.run.extraction import run_request, summary
 from extract.run.request import DEFAULT_DATA, DEFAULT_MODEL, ExtractRequest
 from extract.run.runners import runner_names
@@ -23,7 +23,9 @@ def parser() -> argparse.ArgumentParser:
                                 description="Run a frozen pretrained backbone over a dataset and cache the "
                                             "embeddings to HDF5 (one file per split).")
     p.add_argument("--model", action="append", metavar="MODEL",
-                   help="backbone as arch or arch.weights (resnet50, resnet50.swav; see --list-models); several "
+                   help="backbone as arch or arch.weights (resnet50, resnet50.swav), any torchvision "
+                        "classification model, or a timm model as on the hub, timm/<arch>[.<tag>] (timm/convnext_tiny.fb_in22k_ft_in1k; "
+                        "see --list-models 'timm/convnext*'); several "
                         "comma-separated (or repeated) run in turn; default: " + DEFAULT_MODEL)
     p.add_argument("--weights", default="default",
                    help="weights tag (e.g. IMAGENET1K_V2, swav), 'none' for random init, or a local checkpoint file")
@@ -78,7 +80,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-missing-weights", action=argparse.BooleanOptionalAction, default=False,
                    help="use a checkpoint that leaves weights of the network at random init (recorded in provenance)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--list-models", action="store_true", help="list backbones with dims and weights, then exit")
+    p.add_argument("--list-models", nargs="?", const="", default=None, metavar="PATTERN",
+                   help="list backbones with dims and weights, then exit; with a glob PATTERN ('resnet*', "
+                        "'timm/convnext*'), every matching registry, torchvision and timm model")
     p.add_argument("--list-datasets", action="store_true", help="list datasets, then exit")
     return p
 
@@ -117,17 +121,30 @@ def requests(args: argparse.Namespace) -> list:
     return out
 
 
-def print_models() -> None:
-    rows = describe_models()
-    print(f"{'model':<22} {'dim':>5}  {'default weights':<26} taps (width)")
+def print_models(pattern: str | None = None) -> None:
+    names = model_names(pattern)
+    if not names:
+        raise UserError(f"no model matches {pattern!r}; timm models are named timm/<arch> (e.g. 'timm/convnext*')")
+    if len(names) > MAX_DESCRIBED:
+        print("\n".join(names))
+        print(f"{len(names)} models match {pattern!r}: narrow the pattern (at most {MAX_DESCRIBED}) to see their "
+              "widths, input sizes and weights")
+        return
+    rows = [describe_model(n) for n in names]
+    width = max(22, *(len(r["name"]) for r in rows))
+    print(f"{'model':<{width}} {'dim':>5} {'input':>5}  {'default weights':<26} taps (width)")
     for r in rows:
         taps = ", ".join(f"{t} {d}" for t, d in r.get("taps", {}).items())
         default = f"{r.get('default_weights', '')}{' (on disk)' if r.get('weights_on_disk') else ''}"
-        print(f"{r['name']:<22} {r.get('dim', ''):>5}  {default:<26} {taps}")
+        print(f"{r['name']:<{width}} {r.get('dim', ''):>5} {r.get('input', ''):>5}  {default:<26} {taps}")
         tags = [t for t in r.get("weights", []) if t != r.get("default_weights")]
         if tags:
-            print(f"{'':<22} {'':>5}  also: {', '.join(tags)}")
-    print("dim: width of the default tap (penultimate); widths measured on the meta device")
+            print(f"{'':<{width}} {'':>5} {'':>5}  also: {', '.join(tags)}")
+    print("dim: width of the default tap (penultimate); widths measured on the meta device; input: the default "
+          "weights' crop size")
+    if not pattern:
+        print("every torchvision classification model and every timm model (timm/<arch>, weights timm/<arch>.<tag>) "
+              "works too: list them with a pattern, e.g. --list-models 'timm/convnext*' or --list-models 'vit*'")
 
 
 def print_datasets() -> None:
@@ -138,8 +155,8 @@ def print_datasets() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.list_models:
-        print_models()
+    if args.list_models is not None:
+        print_models(args.list_models)
         return 0
     if args.list_datasets:
         print_datasets()

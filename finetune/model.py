@@ -17,16 +17,26 @@ class Classifier(nn.Module):
 
     `embed` (the registry's embedding function, when the network's own forward is not
     used, e.g. EfficientNet-Lite) maps (net, x) to pooled features that feed the head.
+    `reset`: the network's own ``reset_classifier(n_classes)`` makes the new layer (timm), and its
+    own forward runs; `head_path` is then found from ``get_classifier()``.
     """
 
-    def __init__(self, net: nn.Module, head_path: str, in_features: int, n_classes: int, embed=None):
+    def __init__(self, net: nn.Module, head_path: str, in_features: int, n_classes: int, embed=None,
+                 reset: bool = False):
         super().__init__()
         self.net = net
-        self.head_path = "net." + head_path   # inside this module
         self._embed = embed
-        parent_path, _, attr = head_path.rpartition(".")
-        parent = net.get_submodule(parent_path) if parent_path else net
-        setattr(parent, attr, nn.Linear(in_features, n_classes))
+        if reset:
+            net.reset_classifier(n_classes)
+            head = net.get_classifier()
+            head = head[0] if isinstance(head, (tuple, list)) else head
+            head_path = next(name for name, m in net.named_modules() if m is head)
+            self._embed = None
+        else:
+            parent_path, _, attr = head_path.rpartition(".")
+            parent = net.get_submodule(parent_path) if parent_path else net
+            setattr(parent, attr, nn.Linear(in_features, n_classes))
+        self.head_path = "net." + head_path   # inside this module
 
     @property
     def head(self) -> nn.Linear:

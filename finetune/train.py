@@ -100,7 +100,7 @@ def finetune(model: str | None = None, data: str | None = None, config: TrainCon
         backbone = build_backbone(features.weights)
         n_classes = len(dataset.classes)
         net = Classifier(backbone.net, backbone.head_path, backbone.dims["penultimate"], n_classes,
-                         embed=backbone.spec.embed)
+                         embed=backbone.spec.embed, reset=backbone.spec.family == "timm")
         frozen = apply_freeze(net, freeze, backbone.module_for)
         channels_last = dev.type == "cuda"
         net.to(dev, memory_format=torch.channels_last if channels_last else torch.preserve_format)

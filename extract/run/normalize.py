@@ -40,12 +40,14 @@ passes = 0                 # streaming passes made by this process (a cache hit 
 
 def stats_path(cache_dir, data_label: str, preprocess: Preprocess) -> Path:
     """Where the statistics of one dataset under one spatial preprocessing are remembered."""
+    squash = "-squash" if preprocess.squash else ""
     return (Path(cache_dir) / data_label /
-            f"normstats.{preprocess.resize}-{preprocess.crop}-{preprocess.interpolation}.json")
+            f"normstats.{preprocess.resize}-{preprocess.crop}-{preprocess.interpolation}{squash}.json")
 
 
 def _spatial(preprocess: Preprocess) -> dict:
-    return {"resize": preprocess.resize, "crop": preprocess.crop, "interpolation": preprocess.interpolation}
+    out = {"resize": preprocess.resize, "crop": preprocess.crop, "interpolation": preprocess.interpolation}
+    return {**out, "crop_mode": preprocess.crop_mode} if preprocess.squash else out
 
 
 def dataset_stats(source, preprocess: Preprocess, *, cache_dir, data_label: str, device=None,

@@ -84,6 +84,11 @@ def plan(request: ExtractRequest, *, weights: ResolvedWeights | None = None, pro
     image_size = r.image_size
     if image_size == effective_preprocess(resolved.preprocess, in_memory).crop:
         image_size = None   # the weights' own size: the default request, one cache
+    native = resolved.preprocess.crop
+    if resolved.spec.fixed_input and (image_size or native) != native:
+        raise UserError(f"{resolved.name} runs at {native}x{native} only (its position embedding is fixed): "
+                        f"drop --image-size {image_size}" + (" (small in-memory images are resized to it)"
+                                                             if in_memory else ""))
     preprocess = effective_preprocess(resolved.preprocess, in_memory, image_size)
     stats = None
     if r.normalize == "dataset":

@@ -19,25 +19,39 @@ if TYPE_CHECKING:
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+CROP_MODES = ("center", "squash")   # timm's eval crop modes that this preprocessing reproduces
 
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize the shorter side to `resize`, centre-crop `crop`, then (x/255 - mean) / std."""
+    """Resize the shorter side to `resize`, centre-crop `crop`, then (x/255 - mean) / std.
+
+    ``crop_mode`` "squash" (timm's eval mode of some weights) resizes both sides to `resize`,
+    ignoring the aspect ratio, before the centre crop; "center" (default) keeps the aspect ratio.
+    """
 
     resize: int = 256
     crop: int = 224
     interpolation: str = "bilinear"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    crop_mode: str = "center"
 
     def __post_init__(self):
         if self.interpolation not in _INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}")
+        if self.crop_mode not in CROP_MODES:
+            raise ValueError(f"crop_mode must be one of {list(CROP_MODES)}")
+
+    @property
+    def squash(self) -> bool:
+        return self.crop_mode == "squash"
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        if self.crop_mode == "center":   # the default: files written before crop modes read the same
+            del d["crop_mode"]
         return d
 
     def resize_crop_pil(self, img: "Image.Image") -> "torch.Tensor":
@@ -45,7 +59,9 @@ class Preprocess:
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms import functional as TF
 
-        if min(img.size) != self.resize:
+        if self.squash and img.size != (self.resize, self.resize):
+            img = TF.resize(img, [self.resize, self.resize], interpolation=InterpolationMode(self.interpolation))
+        elif min(img.size) != self.resize:
             img = TF.resize(img, self.resize, interpolation=InterpolationMode(self.interpolation))
         if img.size != (self.crop, self.crop):
             img = TF.center_crop(img, self.crop)
@@ -58,9 +74,11 @@ class Preprocess:
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms.v2 import functional as F2
 
-        if min(x.shape[-2:]) != self.resize:
-            mode = InterpolationMode.NEAREST_EXACT if self.interpolation == "nearest" \
-                else InterpolationMode(self.interpolation)
+        mode = InterpolationMode.NEAREST_EXACT if self.interpolation == "nearest" \
+            else InterpolationMode(self.interpolation)
+        if self.squash and tuple(x.shape[-2:]) != (self.resize, self.resize):
+            x = F2.resize(x, [self.resize, self.resize], interpolation=mode, antialias=True)
+        elif not self.squash and min(x.shape[-2:]) != self.resize:
             x = F2.resize(x, [self.resize], interpolation=mode, antialias=True)
         if tuple(x.shape[-2:]) != (self.crop, self.crop):
             x = F2.center_crop(x, [self.crop, self.crop])
@@ -73,11 +91,13 @@ class Preprocess:
 
         x = x.float()
         h, w = x.shape[-2:]
-        if min(h, w) != self.resize:
+        if (h, w) != (self.resize, self.resize) and (self.squash or min(h, w) != self.resize):
             scale = self.resize / min(h, w)
-            size = (max(self.resize, round(h * scale)), max(self.resize, round(w * scale)))
+            size = (self.resize, self.resize) if self.squash else \
+                (max(self.resize, round(h * scale)), max(self.resize, round(w * scale)))
             mode = "nearest" if self.interpolation == "nearest" else self.interpolation
-            x = F.interpolate(x, size=size, mode=mode, antialias=mode != "nearest" and scale < 1,
+            shrinks = (self.resize < h or self.resize < w) if self.squash else scale < 1
+            x = F.interpolate(x, size=size, mode=mode, antialias=mode != "nearest" and shrinks,
                               align_corners=False if mode != "nearest" else None)
             x = x.clamp_(0, 255)
         return TF.center_crop(x, [self.crop, self.crop])

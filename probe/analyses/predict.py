@@ -60,8 +60,12 @@ def backbone_for(identity: FeatureIdentity, provenance: dict, layer: str):
         model, weights = identity.arch, provenance.get("weights_file") or ""
         if not os.path.isfile(weights):
             raise UserError(f"the features were extracted with weights file {weights}, which no longer exists")
-    backbone = load_backbone(model, weights=weights, layers=[layer],
-                             allow_missing=bool(provenance.get("allow_missing_weights")))
+    import torch
+
+    with torch.random.fork_rng(devices=[]):   # random init ('none') seeded as extraction seeds it (Plan.load_backbone)
+        torch.manual_seed(0)
+        backbone = load_backbone(model, weights=weights, layers=[layer],
+                                 allow_missing=bool(provenance.get("allow_missing_weights")))
     if backbone.weights_sha256 != identity.weights_sha256:
         raise UserError(f"the {identity.model} weights file changed since the features were extracted "
                         f"(sha256 {str(backbone.weights_sha256)[:12]} vs {str(identity.weights_sha256)[:12]}); "

@@ -130,7 +130,7 @@ def converted_model(backbone, crop: int, folder: Path):
     module, index = backbone.tuple_module()
     key = model_key(backbone, crop)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    xml = Path(folder) / f"{backbone.name}-{crop}-{digest}.xml"
+    xml = Path(folder) / f"{backbone.name.replace('/', '_')}-{crop}-{digest}.xml"   # timm/<arch>: one folder
     if xml.is_file() and xml.with_suffix(".bin").is_file():
         try:
             model = ov.Core().read_model(str(xml))
@@ -140,7 +140,11 @@ def converted_model(backbone, crop: int, folder: Path):
             log.warning(f"warning: {xml} cannot be read ({(str(e).strip().splitlines() or [''])[-1]}); "
                         "converting again")
     log.info(f"converting {backbone.name} to OpenVINO (once; kept in {xml.parent})")
-    model = _convert(ov, module, crop)
+    try:
+        model = _convert(ov, module, crop)
+    except Exception as e:  # noqa: BLE001 - an op OpenVINO's frontend cannot take: one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"OpenVINO could not convert {backbone.name} ({first[:200]}); use --engine torch") from None
     model.set_rt_info(json.dumps(key, sort_keys=True), "featprobe_key")
     _save(ov, model, xml)
     return model, index, xml, True
