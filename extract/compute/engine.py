@@ -374,7 +374,8 @@ def _run(embedder: Embedder, source, sink, batches, workers, on_error, progress,
     pin = embedder.device.type == "cuda"
     bar = tqdm(total=sum(map(len, batches)), desc=desc, unit="img", disable=not progress, dynamic_ncols=True,
                smoothing=0.1)
-    loader = SourceBatches(source, embedder.preprocess, batches, workers=workers, pin=pin, decoder=decoder)
+    loader = SourceBatches(source, embedder.preprocess, batches, workers=workers, pin=pin, decoder=decoder,
+                           device=embedder.device)
     writer = _WriterThread(sink, _precision_label(embedder))
     t0 = time.perf_counter()
     try:
