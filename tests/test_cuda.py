@@ -143,7 +143,8 @@ def test_a_run_checkpointed_on_the_cpu_resumes_on_cuda(tmp_path, caplog):
             raise KeyboardInterrupt
 
     args = dict(weights="none", dataset_options={"n": 32, "size": 16}, batch_size=16, lr=0.05, warmup_epochs=0,
-                epochs=2, precision="fp32", progress=False, results_dir=tmp_path / "results", runs_dir=tmp_path / "runs")
+                epochs=2, precision="fp32", progress=False, results_dir=tmp_path / "results",
+                runs_dir=tmp_path / "runs")
     with pytest.raises(Interrupted):
         finetune("cifar_resnet20", "synthetic", device="cpu", on_epoch_end=stop, **args)
     caplog.set_level(logging.INFO, logger="finetune")

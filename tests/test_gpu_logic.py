@@ -5,8 +5,6 @@ and bench/gpu.py."""
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 import torch
