@@ -533,7 +533,7 @@ def step_finetune(ctx: Context) -> dict:
     s = ctx.sizes
     t0 = time.perf_counter()
     res = finetune(s.model, "synthetic", weights="none", dataset_options={"n": s.finetune_n, "size": 32, "classes": 10},
-                   epochs=s.finetune_epochs, batch_size=s.finetune_batch, lr=0.05, warmup_epochs=0,
+                   epochs=s.finetune_epochs, batch_size=s.finetune_batch, lr=0.02, warmup_epochs=1,
                    precision=s.precision, device=s.device, progress=False, results_dir=ctx.tmp / "ft-results",
                    runs_dir=ctx.tmp / "ft-runs")
     epochs = [{k: h[k] for k in ("epoch", "images_per_second", "seconds", "train_loss", "val_top1")}
