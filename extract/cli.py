@@ -57,10 +57,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--normalize", default="weights", choices=["weights", "dataset"],
                    help="mean/std: the weights' own (default), or the train split's own, computed once "
                         "and remembered beside the cache")
-    p.add_argument("--decoder", default="auto", choices=["auto", "tensor", "pil"],
+    p.add_argument("--decoder", default="auto", choices=["auto", "tensor", "pil", "cuda"],
                    help="image files: tensor (JPEGs decoded and resized as uint8 tensors by torchvision, other "
-                        "files by PIL), pil (every file by PIL; cached apart, named .pil), or auto (tensor where "
-                        "torchvision still has its JPEG decoder, else pil; default)")
+                        "files by PIL), pil (every file by PIL; cached apart, named .pil), cuda (JPEGs decoded "
+                        "in batches on the GPU by nvJPEG, the rest as tensor; with a CUDA --device; cached apart, "
+                        "named .cuda), or auto (tensor where torchvision still has its JPEG decoder, else pil; "
+                        "default)")
     p.add_argument("--compile", action="store_true",
                    help="run the backbone through torch.compile (the torch engine; the first batch pays for the "
                         "compilation, logged and kept in the provenance)")

@@ -10,7 +10,7 @@ import torch
 
 from extract.core.errors import UserError
 
-from finetune.runtime import rng_state, set_rng_state
+from finetune.runtime import rng_state, saved_device_type, set_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ def save_epoch(run_dir: Path, *, epoch: int, config: dict, model, optimizer, sch
 def start_or_resume(run_dir: Path, config: dict, resume: bool | None, model, optimizer, scheduler, scaler,
                     device: torch.device) -> dict:
     """{"epoch", "history", "best"}: fresh, or the last checkpoint's, loaded into the model, optimizer,
-    scheduler, scaler and global RNGs (torch's CPU and `device`'s).
+    scheduler, scaler and global RNGs (torch's CPU and `device`'s). A run checkpointed on another
+    device type (the CPU, resumed on a GPU) continues with a warning: its device RNG is not restored.
 
     resume True continues (settings must match), False starts over, None starts over unless
     an unfinished run is there (then UserError: say which).
@@ -90,7 +91,10 @@ def start_or_resume(run_dir: Path, config: dict, resume: bool | None, model, opt
     scheduler.load_state_dict(ckpt["scheduler"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"], device)
+    if not set_rng_state(ckpt["rng"], device) or saved_device_type(ckpt["rng"]) != device.type:
+        logger.warning(f"resuming on {device.type} a run checkpointed on {saved_device_type(ckpt['rng'])}: "
+                       "it continues from the same weights and optimizer state, but not bit for bit as an "
+                       "uninterrupted run would")
     if done < config["epochs"]:
         logger.info(f"resuming {run_dir} after epoch {done} of {config['epochs']}")
     return {"epoch": done, "history": list(ckpt["history"]), "best": ckpt["best"]}

@@ -41,8 +41,10 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
 
 
 def rng_state(device: torch.device) -> dict:
-    """Global RNG states of python, numpy, torch's CPU and `device` (a CUDA or MPS device)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Global RNG states of python, numpy, torch's CPU and `device` (a CUDA or MPS device, named under
+    "device_type")."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "device_type": device.type}
     if device.type == "cuda":
         state["device"] = torch.cuda.get_rng_state(device)
     elif device.type == "mps":
@@ -50,11 +52,23 @@ def rng_state(device: torch.device) -> dict:
     return state
 
 
-def set_rng_state(state: dict, device: torch.device) -> None:
+def saved_device_type(state: dict) -> str:
+    """The device type whose RNG a saved state holds (older states: cuda or mps when they hold one)."""
+    return state.get("device_type") or ("cuda" if "device" in state else "cpu")
+
+
+def set_rng_state(state: dict, device: torch.device) -> bool:
+    """Restore `rng_state`'s states; `device`'s RNG only when the state was saved on that device type
+    (a CPU checkpoint resumed on a GPU keeps the GPU's seeded RNG). True when everything was restored."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if device.type not in ("cuda", "mps"):
+        return True
+    if saved_device_type(state) != device.type or "device" not in state:
+        return False
     if device.type == "cuda":
         torch.cuda.set_rng_state(state["device"], device)
-    elif device.type == "mps":
+    else:
         torch.mps.set_rng_state(state["device"])
+    return True

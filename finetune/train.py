@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from extract.compute.allocator import malloc_tuned, tune_malloc
-from extract.compute.engine import default_workers, precision_name
+from extract.compute.engine import default_workers, ieee_fp32, on_device, precision_name, tf32_provenance
 from extract.core.errors import UserError
 from extract.registry.models import build_backbone
 from extract.run.plan import plan as plan_request
@@ -96,7 +96,8 @@ def finetune(model: str | None = None, data: str | None = None, config: TrainCon
     head = head_name(freeze, from_scratch)
     run_dir = identity.results_dir(c.runs_dir, head)
 
-    with seeded(seed, dev):  # the run's own RNG stream; the caller's is restored on exit
+    # the run's own RNG stream (the caller's is restored on exit); cuda:N current; fp32 on CUDA without TF32
+    with seeded(seed, dev), on_device(dev), ieee_fp32(dev, amp):
         backbone = build_backbone(features.weights)
         n_classes = len(dataset.classes)
         net = Classifier(backbone.net, backbone.head_path, backbone.dims["penultimate"], n_classes,
@@ -165,7 +166,8 @@ def finetune(model: str | None = None, data: str | None = None, config: TrainCon
     net.load_state_dict(best_state["model"])
     t0 = time.perf_counter()
     try:
-        te = evaluate(net, loaders["test"], dev, amp, skipped["test"], keep_scores=True)
+        with on_device(dev), ieee_fp32(dev, amp):
+            te = evaluate(net, loaders["test"], dev, amp, skipped["test"], keep_scores=True)
     except KeyboardInterrupt:
         raise Interrupted(run_dir, len(history), epochs) from None
     predict_seconds = time.perf_counter() - t0
@@ -192,7 +194,8 @@ def finetune(model: str | None = None, data: str | None = None, config: TrainCon
         "trainable_parameters": trainable, "parameters": total,
         "provenance": {**backbone.provenance(), "dataset": dataset.name, "dataset_identity": dataset.identity,
                        "dataset_fingerprints": hyper["fingerprints"], "eval_preprocess": eval_pre.as_dict(),
-                       "device": str(dev), "run_dir": str(run_dir), "malloc_tuning": malloc_tuned()},
+                       "device": str(dev), **tf32_provenance(dev, amp), "run_dir": str(run_dir),
+                       "malloc_tuning": malloc_tuned()},
         "versions": {**library_versions(), "torchvision": _torchvision_version()},
         "seed": seed, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -73,7 +73,8 @@ def test_learns_a_tiny_task_above_chance_and_writes_a_result(tmp_path):
 
 
 def _snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """The model's tensors on the CPU (the run may be on a GPU; torch.equal needs one device)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 @pytest.mark.parametrize("spec, frozen_prefixes", [
@@ -168,6 +169,28 @@ def test_resume_after_an_interrupt_reproduces_the_uninterrupted_run(tmp_path, in
     torch.save(b, resumed.run_dir / LAST)
     with pytest.raises(UserError, match="older version"):
         _run(tmp_path / "split", resume=True, **common)
+
+
+def test_a_checkpoint_from_another_device_resumes_with_a_warning(tmp_path, caplog):
+    # a run checkpointed on a GPU (or, the other way, on the CPU and resumed on a GPU, which raised
+    # KeyError 'device'): weights, optimizer and schedule continue; the device RNG cannot, and it says so
+    def stop(epoch, row, model):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    common = dict(weights="none", epochs=2, precision="fp32", device="cpu")
+    with pytest.raises(Interrupted):
+        _run(tmp_path, on_epoch_end=stop, **common)
+    last = next((tmp_path / "runs").rglob(LAST))
+    ckpt = torch.load(last, weights_only=False)
+    assert ckpt["rng"]["device_type"] == "cpu" and "device" not in ckpt["rng"]
+    ckpt["rng"].update(device_type="cuda", device=torch.zeros(16, dtype=torch.uint8))
+    torch.save(ckpt, last)
+    caplog.set_level(logging.INFO, logger="finetune")
+    out = _run(tmp_path, resume=True, **common)
+    assert [h["epoch"] for h in out.result["history"]] == [1, 2]
+    assert any("resuming on cpu a run checkpointed on cuda" in r.getMessage() for r in caplog.records)
+    assert "tf32" not in out.result["provenance"]
 
 
 def _global_rng():

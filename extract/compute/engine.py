@@ -14,7 +14,8 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' picks cuda, then mps, then cpu."""
+    """'auto' picks cuda, then mps, then cpu; cuda:N must name a GPU this process sees."""
     if device != "auto":
         try:
             dev = torch.device(device)
@@ -40,12 +41,31 @@ def resolve_device(device: str = "auto") -> torch.device:
             raise UserError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"device {device} asked for, but CUDA is not available here")
+        if dev.type == "cuda":
+            check_gpu_index(device, dev.index, torch.cuda.device_count())
         return dev
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def check_gpu_index(name: str, index: int | None, count: int) -> None:
+    """A one-line UserError when `name` (cuda:N) asks for a GPU beyond the `count` this process sees."""
+    if index is None or 0 <= index < count:
+        return
+    have = "no GPU" if count == 0 else "1 GPU (cuda:0)" if count == 1 else f"{count} GPUs (cuda:0 to cuda:{count - 1})"
+    raise UserError(f"device {name} asked for, but this process sees {have}; CUDA_VISIBLE_DEVICES decides which "
+                    "GPUs it sees and numbers them from 0")
+
+
+def on_device(device: torch.device):
+    """A context in which `device` (cuda:N) is the current CUDA device, so that pinned copies, the
+    DataLoader's pinning thread and calls without a device use that GPU; a no-op for other devices."""
+    if device.type == "cuda" and device.index is not None:
+        return torch.cuda.device(device)
+    return nullcontext()
 
 
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below AVX512_CORE_BF16: torch and OpenVINO both honour them
@@ -65,6 +85,15 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+BF16_CAPABILITY = (8, 0)   # Ampere and later compute bf16 natively
+
+
+def cuda_auto_precision(capability: tuple[int, int]) -> torch.dtype:
+    """What `auto` means on a GPU of this compute capability: bf16 from BF16_CAPABILITY on, else fp16.
+    (torch.cuda.is_bf16_supported() is also True on older GPUs, where bf16 is emulated and slow.)"""
+    return torch.bfloat16 if tuple(capability) >= BF16_CAPABILITY else torch.float16
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype for a precision name; None means plain fp32."""
     if precision not in PRECISIONS:
@@ -76,7 +105,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "fp16":
         return torch.float16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return cuda_auto_precision(torch.cuda.get_device_capability(device))
     if device.type == "cpu" and cpu_has_bf16():
         return torch.bfloat16
     return None
@@ -85,6 +114,41 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 def precision_name(autocast: torch.dtype | None) -> str:
     """'fp32', 'bf16' or 'fp16' for a resolved autocast dtype."""
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast]
+
+
+@contextmanager
+def ieee_fp32(device: torch.device, autocast: torch.dtype | None) -> Iterator[None]:
+    """fp32 on CUDA means IEEE fp32: TF32 is turned off for cuDNN convolutions and matmuls while the
+    block runs (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) and restored
+    after. Other devices and precisions: unchanged."""
+    if device.type != "cuda" or autocast is not None:
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def tf32_provenance(device: torch.device, autocast: torch.dtype | None) -> dict:
+    """What the cache records about TF32: {"tf32": False} for fp32 on CUDA (IEEE fp32, see `ieee_fp32`)."""
+    return {"tf32": False} if device.type == "cuda" and autocast is None else {}
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch's out-of-memory error (GPU), or the CPU allocator's failure (a plain RuntimeError)."""
+    return isinstance(e, torch.OutOfMemoryError) or \
+        (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def pad_rows(x: torch.Tensor, rows: int, channels_last: bool = False) -> torch.Tensor:
+    """A batch grown to `rows` rows by repeating its last row (channels_last when asked)."""
+    if len(x) >= rows:
+        return x
+    x = torch.cat([x, x[-1:].expand(rows - len(x), *x.shape[1:])])
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024
@@ -163,8 +227,10 @@ def compute_threads(workers: int, cores: int | None = None) -> int:
 class Embedder:
     """A frozen backbone on a device at a precision: uint8 batch in, {layer: (B, D) tensor} out.
 
-    compile=True runs the backbone through torch.compile; the first batch of each shape pays for
-    the compilation, and `compile_seconds` says how long the first one took.
+    compile=True runs the backbone through torch.compile. The first batch fixes the compiled batch
+    size: a shorter batch (the last of a chunk) is padded to it by repeating its last row, so it does
+    not trigger a recompilation; `compile_seconds` adds up the first call of every input shape
+    (compilation included). fp32 on CUDA runs with TF32 off (`ieee_fp32`).
     """
 
     def __init__(self, backbone, device: torch.device, precision: torch.dtype | None, preprocess: Preprocess,
@@ -176,28 +242,42 @@ class Embedder:
             else backbone.to(device)
         self.compiled = compile
         self.compile_seconds: float | None = None
+        self.compiled_rows: int | None = None     # the batch size the compiled graph was made for
+        self._shapes: set[tuple[int, ...]] = set()
         if compile:
             self.backbone = torch.compile(self.backbone)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         started = time.perf_counter()
-        x = to_model_input(x, self.preprocess, self.device, self.channels_last)
+        n = len(x)
         try:
-            with torch.autocast(self.device.type, dtype=self.precision or torch.float32,
-                                enabled=self.precision is not None):
+            x = to_model_input(x, self.preprocess, self.device, self.channels_last)
+            if self.compiled:
+                self.compiled_rows = self.compiled_rows or n
+                x = pad_rows(x, self.compiled_rows, self.channels_last)
+            with ieee_fp32(self.device, self.precision), \
+                    torch.autocast(self.device.type, dtype=self.precision or torch.float32,
+                                   enabled=self.precision is not None):
                 out = self.backbone(x)
-        except torch.OutOfMemoryError:
-            raise UserError(f"out of {self.device.type.upper()} memory at a batch of {len(x)} images: rerun the "
-                            f"same command with --batch-size {max(1, len(x) // 2)} (finished chunks are kept)") \
+        except RuntimeError as e:   # torch.OutOfMemoryError is one
+            if not is_out_of_memory(e):
+                raise
+            raise UserError(f"out of {self.device.type.upper()} memory at a batch of {n} images: rerun the "
+                            f"same command with --batch-size {max(1, n // 2)} (finished chunks are kept)") \
                 from None
-        if self.compiled and self.compile_seconds is None:
-            self.compile_seconds = time.perf_counter() - started
-            log.info(f"torch.compile: the first batch took {self.compile_seconds:.1f} s (compilation included)")
-        return {k: v.float() for k, v in out.items()}
+        if self.compiled and tuple(x.shape) not in self._shapes:
+            self._shapes.add(tuple(x.shape))
+            took = time.perf_counter() - started
+            self.compile_seconds = (self.compile_seconds or 0.0) + took
+            log.info(f"torch.compile: the first batch of shape {tuple(x.shape)} took {took:.1f} s "
+                     "(compilation included)")
+        return {k: v[:n].float() for k, v in out.items()}
 
     def provenance(self) -> dict:
-        return {"compile": self.compiled, "compile_seconds": self.compile_seconds}
+        return {"compile": self.compiled, "compile_seconds": self.compile_seconds,
+                **({"compiled_batch": self.compiled_rows} if self.compiled else {}),
+                **tf32_provenance(self.device, self.precision)}
 
 
 @dataclass
@@ -214,11 +294,29 @@ class RunStats:
         return self.images / self.seconds if self.seconds else 0.0
 
 
-class _WriterThread:
-    """Moves feature batches to the host and into the sink while the next batch computes."""
+def check_finite(features: dict[str, np.ndarray], precision: str | None = None) -> None:
+    """A one-line UserError when a batch's features hold inf or NaN (nothing of it is written)."""
+    bad = {k: int((~np.isfinite(v)).any(axis=tuple(range(1, v.ndim))).sum()) for k, v in features.items() if v.size}
+    bad = {k: n for k, n in bad.items() if n}
+    if not bad:
+        return
+    tap, n = next(iter(bad.items()))
+    rows = len(features[tap])
+    where = f"{n} of {rows} images ({tap})"
+    if precision == "fp16":
+        raise UserError(f"fp16 features overflowed to inf/NaN in {where}: this network exceeds fp16's range; "
+                        "use --precision bf16 or fp32 (finished chunks are kept)")
+    raise UserError(f"the network gave non-finite features (inf/NaN) in {where}"
+                    + (f" at {precision}" if precision else "")
+                    + "; nothing of this batch was written: check the weights (finished chunks are kept)")
 
-    def __init__(self, sink):
-        self.sink, self.error = sink, None
+
+class _WriterThread:
+    """Moves feature batches to the host, checks they are finite and puts them into the sink while the
+    next batch computes."""
+
+    def __init__(self, sink, precision: str | None = None):
+        self.sink, self.error, self.precision = sink, None, precision
         self.queue: queue.Queue = queue.Queue(maxsize=4)
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
@@ -228,7 +326,9 @@ class _WriterThread:
             if self.error is None:
                 try:
                     feats, kept, n, skipped = item
-                    self.sink.add({k: v.cpu().numpy() for k, v in feats.items()}, kept, n, skipped)
+                    feats = {k: v.cpu().numpy() for k, v in feats.items()}
+                    check_finite(feats, self.precision)
+                    self.sink.add(feats, kept, n, skipped)
                 except BaseException as e:  # re-raised in the main thread
                     self.error = e
 
@@ -255,10 +355,12 @@ def run(embedder: Embedder, source, sink, batches: Sequence[Sequence[int]], *, w
     only), their positions, the batch size and the unreadable images as (position, path, reason),
     in a writer thread. decoder: how image files are decoded (extract.compute.pipeline.resolve_decoder).
     threads: torch's intra-op threads while it runs on the CPU (None: `compute_threads(workers)`);
-    restored after.
+    restored after. On cuda:N that GPU is the current device while it runs (`on_device`). A batch whose
+    features are not finite (fp16 overflow) stops the run with one line before it is written.
     """
     if embedder.device.type != "cpu":
-        return _run(embedder, source, sink, batches, workers, on_error, progress, desc, decoder)
+        with on_device(embedder.device):
+            return _run(embedder, source, sink, batches, workers, on_error, progress, desc, decoder)
     saved = torch.get_num_threads()
     torch.set_num_threads(threads or compute_threads(workers))
     try:
@@ -272,8 +374,9 @@ def _run(embedder: Embedder, source, sink, batches, workers, on_error, progress,
     pin = embedder.device.type == "cuda"
     bar = tqdm(total=sum(map(len, batches)), desc=desc, unit="img", disable=not progress, dynamic_ncols=True,
                smoothing=0.1)
-    loader = SourceBatches(source, embedder.preprocess, batches, workers=workers, pin=pin, decoder=decoder)
-    writer = _WriterThread(sink)
+    loader = SourceBatches(source, embedder.preprocess, batches, workers=workers, pin=pin, decoder=decoder,
+                           device=embedder.device)
+    writer = _WriterThread(sink, _precision_label(embedder))
     t0 = time.perf_counter()
     try:
         for x, positions, reasons in loader:
@@ -303,6 +406,14 @@ def _run(embedder: Embedder, source, sink, batches, workers, on_error, progress,
         bar.close()
         stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def _precision_label(embedder) -> str | None:
+    """'fp32', 'bf16' or 'fp16' for a torch Embedder; None for engines that say it otherwise."""
+    try:
+        return precision_name(embedder.precision)
+    except (AttributeError, KeyError, TypeError):
+        return None
 
 
 class Collect:

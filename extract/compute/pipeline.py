@@ -2,8 +2,9 @@
 
 Files are decoded (and resized + cropped, or augmented) in DataLoader workers and shipped as uint8:
 for evaluation, JPEGs by torchvision's decoder and resized as uint8 tensors (decoder "tensor"),
-every other file, and every file under decoder "pil" or a training transform, with PIL. An
-unreadable file becomes a zero image with its reason, never an exception. In-memory
+every other file, and every file under decoder "pil" or a training transform, with PIL. Decoder
+"cuda" ships JPEG bytes instead and decodes them on the GPU in batches (extract.compute.gpu_decode).
+An unreadable file becomes a zero image with its reason, never an exception. In-memory
 uint8 arrays (CIFAR, digits) are sliced in the main process. `to_model_input` then copies a batch
 to the device, resizes it there when needed, normalises it and makes it channels_last.
 """
@@ -19,25 +20,35 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from extract.compute import gpu_decode
 from extract.core.errors import UserError
-from extract.registry.images import ImageError, decode_jpeg_file, tensor_decoder_available
+from extract.registry.images import ImageError, decode_jpeg_file, read_bytes, tensor_decoder_available
 from extract.store.preprocess import Preprocess
 
 Transform = Callable[[Image.Image, object], torch.Tensor]  # (RGB image, item) -> uint8 (3, crop, crop)
 
 
-DECODERS = ("auto", "tensor", "pil")
+DECODERS = ("auto", "tensor", "pil", "cuda")
 
 
-def resolve_decoder(decoder: str = "auto") -> str:
-    """'tensor' (JPEGs by torchvision, other files by PIL) or 'pil' (every file by PIL); 'auto' is
-    'tensor' where torchvision still has its JPEG decoder (deprecated since 0.29), else 'pil'."""
+def resolve_decoder(decoder: str = "auto", device: torch.device | None = None) -> str:
+    """'tensor' (JPEGs by torchvision, other files by PIL), 'pil' (every file by PIL) or 'cuda' (JPEGs by
+    nvJPEG on the GPU that computes, in batches; the rest as 'tensor'); 'auto' is 'tensor' where
+    torchvision still has its JPEG decoder (deprecated since 0.29), else 'pil'. 'cuda' needs CUDA and,
+    when `device` is given, that it is a CUDA device: else a one-line UserError."""
     if decoder not in DECODERS:
         raise UserError(f"unknown decoder {decoder!r}: use {', '.join(DECODERS)}")
     available = tensor_decoder_available()
-    if decoder == "tensor" and not available:
-        raise UserError("--decoder tensor needs torchvision.io.decode_jpeg, which this torchvision lacks; "
+    if decoder in ("tensor", "cuda") and not available:
+        raise UserError(f"--decoder {decoder} needs torchvision.io.decode_jpeg, which this torchvision lacks; "
                         "use --decoder pil")
+    if decoder == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--decoder cuda decodes JPEGs on a CUDA GPU, and CUDA is not available here: use "
+                            "--decoder tensor (the default) or pil")
+        if device is not None and device.type != "cuda":
+            raise UserError(f"--decoder cuda decodes on the GPU that computes the features, not with --device "
+                            f"{device}: use --device cuda, or --decoder tensor")
     return decoder if decoder != "auto" else ("tensor" if available else "pil")
 
 
@@ -53,32 +64,45 @@ class DecodedFiles(Dataset):
     epoch). `transform(image, item)` defaults to the eval resize + centre crop, which `decoder`
     "tensor" computes on torchvision-decoded uint8 tensors for JPEG files (PIL for the rest: other
     formats, CMYK, corrupt or truncated files, whose reasons PIL names, and 'nearest' resizing);
-    "pil" decodes all with PIL.
+    "pil" decodes all with PIL. "cuda" gives the bytes of the JPEGs nvJPEG takes as a 1-D uint8
+    tensor instead (decoded on the GPU by `SourceBatches`; the rest as "tensor"). The cuda decoder's
+    device checks are `resolve_decoder`'s, made where the device is known.
     """
 
     def __init__(self, source, preprocess: Preprocess, transform: Transform | None = None, decoder: str = "auto"):
         self.source, self.preprocess, self.transform = source, preprocess, transform
-        self.decoder = resolve_decoder(decoder)
+        self.decoder = decoder if decoder == "cuda" else resolve_decoder(decoder)
         # 'nearest' stays with PIL: torch picks a neighbouring pixel for ~0.1% of them (up to 253 levels off)
-        self._tensor = (self.decoder == "tensor" and transform is None and preprocess.interpolation != "nearest"
-                        and getattr(source, "paths", None) is not None)
+        self._tensor = (self.decoder in ("tensor", "cuda") and transform is None
+                        and preprocess.interpolation != "nearest" and getattr(source, "paths", None) is not None)
+        self.gpu = self._tensor and self.decoder == "cuda"
 
     def __len__(self):
         return len(self.source)
 
     def __getitem__(self, item) -> tuple[torch.Tensor, int, str]:
         i = position(item)
+        data = None
+        if self.gpu:
+            data = read_bytes(self.source.paths[i])
+            if gpu_decode.for_the_gpu(data):
+                return torch.frombuffer(bytearray(data), dtype=torch.uint8), i, ""
+        x, reason = self.decode_on_cpu(i, item, data)
+        return x, i, reason
+
+    def decode_on_cpu(self, i: int, item=None, data: bytes | None = None) -> tuple[torch.Tensor, str]:
+        """Position `i` decoded and resized here: (uint8 (3, crop, crop), '') or (zeros, reason)."""
         if self._tensor:
-            x = decode_jpeg_file(self.source.paths[i])
+            x = decode_jpeg_file(self.source.paths[i], data)
             if x is not None:
-                return self.preprocess.resize_crop_tensor(x), i, ""
+                return self.preprocess.resize_crop_tensor(x), ""
         try:
             img = self.source.load(i)
         except ImageError as e:
             crop = self.preprocess.crop
-            return torch.zeros(3, crop, crop, dtype=torch.uint8), i, e.reason
-        x = self.transform(img, item) if self.transform else self.preprocess.resize_crop_pil(img)
-        return x, i, ""
+            return torch.zeros(3, crop, crop, dtype=torch.uint8), e.reason
+        return (self.transform(img, i if item is None else item) if self.transform
+                else self.preprocess.resize_crop_pil(img)), ""
 
 
 def _worker_context(workers: int) -> str | None:
@@ -97,27 +121,46 @@ def _collate(items) -> tuple[torch.Tensor, np.ndarray, list[str]]:
     return torch.stack(x), np.array(positions, dtype=np.int64), list(reasons)
 
 
+def _collate_list(items) -> tuple[list[torch.Tensor], np.ndarray, list[str]]:
+    """For decoder cuda: JPEG bytes and decoded images side by side, stacked after the GPU decodes."""
+    x, positions, reasons = zip(*items)
+    return list(x), np.array(positions, dtype=np.int64), list(reasons)
+
+
 class SourceBatches:
     """Iterate (uint8 (B, 3, H, W), positions (B,), reasons) over the batches of `batch_sampler`.
 
     `batch_sampler` yields lists of items (see DecodedFiles) and is read afresh on every pass.
     For files the DataLoader is built once, so `persistent` workers outlive a pass; its
-    workers are seeded from a private generator, never from the global torch RNG.
+    workers are seeded from a private generator, never from the global torch RNG. Decoder "cuda"
+    (files, eval transform) yields batches already on `device`, decoded there
+    (extract.compute.gpu_decode); `resolve_decoder` refuses it without a CUDA `device`.
     """
 
     def __init__(self, source, preprocess: Preprocess, batch_sampler: Iterable[Sequence], *,
                  transform: Transform | None = None, workers: int = 0, pin: bool = False,
-                 persistent: bool = False, decoder: str = "auto"):
-        self.source, self.batch_sampler, self.pin = source, batch_sampler, pin
-        self.loader = None
+                 persistent: bool = False, decoder: str = "auto", device: torch.device | None = None):
+        self.source, self.batch_sampler, self.pin, self.preprocess = source, batch_sampler, pin, preprocess
+        self.loader, self.device = None, device
         if source.arrays is None:
+            files = DecodedFiles(source, preprocess, transform, decoder)
+            if files.gpu:
+                resolve_decoder("cuda", device or torch.device("cpu"))
+            self.files = files
             self.loader = DataLoader(
-                DecodedFiles(source, preprocess, transform, decoder), batch_sampler=batch_sampler, num_workers=workers,
-                collate_fn=_collate, pin_memory=pin, persistent_workers=persistent and workers > 0,
+                files, batch_sampler=batch_sampler, num_workers=workers,
+                collate_fn=_collate_list if files.gpu else _collate, pin_memory=pin,
+                persistent_workers=persistent and workers > 0,
                 prefetch_factor=4 if workers else None, generator=torch.Generator().manual_seed(0),
                 multiprocessing_context=_worker_context(workers))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, np.ndarray, list[str]]]:
+        if self.loader is not None and self.files.gpu:
+            for items, positions, reasons in self.loader:
+                x, reasons = gpu_decode.decode_batch(items, positions, reasons, preprocess=self.preprocess,
+                                                     device=self.device, fallback=self.files.decode_on_cpu)
+                yield x, positions, reasons
+            return
         if self.loader is not None:
             yield from self.loader
             return

@@ -165,24 +165,48 @@ def jpeg_frame(data: bytes) -> tuple[int, int, int, int] | None:
     return None
 
 
-def decode_jpeg_file(path):
-    """An 8-bit greyscale or colour JPEG file -> EXIF-oriented RGB uint8 tensor (3, H, W), decoded by
-    torchvision; None for anything else (not a JPEG, CMYK/YCCK, 12-bit, over PIL's decompression-bomb
-    limit, unreadable, truncated or corrupt), which `open_rgb` then decodes or names the reason for."""
+def read_bytes(path) -> bytes | None:
+    """A file's bytes; None when it cannot be read (open_rgb then names the reason)."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            return f.read()
     except OSError:
         return None
+
+
+def plain_jpeg(data: bytes) -> bool:
+    """True for an 8-bit greyscale or colour JPEG within PIL's decompression-bomb limit (by its frame
+    header); False for anything else (not a JPEG, CMYK/YCCK, 12-bit, too large, no frame header)."""
     if not data.startswith(JPEG_MAGIC):
-        return None
+        return False
     frame = jpeg_frame(data)
     if frame is None:
-        return None
+        return False
     width, height, components, bits = frame
     if components not in (1, 3) or bits != 8 or not width or not height:
-        return None
-    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+        return False
+    return not (Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS)
+
+
+def exif_rotated(data: bytes) -> bool:
+    """True when a JPEG's EXIF orientation asks for a rotation or flip (a tag other than 1); unreadable
+    EXIF counts as rotated, so that the CPU decoders (which handle it) get the file."""
+    import io
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.getexif().get(0x0112, 1) != 1
+    except Exception:  # noqa: BLE001 - any doubt: the CPU path
+        return True
+
+
+def decode_jpeg_file(path, data: bytes | None = None):
+    """An 8-bit greyscale or colour JPEG file -> EXIF-oriented RGB uint8 tensor (3, H, W), decoded by
+    torchvision; None for anything else (not a JPEG, CMYK/YCCK, 12-bit, over PIL's decompression-bomb
+    limit, unreadable, truncated or corrupt), which `open_rgb` then decodes or names the reason for.
+    `data`: the file's bytes when already read."""
+    data = read_bytes(path) if data is None else data
+    if data is None or not plain_jpeg(data):
         return None
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg

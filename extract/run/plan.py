@@ -80,7 +80,7 @@ def plan(request: ExtractRequest, *, weights: ResolvedWeights | None = None, pro
         raise UserError(f"{COMPILE_HINT} (not --engine {engine_name})")
     batch_size = r.batch_size or (CUDA_BATCH if dev.type == "cuda" else DEFAULT_BATCH)
     in_memory = any(s.arrays is not None for s in dataset.splits.values())
-    file_decoder = resolve_decoder(r.decoder)
+    file_decoder = resolve_decoder(r.decoder, dev)
     image_size = r.image_size
     if image_size == effective_preprocess(resolved.preprocess, in_memory).crop:
         image_size = None   # the weights' own size: the default request, one cache

@@ -43,7 +43,8 @@ DEFAULT_NORMALIZE = "weights"       # the weights' own mean/std; "dataset": the 
 NORMALIZE_CHOICES = ("weights", "dataset")
 DEFAULT_ENGINE = "torch"            # what runs the network; "openvino": OpenVINO on the CPU
 ENGINES = ("torch", "openvino")
-DEFAULT_DECODER = "tensor"          # image files: JPEGs decoded by torchvision, the rest by PIL; "pil": all by PIL
+DEFAULT_DECODER = "tensor"          # image files: JPEGs decoded by torchvision, the rest by PIL; "pil": all by PIL;
+                                    # "cuda": JPEGs by nvJPEG on the GPU, the rest as "tensor"
 LEGACY_DECODER = "pil"              # what files made before the decoder was recorded used
 
 
@@ -100,7 +101,7 @@ class FeatureIdentity:
     image_size: int | None = None       # input side the network sees; None: the weights' own crop size
     normalize: str = DEFAULT_NORMALIZE  # where preprocess.mean/std come from: "weights" or "dataset"
     engine: str = DEFAULT_ENGINE        # what ran the network: "torch" or "openvino" (never "auto")
-    decoder: str | None = DEFAULT_DECODER  # image files: "tensor" or "pil"; None for in-memory arrays
+    decoder: str | None = DEFAULT_DECODER  # image files: "tensor", "pil" or "cuda"; None for in-memory arrays
 
     @property
     def arch(self) -> str:

@@ -10,6 +10,7 @@ device, so workers ship compact uint8 tensors.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -107,6 +108,15 @@ class Preprocess:
         import torch
 
         dtype = dtype or torch.float32
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1) * 255
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1) * 255
+        mean, std = scaled_mean_std(tuple(self.mean), tuple(self.std), x.device)
         return ((x.float() - mean) / std).to(dtype)
+
+
+@lru_cache(maxsize=64)
+def scaled_mean_std(mean: tuple[float, ...], std: tuple[float, ...], device) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """mean * 255 and std * 255 as (1, C, 1, 1) float32 tensors on `device`, built once per device (not a
+    host-to-device copy per batch); ordinary tensors, usable inside and outside inference mode."""
+    import torch
+
+    with torch.inference_mode(False), torch.no_grad():
+        return tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255 for v in (mean, std))

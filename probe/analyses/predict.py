@@ -79,6 +79,16 @@ class Predictions:
     unreadable: list[tuple[str, str]]       # (path, reason)
 
 
+def _decoder(recorded: str | None, device) -> str:
+    """The cache's decoder; features made with the GPU's (cuda) are predicted with the CPU's tensor
+    decoder where the backbone does not run on a GPU (within a few levels of the same pixels)."""
+    from extract.compute.engine import resolve_device
+
+    if recorded == "cuda" and resolve_device(device).type != "cuda":
+        return "tensor"
+    return recorded or "auto"
+
+
 def predict_images(pipeline, sidecar: dict, paths: list[str], *, device="auto", batch_size=32, top=1) -> Predictions:
     """Label readable images with the saved head; unreadable ones are listed, not fatal."""
     from extract.registry.datasets import ImageSource
@@ -92,7 +102,7 @@ def predict_images(pipeline, sidecar: dict, paths: list[str], *, device="auto", 
     classes = sidecar.get("classes") or []
     source = ImageSource("predict", classes, np.zeros(len(paths), np.int64), paths=paths)
     out = embed(backbone, source, preprocess=identity.preprocess, precision=identity.precision,
-                batch_size=batch_size, device=device, decoder=identity.decoder or "auto")
+                batch_size=batch_size, device=device, decoder=_decoder(identity.decoder, device))
     X = out.features[layer]
     kept = [paths[i] for i in out.index]
     unreadable = [(p, r) for _, p, r in out.skipped]

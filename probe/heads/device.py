@@ -25,8 +25,11 @@ def wants_cuda(name: str | None) -> bool:
 
 
 def resolve_device(name: str | None = "auto"):
-    """The torch.device a request names; a UserError for unknown names or CUDA where there is none."""
+    """The torch.device a request names; a UserError for unknown names, CUDA where there is none, or a
+    cuda:N beyond the GPUs this process sees."""
     import torch
+
+    from extract.compute.engine import check_gpu_index
 
     name = name or "auto"
     if name == "auto":
@@ -35,6 +38,8 @@ def resolve_device(name: str | None = "auto"):
         raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device {name} asked for, but CUDA is not available here")
+    if name.startswith("cuda:"):
+        check_gpu_index(name, int(name[5:]), torch.cuda.device_count())
     return torch.device(name)
 
 
