@@ -286,6 +286,24 @@ def load_features(path, layer: str | None = None, lazy: bool = False) -> Feature
     return Features(X, y, meta)
 
 
+def feature_shape(path, layer: str | None = None) -> tuple[int, int]:
+    """(rows, width) of one tap of a complete cache, read from the dataset's shape alone."""
+    path = Path(path)
+    _require_complete(path)
+    try:
+        with h5py.File(path, "r") as f:
+            identity = FeatureIdentity.from_attrs(f.attrs)
+            layer = layer or (identity.taps[0] if identity else sorted(f["features"])[0])
+            if f"features/{layer}" not in f:
+                raise UserError(f"cache {path} has no layer {layer!r}; it has {', '.join(sorted(f['features']))}")
+            n, d = f[f"features/{layer}"].shape
+            return int(n), int(d)
+    except UserError:
+        raise
+    except (OSError, KeyError, ValueError) as e:
+        raise UserError(damaged_message(path, _first_line(e))) from None
+
+
 def iter_rows(path, layer: str | None = None, rows: int = 8192) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Stream (X, y) blocks of a complete cache without loading it whole."""
     feats = load_features(path, layer, lazy=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
-from extract.store.cache import load_features
+from extract.store.cache import feature_shape
 from extract.core.errors import UserError
 
 from probe.heads.catalog import Head, build_torch_logreg, get_head
@@ -64,9 +64,7 @@ def feature_bytes(files: dict, layer: str | None = None) -> int:
     roles = split_roles(files) or ("train", None)
     total = 0
     for split in {"train", *(r for r in roles if r)}:
-        feats = load_features(files[split], layer, lazy=True)
-        n, d = feats.X.shape
-        feats.meta["file"].close()
+        n, d = feature_shape(files[split], layer)
         total += n * d * 4
     return total
 
