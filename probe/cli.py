@@ -50,7 +50,7 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--normalize", choices=["weights", "dataset"],
                    help="only features normalised with the weights' or the dataset's statistics")
     g.add_argument("--engine", help="only features computed by this engine (torch, openvino)")
-    g.add_argument("--decoder", help="only features of image files decoded this way (tensor, pil)")
+    g.add_argument("--decoder", help="only features of image files decoded this way (tensor, torchcodec, draft, pil, cuda)")
     g.add_argument("--features", metavar="TRAIN_H5", help="explicit train cache file; sibling val/test files are used")
     g.add_argument("--test-features", metavar="TEST_H5", help="explicit test cache file")
     g.add_argument("--val-features", metavar="VAL_H5", help="explicit validation cache file")
