@@ -12,8 +12,6 @@ to the device, resizes it there when needed, normalises it and makes it channels
 
 from __future__ import annotations
 
-import sys
-
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 
@@ -139,12 +137,6 @@ class DecodedFiles(Dataset):
                 else self.preprocess.resize_crop_pil(img)), ""
 
 
-def _worker_context(workers: int) -> str | None:
-    """Forking a process whose OpenVINO thread pool has started crashes it (TBB is not fork-safe), so
-    with OpenVINO loaded, workers start from a fork server instead; otherwise the platform default."""
-    return "forkserver" if workers and sys.modules.get("openvino") is not None else None
-
-
 def array_batch(arrays: np.ndarray, rows) -> torch.Tensor:
     """Rows (a slice or indices) of an (N, H, W, 3) uint8 array as a (B, 3, H, W) uint8 tensor."""
     return torch.from_numpy(np.ascontiguousarray(arrays[rows])).permute(0, 3, 1, 2)
@@ -185,8 +177,7 @@ class SourceBatches:
                 files, batch_sampler=batch_sampler, num_workers=workers,
                 collate_fn=_collate_list if files.gpu else _collate, pin_memory=pin,
                 persistent_workers=persistent and workers > 0,
-                prefetch_factor=4 if workers else None, generator=torch.Generator().manual_seed(0),
-                multiprocessing_context=_worker_context(workers))
+                prefetch_factor=4 if workers else None, generator=torch.Generator().manual_seed(0))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, np.ndarray, list[str]]]:
         if self.loader is not None and self.files.gpu:

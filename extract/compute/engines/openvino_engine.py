@@ -21,16 +21,28 @@ OpenVINO's Python package reports usage to Google Analytics on import and on eve
 unless the user opted out; featprobe is an offline tool, so openvino is imported with its
 telemetry package hidden, which makes OpenVINO use its own no-op stub (its documented behaviour
 when ``openvino-telemetry`` is not installed).
+
+OpenVINO's CPU plugin gives the thread that compiles a model a fresh alternate signal stack (for
+AMX's large signal frames) and, when that compiled model is freed, puts back the stack it found,
+as a stack: two compiled models freed in the order they were made leave the thread on the first
+one's unmapped signal stack. The next signal that reaches a Python handler then runs on freed
+memory and kills the process (SIGSEGV) -- e.g. the DataLoader's SIGCHLD handler when a subprocess
+ends, which is how it showed: "a process that ran OpenVINO crashes when a DataLoader worker forks
+and a subprocess follows". Every OpenVINO call here that may do so runs under `signal_stack_kept`,
+which hands the thread back the signal stack it had (none unless something such as faulthandler set
+one: signals then use the thread's own stack, as in any process without OpenVINO).
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
 import os
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +86,50 @@ def available() -> bool:
     except UserError:
         return False
     return True
+
+
+class _SignalStack(ctypes.Structure):   # stack_t (sigaltstack(2)), the same on every Linux architecture
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+SS_DISABLE = 2
+_LIBC = None
+
+
+def _sigaltstack():
+    """libc's sigaltstack, or None where there is none (not Linux)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+            _LIBC = libc.sigaltstack if libc is not None else False
+        except (OSError, AttributeError):
+            _LIBC = False
+    return _LIBC or None
+
+
+def signal_stack() -> tuple[int, int, int] | None:
+    """This thread's alternate signal stack as (address, flags, size); None where it cannot be read."""
+    call = _sigaltstack()
+    current = _SignalStack()
+    if call is None or call(None, ctypes.byref(current)) != 0:
+        return None
+    return current.ss_sp or 0, current.ss_flags, current.ss_size
+
+
+@contextmanager
+def signal_stack_kept():
+    """Run the block, then give this thread back the alternate signal stack it had before (see the module
+    docstring: OpenVINO's compiled models otherwise leave it on freed memory); a no-op off Linux."""
+    call = _sigaltstack()
+    saved = _SignalStack()
+    kept = call is not None and call(None, ctypes.byref(saved)) == 0
+    try:
+        yield
+    finally:
+        if kept:
+            saved.ss_flags &= SS_DISABLE            # the only flag one may set back (not SS_ONSTACK)
+            call(ctypes.byref(saved), None)
 
 
 def version() -> str:
@@ -197,14 +253,16 @@ class OpenVINOEmbedder:
         config = {"INFERENCE_PRECISION_HINT": self.hint, "PERFORMANCE_HINT": PERFORMANCE_HINT,
                   "INFERENCE_NUM_THREADS": self.threads}
         try:
-            self.compiled = ov.Core().compile_model(model, "CPU", config)
+            with signal_stack_kept():
+                self.compiled = ov.Core().compile_model(model, "CPU", config)
         except RuntimeError as e:
             raise UserError(f"OpenVINO could not compile {backbone.name} for this CPU at {self.hint} "
                             f"({(str(e).strip().splitlines() or [''])[-1]}); use --engine torch") from None
         compiled = self.compiled.get_property("INFERENCE_PRECISION_HINT")
         self.compiled_precision = getattr(compiled, "get_type_name", compiled.__str__)()
         n = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
-        self.requests = [self.compiled.create_infer_request() for _ in range(n)]
+        with signal_stack_kept():
+            self.requests = [self.compiled.create_infer_request() for _ in range(n)]
 
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.inference_mode():
