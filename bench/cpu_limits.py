@@ -1,19 +1,23 @@
 """Where CPU extraction time goes: decode, forward and the whole process, in one run on the same images.
 
-  decode     images/s of read + decode + resize + centre crop to uint8, per decoder, one process and thread
   forward    images/s of the backbone alone on pre-decoded uint8 batches (normalised as extract does),
-             per engine and precision
-  extract    images/s of a whole `python -m extract` process on a fresh cache (start-up included),
-             per engine and precision, and torch with the allocator tuning turned off; its peak RSS
+             per engine and precision (the same 224-pixel crops whatever the photos' size)
+  then for each set of photos (--sets): ImageNet-sized JPEGs (the ants/bees photos, hard-linked
+  --copies times) and 12 MP photos (every second ants/bees photo fitted to 4032 x 3024 by
+  bench/large_photos.py, hard-linked --large-copies times):
+  decode     images/s (and ms per image) of read + decode + resize + centre crop to uint8, per
+             --decoder (pil, tensor, torchcodec, draft), one process and thread
+  extract    images/s of a whole `python -m extract` process on a fresh cache (start-up and the
+             OpenVINO conversion included), per engine, precision and --decoder; for the first set also
+             torch with the allocator tuning turned off; its peak RSS
   tutorial   the PyTorch transfer-learning tutorial's loop as a whole process: ImageFolder + PIL
              transforms, fp32 NCHW, per-batch .numpy() append
 
 Every measurement is a fresh subprocess (the allocator setting belongs to a process); medians of
---repeats, run back to back. The images are the ants/bees JPEGs hard-linked --copies times into a
-temporary folder (--copies 8: 3,184 files).
+--repeats, run back to back.
 
-    python bench/cpu_limits.py --copies 8 --repeats 3
-    ONEDNN_MAX_CPU_ISA=AVX2 python bench/cpu_limits.py --copies 8 --precisions fp32   # an AVX2-only CPU
+    python bench/cpu_limits.py --copies 8 --large-copies 2 --repeats 1
+    ONEDNN_MAX_CPU_ISA=AVX2 python bench/cpu_limits.py --copies 8 --large-copies 2 --repeats 1 --precisions fp32
 """
 
 from __future__ import annotations
@@ -72,7 +76,7 @@ def timed_process(cmd: list[str], env: dict | None = None) -> tuple[float, float
 
 # --- children: each prints one JSON line ---------------------------------------------------------
 
-def child_decode(root: Path, decoder: str, limit: int) -> dict:
+def child_decode(root: Path, model: str, decoder: str, limit: int) -> dict:
     import torch
 
     from extract.registry.datasets import load_dataset
@@ -81,9 +85,10 @@ def child_decode(root: Path, decoder: str, limit: int) -> dict:
 
     torch.set_num_threads(1)
     source = load_dataset("imagefolder", root=str(root)).splits["train"]
-    preprocess = resolve_weights("efficientnet_lite0").preprocess
+    preprocess = resolve_weights(model).preprocess
     files = DecodedFiles(source, preprocess, decoder=decoder)
-    n = min(limit, len(source))
+    n = min(limit, len(source) - 1)
+    files[len(source) - 1]   # warm-up (imports, first allocations), on an image not timed
     start = time.perf_counter()
     for i in range(n):
         files[i]
@@ -131,76 +136,137 @@ def cpu_flags() -> str:
     except OSError:
         return "unknown CPU"
     kind = "AVX512-BF16" if "avx512_bf16" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    kind += ", AMX" if "amx_tile" in flags else ""
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
     return kind + (f", ONEDNN_MAX_CPU_ISA={isa}" if isa else "")
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def versions() -> str:
+    import importlib.metadata as md
+
+    out = []
+    for name in ("torch", "torchvision", "torchcodec", "openvino", "pillow"):
+        try:
+            out.append(f"{name} {md.version(name)}")
+        except md.PackageNotFoundError:
+            pass
+    return ", ".join(out)
+
+
+class Table:
+    """Rows printed as they are measured: median images/s, ms per image, each repeat, peak RSS."""
+
+    def __init__(self):
+        self.rows: dict[str, float] = {}
+
+    def record(self, name: str, values: list[float], rss: list[float] | None = None) -> float:
+        med = statistics.median(values)
+        self.rows[name] = med
+        extra = f", peak RSS {statistics.median(rss):.0f} MiB" if rss else ""
+        print(f"  {name:<66} {med:7.1f} images/s {1000 / med:8.2f} ms   ({', '.join(f'{v:.1f}' for v in values)}){extra}",
+              flush=True)
+        return med
+
+
+def whole_extract(root: Path, n: int, model: str, engine: str, precision: str, decoder: str, batch: int,
+                  env: dict | None = None) -> tuple[float, float]:
+    """(images/s, peak RSS MiB) of one whole `python -m extract` process on a fresh cache."""
+    with tempfile.TemporaryDirectory() as cache:
+        wall, peak = timed_process([sys.executable, "-m", "extract", "--model", model, "--data", "imagefolder",
+                                    "--root", str(root), "--cache-dir", cache, "--precision", precision,
+                                    "--engine", engine, "--decoder", decoder, "--batch-size", str(batch),
+                                    "--no-progress"], env)
+    return n / wall, peak
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="efficientnet_lite0")
     ap.add_argument("--root", default=str(ASSETS / "hymenoptera_data"))
-    ap.add_argument("--copies", type=int, default=8)
+    ap.add_argument("--copies", type=int, default=8, help="hard links of each ImageNet-sized photo")
+    ap.add_argument("--large", help="folder of the 12 MP photos (made from --root when missing; default: temporary)")
+    ap.add_argument("--large-copies", type=int, default=2, help="hard links of each 12 MP photo")
+    ap.add_argument("--sets", default="imagenet,12mp")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--engines", default="torch,openvino")
-    ap.add_argument("--decoders", default="pil,tensor")
+    ap.add_argument("--decoders", default="pil,tensor,torchcodec,draft", help="decoders timed alone")
+    ap.add_argument("--extract-decoders", default="tensor,draft", help="decoders of the whole-process runs")
     ap.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         kind, *rest = args.child
-        out = {"decode": lambda: child_decode(Path(rest[0]), rest[1], int(rest[2])),
+        out = {"decode": lambda: child_decode(Path(rest[0]), args.model, rest[1], int(rest[2])),
                "forward": lambda: child_forward(Path(rest[0]), args.model, rest[1], rest[2], args.batch_size,
                                                 int(rest[3])),
                "tutorial": lambda: child_tutorial(Path(rest[0]), args.model, args.batch_size)}[kind]()
         print(json.dumps(out))
         return
 
+    from large_photos import make_large_photos   # bench/ is on sys.path when this file runs as a script
+
+    from extract.registry.images import torchcodec_available
+
+    decoders = [d for d in args.decoders.split(",") if d != "torchcodec" or torchcodec_available()]
+    combos = [(e, p) for e in args.engines.split(",") for p in args.precisions.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "images"
-        n = repeated_folder(Path(args.root), root, args.copies)
-        print(f"{args.model}, {n} JPEGs ({Path(args.root).name} x {args.copies}), batch {args.batch_size}, "
-              f"{os.cpu_count()} cores, {cpu_flags()}; medians of {args.repeats}")
-        rows = []
-
-        def record(name: str, values: list[float], rss: list[float] | None = None) -> None:
-            med = statistics.median(values)
-            rows.append((name, med))
-            extra = f", peak RSS {statistics.median(rss):.0f} MiB" if rss else ""
-            print(f"  {name:<44} {med:8.1f} images/s   ({', '.join(f'{v:.1f}' for v in values)}){extra}",
-                  flush=True)
-
-        for decoder in args.decoders.split(","):
-            record(f"decode {decoder} (1 thread)",
-                   [run_child(["--child", "decode", str(root), decoder, "400"])["images_per_s"]
-                    for _ in range(args.repeats)])
-        combos = [(e, p) for e in args.engines.split(",") for p in args.precisions.split(",")]
+        tmp = Path(tmp)
+        print(f"{args.model}, batch {args.batch_size}; {cpu_model()}, {os.cpu_count()} cores, {cpu_flags()}; "
+              f"{time.strftime('%Y-%m-%d %H:%M %Z')}; load average {os.getloadavg()[0]:.1f} at the start; "
+              f"{versions()}; medians of {args.repeats}")
+        table = Table()
+        small = tmp / "imagenet"
+        n_small = repeated_folder(Path(args.root), small, args.copies)
+        print("\nforward only (pre-decoded 224-pixel crops, the same for every set)")
         for engine, precision in combos:
-            record(f"forward {engine} {precision}",
-                   [run_child(["--child", "forward", str(root), engine, precision, "256"])["images_per_s"]
-                    for _ in range(args.repeats)])
-        runs = [(e, p, {}) for e, p in combos] + [("torch", p, {"FEATPROBE_MALLOC_TUNING": "0"})
-                                                  for p in args.precisions.split(",")]
-        for engine, precision, env in runs:
-            rates, rss = [], []
+            table.record(f"forward {engine} {precision}",
+                         [run_child(["--model", args.model, "--batch-size", str(args.batch_size), "--child", "forward",
+                                     str(small), engine, precision, "256"])["images_per_s"]
+                          for _ in range(args.repeats)])
+        for k, name in enumerate(args.sets.split(",")):
+            if name == "imagenet":
+                root, n, what = small, n_small, f"{Path(args.root).name} x {args.copies}"
+            else:
+                large = Path(args.large) if args.large else tmp / "large-src"
+                made = make_large_photos(Path(args.root), large)
+                root = tmp / "12mp"
+                n = repeated_folder(large, root, args.large_copies)
+                what = f"{made} photos at 4032 x 3024 x {args.large_copies}"
+            print(f"\n{name}: {n} JPEGs ({what}); load average {os.getloadavg()[0]:.1f}")
+            for decoder in decoders:
+                table.record(f"[{name}] decode + resize + crop, {decoder} (1 thread)",
+                             [run_child(["--model", args.model, "--child", "decode", str(root), decoder,
+                                         "400" if name == "imagenet" else "120"])["images_per_s"]
+                              for _ in range(args.repeats)])
+            runs = [(e, p, d, {}) for e, p in combos for d in args.extract_decoders.split(",")]
+            if k == 0:
+                runs += [("torch", p, args.extract_decoders.split(",")[0], {"FEATPROBE_MALLOC_TUNING": "0"})
+                         for p in args.precisions.split(",")]
+            for engine, precision, decoder, env in runs:
+                rates, rss = zip(*[whole_extract(root, n, args.model, engine, precision, decoder, args.batch_size, env)
+                                   for _ in range(args.repeats)])
+                table.record(f"[{name}] whole extract: {engine} {precision} --decoder {decoder}"
+                             + (", allocator tuning off" if env else ""), list(rates), list(rss))
+            tut = []
             for _ in range(args.repeats):
-                with tempfile.TemporaryDirectory() as cache:
-                    wall, peak = timed_process([sys.executable, "-m", "extract", "--model", args.model, "--data",
-                                                "imagefolder", "--root", str(root), "--cache-dir", cache,
-                                                "--precision", precision, "--engine", engine,
-                                                "--batch-size", str(args.batch_size), "--no-progress"], env)
-                rates.append(n / wall)
-                rss.append(peak)
-            name = f"whole extract: {engine} {precision}" + (", allocator tuning off" if env else "")
-            record(name, rates, rss)
-        tut = []
-        for _ in range(args.repeats):
-            wall, _ = timed_process([sys.executable, __file__, "--model", args.model, "--child", "tutorial",
-                                     str(root)])
-            tut.append(n / wall)
-        record("whole tutorial loop (fp32, NCHW, PIL)", tut)
-        best = max(v for name, v in rows if name.startswith("whole extract") and "off" not in name)
-        print(f"best whole extract / tutorial loop = {best / statistics.median(tut):.1f}x")
+                wall, _ = timed_process([sys.executable, __file__, "--model", args.model, "--batch-size",
+                                         str(args.batch_size), "--child", "tutorial", str(root)])
+                tut.append(n / wall)
+            tutorial = table.record(f"[{name}] whole tutorial loop (fp32, NCHW, PIL)", tut)
+            mine = {r: v for r, v in table.rows.items() if r.startswith(f"[{name}] whole extract") and "off" not in r}
+            best = max(mine, key=mine.get)
+            print(f"  best whole extract / tutorial loop = {mine[best] / tutorial:.1f}x ({best.split(': ', 1)[1]})")
 
 
 if __name__ == "__main__":
