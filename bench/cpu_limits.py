@@ -14,10 +14,11 @@
              transforms, fp32 NCHW, per-batch .numpy() append
 
 Every measurement is a fresh subprocess (the allocator setting belongs to a process); medians of
---repeats, run back to back.
+--repeats, the configurations of a table taking turns within each repeat (a busy spell of a shared
+machine is shared out rather than landing on one configuration).
 
-    python bench/cpu_limits.py --copies 8 --large-copies 2 --repeats 1
-    ONEDNN_MAX_CPU_ISA=AVX2 python bench/cpu_limits.py --copies 8 --large-copies 2 --repeats 1 --precisions fp32
+    python bench/cpu_limits.py --copies 2 --large-copies 2 --repeats 3
+    ONEDNN_MAX_CPU_ISA=AVX2 python bench/cpu_limits.py --copies 2 --large-copies 2 --repeats 3 --precisions fp32
 """
 
 from __future__ import annotations
@@ -177,6 +178,19 @@ class Table:
               flush=True)
         return med
 
+    def take_turns(self, runs: dict, repeats: int) -> None:
+        """{name: () -> images/s or (images/s, peak RSS)}: every run once per repeat, in turn (so that a
+        busy spell of the machine is shared out), then one row each."""
+        results: dict[str, list] = {name: [] for name in runs}
+        for _ in range(repeats):
+            for name, run in runs.items():
+                results[name].append(run())
+        for name, values in results.items():
+            if isinstance(values[0], tuple):
+                self.record(name, [v[0] for v in values], [v[1] for v in values])
+            else:
+                self.record(name, values)
+
 
 def whole_extract(root: Path, n: int, model: str, engine: str, precision: str, decoder: str, batch: int,
                   env: dict | None = None) -> tuple[float, float]:
@@ -193,7 +207,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="efficientnet_lite0")
     ap.add_argument("--root", default=str(ASSETS / "hymenoptera_data"))
-    ap.add_argument("--copies", type=int, default=8, help="hard links of each ImageNet-sized photo")
+    ap.add_argument("--copies", type=int, default=2, help="hard links of each ImageNet-sized photo")
     ap.add_argument("--large", help="folder of the 12 MP photos (made from --root when missing; default: temporary)")
     ap.add_argument("--large-copies", type=int, default=2, help="hard links of each 12 MP photo")
     ap.add_argument("--sets", default="imagenet,12mp")
@@ -229,11 +243,10 @@ def main() -> None:
         small = tmp / "imagenet"
         n_small = repeated_folder(Path(args.root), small, args.copies)
         print("\nforward only (pre-decoded 224-pixel crops, the same for every set)")
-        for engine, precision in combos:
-            table.record(f"forward {engine} {precision}",
-                         [run_child(["--model", args.model, "--batch-size", str(args.batch_size), "--child", "forward",
-                                     str(small), engine, precision, "256"])["images_per_s"]
-                          for _ in range(args.repeats)])
+        table.take_turns({f"forward {engine} {precision}": (
+            lambda e=engine, p=precision: run_child(["--model", args.model, "--batch-size", str(args.batch_size),
+                                                     "--child", "forward", str(small), e, p, "256"])["images_per_s"])
+            for engine, precision in combos}, args.repeats)
         for k, name in enumerate(args.sets.split(",")):
             if name == "imagenet":
                 root, n, what = small, n_small, f"{Path(args.root).name} x {args.copies}"
@@ -244,30 +257,30 @@ def main() -> None:
                 n = repeated_folder(large, root, args.large_copies)
                 what = f"{made} photos at 4032 x 3024 x {args.large_copies}"
             print(f"\n{name}: {n} JPEGs ({what}); load average {os.getloadavg()[0]:.1f}")
-            for decoder in decoders:
-                table.record(f"[{name}] decode + resize + crop, {decoder} (1 thread)",
-                             [run_child(["--model", args.model, "--child", "decode", str(root), decoder,
-                                         "400" if name == "imagenet" else "120"])["images_per_s"]
-                              for _ in range(args.repeats)])
+            limit = "400" if name == "imagenet" else "120"
+            table.take_turns({f"[{name}] decode + resize + crop, {decoder} (1 thread)": (
+                lambda d=decoder, r=root: run_child(["--model", args.model, "--child", "decode", str(r), d,
+                                                     limit])["images_per_s"]) for decoder in decoders}, args.repeats)
             runs = [(e, p, d, {}) for e, p in combos for d in args.extract_decoders.split(",")]
             if k == 0:
                 runs += [("torch", p, args.extract_decoders.split(",")[0], {"FEATPROBE_MALLOC_TUNING": "0"})
                          for p in args.precisions.split(",")]
-            for engine, precision, decoder, env in runs:
-                rates, rss = zip(*[whole_extract(root, n, args.model, engine, precision, decoder, args.batch_size, env)
-                                   for _ in range(args.repeats)])
-                table.record(f"[{name}] whole extract: {engine} {precision} --decoder {decoder}"
-                             + (", allocator tuning off" if env else ""), list(rates), list(rss))
-            tut = []
-            for _ in range(args.repeats):
+            whole = {f"[{name}] whole extract: {e} {p} --decoder {d}" + (", allocator tuning off" if env else ""): (
+                lambda e=e, p=p, d=d, env=env, r=root, n=n: whole_extract(r, n, args.model, e, p, d, args.batch_size,
+                                                                         env))
+                for e, p, d, env in runs}
+
+            def tutorial(r=root, n=n) -> float:
                 wall, _ = timed_process([sys.executable, __file__, "--model", args.model, "--batch-size",
-                                         str(args.batch_size), "--child", "tutorial", str(root)])
-                tut.append(n / wall)
-            tutorial = table.record(f"[{name}] whole tutorial loop (fp32, NCHW, PIL)", tut)
+                                         str(args.batch_size), "--child", "tutorial", str(r)])
+                return n / wall
+
+            tutorial_name = f"[{name}] whole tutorial loop (fp32, NCHW, PIL)"
+            table.take_turns({**whole, tutorial_name: tutorial}, args.repeats)
             mine = {r: v for r, v in table.rows.items() if r.startswith(f"[{name}] whole extract") and "off" not in r}
             best = max(mine, key=mine.get)
-            print(f"  best whole extract / tutorial loop = {mine[best] / tutorial:.1f}x ({best.split(': ', 1)[1]})")
-
+            print(f"  best whole extract / tutorial loop = {mine[best] / table.rows[tutorial_name]:.1f}x "
+                  f"({best.split(': ', 1)[1]}); load average {os.getloadavg()[0]:.1f} at the end")
 
 if __name__ == "__main__":
     main()
