@@ -2,7 +2,7 @@
 
 Files are decoded (and resized + cropped, or augmented) in DataLoader workers and shipped as uint8:
 for evaluation, JPEGs by torchvision's decoder (decoder "tensor"), by TorchCodec's ("torchcodec") or by
-PIL at the smallest DCT scale that keeps the resize target ("draft"), and resized as uint8 tensors;
+PIL at the largest DCT reduction that keeps twice the resize target ("draft"), and resized as uint8 tensors;
 every other file, and every file under decoder "pil" or a training transform, with PIL. Decoder
 "cuda" ships JPEG bytes instead and decodes them on the GPU in batches (extract.compute.gpu_decode).
 An unreadable file becomes a zero image with its reason, never an exception. In-memory

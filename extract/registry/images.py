@@ -263,8 +263,8 @@ def draft_scale(size: tuple[int, int], min_side: int) -> int:
 def open_jpeg_draft(path, data: bytes | None = None, *, min_side: int) -> Image.Image | None:
     """An 8-bit greyscale or colour JPEG file -> EXIF-oriented RGB PIL image, decoded by PIL (libjpeg-turbo)
     at the largest DCT scale (1/2, 1/4 or 1/8; `draft_scale`) that leaves both sides at least `min_side`
-    pixels: a 4032 x 3024 photo for a 256-pixel resize is decoded as 504 x 378, at a sixty-fourth of the
-    pixels. None for anything else (as `decode_jpeg_file`: `open_rgb` then decodes it or names the reason).
+    pixels: a 4032 x 3024 photo is decoded as 1008 x 756 for `min_side` 512 (extraction's draft decoder asks
+    for twice the resize target), at a sixteenth of the pixels. None for anything else (as `decode_jpeg_file`: `open_rgb` then decodes it or names the reason).
     `data`: the file's bytes when already read."""
     data = read_bytes(path) if data is None else data
     if data is None or not plain_jpeg(data):
