@@ -74,7 +74,8 @@ def evaluate(heads: str | Sequence[str] = "logreg", *, cache_dir="cache", data: 
     logreg on torch and knn can fit (probe.heads.placement).
     """
     from probe.output.plots import plot_comparison
-    from probe.output.results import result_dir, save_head, write_result
+    from probe.output.headfile import save_head
+    from probe.output.results import result_dir, write_result
 
     names = head_names(heads)
     check_solver(names, solver)

@@ -43,7 +43,7 @@ def test_default_picks_newest_extraction_and_writes_results(tmp_path, capsys):
     folder = tmp_path / "results" / "newer" / "m2" / "penultimate"
     result = json.loads((folder / "svm.json").read_text())
     assert result["metrics"]["top1"] >= 0.95 and result["test_split"] == "val"
-    assert (folder / "svm.joblib").exists() and (folder / "svm.joblib.json").exists()
+    assert (folder / "svm.skops").exists() and (folder / "svm.skops.json").exists()
 
 
 def test_explicit_selection_and_all_heads(tmp_path, capsys):
@@ -162,7 +162,7 @@ def test_fp32_and_bf16_results_coexist(tmp_path, capsys, explicit):
     assert written[0] != written[1]
     results = [json.loads(Path(p).read_text()) for p in written]
     assert [r["precision"] for r in results] == ["fp32", "bf16"]
-    assert all(Path(p).with_suffix(".joblib").exists() for p in written)
+    assert all(Path(p).with_suffix(".skops").exists() for p in written)
     code, out, err = run_cli(["--report", "--results-dir", tmp_path / "r"], capsys)
     assert code == 0 and "precision" in out.splitlines()[0]
     assert {"fp32", "bf16"} <= set(out.split())
