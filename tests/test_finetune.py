@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,8 +157,8 @@ def test_resume_after_an_interrupt_reproduces_the_uninterrupted_run(tmp_path, in
         _run(tmp_path / "split", resume=True, **{**common, "label_smoothing": 0.0})
     resumed = _run(tmp_path / "split", resume=True, **common)
     assert any(r.name == "finetune.checkpoint" and "after epoch 1 of 2" in r.getMessage() for r in caplog.records)
-    a = torch.load(whole.run_dir / LAST, weights_only=False)
-    b = torch.load(resumed.run_dir / LAST, weights_only=False)
+    a = torch.load(whole.run_dir / LAST, weights_only=True)   # tensors and plain data only
+    b = torch.load(resumed.run_dir / LAST, weights_only=True)
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     strip = [{k: v for k, v in h.items() if k not in ("seconds", "images_per_second")} for h in a["history"]]
@@ -168,6 +169,37 @@ def test_resume_after_an_interrupt_reproduces_the_uninterrupted_run(tmp_path, in
     torch.save(b, resumed.run_dir / LAST)
     with pytest.raises(UserError, match="older version"):
         _run(tmp_path / "split", resume=True, **common)
+
+
+class _WritesMarker:
+    """Unpickling it creates a file: what a hostile checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_crafted_checkpoint_runs_no_code(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="finetune")
+    first = _run(tmp_path, weights="none", epochs=1, precision="fp32")
+    proof = tmp_path / "proof.pt"
+    torch.save(_WritesMarker(tmp_path / "unsafe-load-ran"), proof)
+    torch.load(proof, weights_only=False)
+    assert (tmp_path / "unsafe-load-ran").exists(), "the crafted file does run code when fully unpickled"
+    marker = tmp_path / "ran"
+    torch.save({"format": 3, "epoch": 0, "config": {"epochs": 1}, "model": _WritesMarker(marker)},
+               first.run_dir / LAST)
+    with pytest.raises(UserError, match=r"cannot read checkpoint .*last\.pt \(Unsupported global: GLOBAL "
+                                        r".*--no-resume starts over$") as info:
+        _run(tmp_path, weights="none", epochs=1, precision="fp32", resume=True)
+    assert "\n" not in str(info.value) and not marker.exists()
+    again = _run(tmp_path, weights="none", epochs=1, precision="fp32")   # the default: start over, saying why
+    assert not marker.exists() and again.result["epochs"] == 1
+    assert any("cannot read checkpoint" in r.getMessage() and r.getMessage().endswith("starting over")
+               for r in caplog.records if r.levelno == logging.WARNING)
+    assert torch.load(again.run_dir / LAST, weights_only=True)["epoch"] == 1
 
 
 def _global_rng():

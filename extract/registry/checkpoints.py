@@ -165,6 +165,15 @@ def _hash_prefix(filename: str) -> str | None:
     return m.group(1) if m else None
 
 
+def load_refusal(e: Exception) -> str:
+    """The line of a torch.load error that says what it refused (an unsupported global), else its first."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for line in lines:
+        if "Unsupported" in line:
+            return line.split("error:")[-1].split(". Please")[0].strip()
+    return lines[0] if lines else type(e).__name__
+
+
 def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False):
     """torch.load on CPU with weights_only; `trusted` (registry URLs) falls back to full unpickling."""
     path = Path(path)
