@@ -100,7 +100,7 @@ def test_frozen_tensors_stay_bit_identical_and_the_rest_trains(tmp_path, init_we
         elif not name.endswith("num_batches_tracked"):
             assert not torch.equal(value, init[name]), f"trainable {name} did not change"
     assert n_frozen > 10
-    saved = torch.load(out.run_dir / LAST, weights_only=False)["optimizer"]["param_groups"]
+    saved = torch.load(out.run_dir / LAST, weights_only=True)["optimizer"]["param_groups"]
     lrs = {g["name"]: g["initial_lr"] for g in saved}
     assert lrs["head"] == pytest.approx(0.05 * 5.0)
     if spec.startswith("until"):

@@ -174,19 +174,27 @@ def load_refusal(e: Exception) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False):
-    """torch.load on CPU with weights_only; `trusted` (registry URLs) falls back to full unpickling."""
+def published_types() -> list:
+    """Types beyond tensors and plain data that published checkpoints hold: training arguments
+    (DINO's argparse.Namespace) and numpy values (scalars, small arrays, their dtypes)."""
+    import numpy as np
+
+    dtypes = [np.dtype(t) for t in ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "?")]
+    return [argparse.Namespace, np.dtype, np.ndarray, *{type(d) for d in dtypes},
+            np.float64(0).__reduce__()[0],     # numpy's scalar constructor (its module moved in numpy 2)
+            np.zeros(1).__reduce__()[0]]       # numpy's array reconstructor
+
+
+def read_checkpoint(path: str | os.PathLike):
+    """torch.load on CPU, weights-only: tensors, plain data and `published_types`, so no file can run code."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint file not found: {path}")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals(published_types()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling problem becomes one clear line
-        if trusted:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read {path} as a weights-only PyTorch checkpoint ({first}); "
+        raise UserError(f"cannot read {path} as a weights-only PyTorch checkpoint ({load_refusal(e)}); "
                         "re-save its state_dict with torch.save(model.state_dict(), file)") from None
 
 

@@ -321,11 +321,6 @@ class ResolvedWeights:
         return str(self.file) if self.file is not None and self.weight is None else self.tag
 
     @property
-    def trusted(self) -> bool:
-        """Registry files may need full unpickling; user files are read weights-only."""
-        return self.weight is not None
-
-    @property
     def preprocess(self) -> Preprocess:
         return self.weight.preprocess if self.weight else self.spec.preprocess
 
@@ -388,7 +383,7 @@ def build_backbone(resolved: ResolvedWeights, layers: Sequence[str] | None = Non
     report = {"missing": [], "unexpected": [], "dropped": [], "ignored": 0, "prefix": None}
     sha = resolved.sha256
     if resolved.file is not None:
-        report = checkpoints.load_into(net, checkpoints.read_checkpoint(resolved.file, trusted=resolved.trusted),
+        report = checkpoints.load_into(net, checkpoints.read_checkpoint(resolved.file),
                                        source=resolved.file.name, allow_missing=allow_missing)
     return Backbone(resolved.spec, net, layers, weights=resolved.tag,
                     weights_file=str(resolved.file) if resolved.file else None, weights_sha256=sha,
@@ -404,7 +399,8 @@ def load_classifier(name: str, weights: str | None = "default", *, download: boo
     spec = resolved.spec
     net = build_network(spec.name, keep_head=True)
     if resolved.file is not None:
-        obj = checkpoints.read_checkpoint(resolved.file, trusted=resolved.trusted)
+        resolved.sha256   # a registry file that is not the published one is refused before it is read
+        obj = checkpoints.read_checkpoint(resolved.file)
         checkpoints.load_into(net, obj, head_prefixes=(), source=resolved.file.name)
     if spec.embed is not None:   # e.g. EfficientNet-Lite: avoid the package's forward
         head = _get_module(net, spec.head_path)
