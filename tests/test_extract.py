@@ -325,6 +325,58 @@ def test_summary_reads_as_a_sentence_for_work_and_for_hits(tmp_path, capsys):
     assert last.startswith("Nothing to extract: train and test are already cached in ") and last.endswith(" s).")
 
 
+def test_summary_of_a_rerun_that_only_assembled_finished_chunks(tmp_path):
+    from extract.run.extraction import SplitResult, summary
+    results = {"train": SplitResult("train", tmp_path / "train.h5", "resumed"),
+               "test": SplitResult("test", tmp_path / "test.h5", "hit")}
+    text = summary(results, time.perf_counter())
+    assert text.startswith("Assembled train from chunks already computed in ") and str(tmp_path) in text
+    only = summary({"train": results["train"]}, time.perf_counter())
+    assert only.startswith("Assembled train from chunks")
+
+
+@pytest.fixture
+def small_mount(tmp_path):
+    """A real 4 MiB tmpfs that the test may remount read-only."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)])
+
+
+def test_a_read_only_cache_serves_hits_and_new_work_is_one_line(small_mount, capsys):
+    args = ["--model", "cifar_resnet20", "--weights", "none", "--data", "synthetic", "--cache-dir", str(small_mount),
+            "--no-progress"]
+    assert main([*args, "--option", "n=8"]) == 0
+    subprocess.run(["mount", "-o", "remount,ro", str(small_mount)], check=True)
+    capsys.readouterr()
+    assert main([*args, "--option", "n=8"]) == 0
+    assert "Nothing to extract: train and test are already cached" in capsys.readouterr().out
+    assert main([*args, "--option", "n=12"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write in ") and "Read-only file system" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_cache_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    for where in ("afile", "afile/below"):
+        assert main(["--model", "cifar_resnet20", "--weights", "none", "--data", "synthetic", "--option", "n=4",
+                     "--cache-dir", str(tmp_path / where), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: --cache-dir {tmp_path / where} is not a folder: {tmp_path / 'afile'} is a file\n"
+
+
+@pytest.mark.parametrize("value", ["abc", "1.5", ""])
+def test_a_numeric_dataset_option_that_is_not_a_number_is_one_line(tmp_path, capsys, value):
+    assert main(["--model", "cifar_resnet20", "--weights", "none", "--data", "synthetic", "--option", f"n={value}",
+                 "--cache-dir", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: dataset option n must be a whole number, got {value!r}\n"
+
+
 def test_user_error_is_a_value_error_for_library_callers():
     with pytest.raises(ValueError, match="unknown model"):
         extract(model="no_such_net", data="synthetic", progress=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import logging
+import numbers
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -243,7 +244,8 @@ def _digits(root=None, download=False) -> Dataset:
            ("n", "size", "classes", "seed"))
 def _synthetic(root=None, download=False, n: int = 64, size: int = 32, classes: int = 4,
                seed: int = 0) -> Dataset:
-    n, size, k, seed = int(n), int(size), int(classes), int(seed)
+    n, size, k, seed = (_whole_number(name, v) for name, v in (("n", n), ("size", size), ("classes", classes),
+                                                               ("seed", seed)))
     if n < 1 or size < 4 or k < 2:
         raise UserError("synthetic needs n >= 1, size >= 4 and classes >= 2")
     names = [f"class{i}" for i in range(k)]
@@ -255,6 +257,15 @@ def _synthetic(root=None, download=False, n: int = 64, size: int = 32, classes: 
     return Dataset("synthetic", names, splits,
                    {"name": "synthetic", "root": None,
                     "options": {"n": n, "size": size, "classes": k, "seed": seed}})
+
+
+def _whole_number(name: str, value) -> int:
+    """A dataset option that must be a whole number (given as one, or as its digits)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value)
+    raise UserError(f"dataset option {name} must be a whole number, got {value!r}")
 
 
 def _synthetic_images(labels: np.ndarray, size: int, k: int, rng: np.random.Generator) -> np.ndarray:

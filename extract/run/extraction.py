@@ -71,6 +71,7 @@ def run_request(request: ExtractRequest, weights: ResolvedWeights | None = None)
     unknown = [s for s in wanted if s not in dataset.splits]
     if unknown:
         raise UserError(f"dataset {request.data} has no split {unknown[0]!r}; it has {', '.join(dataset.splits)}")
+    cache.check_cache_root(request.cache_dir)
     results: dict[str, SplitResult] = {}
     backbone = None
     for split in wanted:
@@ -81,6 +82,9 @@ def run_request(request: ExtractRequest, weights: ResolvedWeights | None = None)
         stamps = stamps_of(source.paths) if source.paths is not None else None
         fingerprint = source.fingerprint(stamps)
         identity = p.identity
+        if not request.overwrite and runner.broadcast(_cached(path, identity, fingerprint)):
+            results[split] = SplitResult(split, path, "hit")   # a hit needs no lock: the folder may be read-only
+            continue
         lock = cache.lock_for(path) if runner.leader else None
         if lock is not None:
             cache.acquire(lock, path, log.info)
@@ -113,6 +117,14 @@ def run_request(request: ExtractRequest, weights: ResolvedWeights | None = None)
             if lock is not None:
                 lock.release()
     return results
+
+
+def _cached(path: Path, identity: FeatureIdentity, fingerprint: str) -> bool:
+    """Whether the complete file at `path` already holds these features."""
+    header = cache.read_header(path)
+    if not header or header["damaged"]:
+        return False
+    return verdict(header["identity"], header.get("fingerprint"), identity, fingerprint).hit
 
 
 def _desc(identity: FeatureIdentity, source, runner: Runner) -> str:

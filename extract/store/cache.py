@@ -52,19 +52,40 @@ def partial_path(path) -> Path:
     return Path(str(path) + PARTIAL)
 
 
+def check_cache_root(root) -> None:
+    """A cache root that is, or lies under, a file is a UserError naming it."""
+    root = Path(root)
+    for folder in (root, *root.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise UserError(f"--cache-dir {root} is not a folder: {folder} is a file")
+            return
+
+
+def _unwritable(folder, e: OSError) -> UserError:
+    return UserError(f"cannot write in {folder} ({e.strerror or e}); features that are not cached yet need a "
+                     "writable --cache-dir")
+
+
 def lock_for(path, timeout: float = -1) -> FileLock:
     """An inter-process lock guarding one cache file (final and partial alike)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _unwritable(Path(path).parent, e) from None
     return FileLock(str(path) + ".lock", timeout=timeout)
 
 
 def acquire(lock: FileLock, path, notify) -> None:
-    """Take the file's lock, saying so if another process holds it and we have to wait."""
+    """Take the file's lock, saying so if another process holds it and we have to wait; a folder where
+    the lock cannot be created is a UserError."""
     try:
         lock.acquire(timeout=0)
     except Timeout:
         notify(f"waiting for another process writing {path}")
         lock.acquire()
+    except OSError as e:
+        raise _unwritable(Path(path).parent, e) from None
 
 
 def versions() -> dict:
