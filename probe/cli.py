@@ -231,6 +231,7 @@ def run_report(args) -> int:
 
 
 def run_predict(args) -> int:
+    from extract.registry.folders import readable
     from probe.analyses.predict import find_head_file, predict_files
 
     head_file = Path(args.head_file) if args.head_file else find_head_file(args.head, **_selection(args),
@@ -238,9 +239,9 @@ def run_predict(args) -> int:
     out = predict_files(head_file, args.images, device=args.device, batch_size=args.batch_size, top=args.top)
     for row in out.rows:
         shown = ", ".join(f"{lab} {p:.3f}" if p is not None else lab for lab, p in row["labels"])
-        print(f"{row['path']}\t{shown}")
+        print(f"{readable(row['path'])}\t{shown}")
     for path, reason in out.unreadable:
-        print(f"unreadable: {path}: {reason}", file=sys.stderr)
+        print(f"unreadable: {readable(path)}: {reason}", file=sys.stderr)
     if not out.rows:
         raise UserError(f"none of the {len(out.unreadable)} images could be read")
     return 0

@@ -287,6 +287,29 @@ def test_symlink_loop_in_an_image_folder_is_skipped(tmp_path):
     assert len(load_features(res["train"].path).y) == 12
 
 
+def test_file_names_that_are_not_utf8_are_kept_exactly(tmp_path, capsys):
+    root = make_folder(tmp_path / "pets", per_class=3)
+    for split in ("train", "val"):
+        folder = os.fsencode(root / split)
+        os.rename(os.path.join(folder, b"dog"), os.path.join(folder, b"d\xf6g"))
+        os.rename(os.path.join(folder, b"d\xf6g", b"000.png"), os.path.join(folder, b"d\xf6g", b"\xe9t\xe9.png"))
+    args = ["--model", "cifar_resnet20", "--weights", "none", "--data", "imagefolder", "--root", str(root),
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    assert main(args) == 0, capsys.readouterr().err
+    request = dict(model="cifar_resnet20", weights="none", data="imagefolder", root=str(root))
+    meta = load_features(cache_file(tmp_path / "cache", **request)).meta
+    names = {os.fsencode(p) for p in meta["paths"]}
+    assert os.fsencode(root / "train") + b"/d\xf6g/\xe9t\xe9.png" in names and len(names) == 6
+    assert all(os.path.isfile(p) for p in meta["paths"])
+    assert meta["classes"] == ["cat", "d\\xf6g"]
+    assert main(args) == 0 and "Nothing to extract" in capsys.readouterr().out
+    os.utime(os.fsencode(root / "train") + b"/d\xf6g/\xe9t\xe9.png", ns=(1, 1))
+    assert main(args) == 0 and "1 changed" in capsys.readouterr().out
+    from probe.api import evaluate
+    ev = evaluate("linear", cache_dir=tmp_path / "cache", results_dir=tmp_path / "results", progress=False)
+    assert ev.runs[0].result["classes"] == ["cat", "d\\xf6g"] and ev.head_paths[0].exists()
+
+
 def test_damaged_cache_is_extracted_again(tmp_path):
     res = extract(data="synthetic", cache_dir=tmp_path, dataset_options={"n": 16}, splits=["train"], **TINY)
     res["train"].path.write_bytes(b"not hdf5")

@@ -95,7 +95,7 @@ class ImageSource:
         root = self.root or ""
         for path, label, (size, mtime) in zip(self.paths, self.labels.tolist(), stamps.tolist()):
             rel = os.path.relpath(path, root) if root else path
-            h.update(f"{rel}\0{size}\0{mtime}\0{label}\n".encode())
+            h.update(f"{rel}\0{size}\0{mtime}\0{label}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()
 
 

@@ -19,6 +19,11 @@ _SPECIAL = ((stat.S_ISFIFO, "a FIFO, not an image file"), (stat.S_ISCHR, "a char
             (stat.S_ISBLK, "a block device, not an image file"), (stat.S_ISSOCK, "a socket, not an image file"))
 
 
+def readable(name: str) -> str:
+    """A file name as text for labels and messages: bytes that are not UTF-8 are shown as \\xNN escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def hidden(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
@@ -52,7 +57,7 @@ class _Walk:
 
     def __init__(self, folder: str):
         self.folder = folder
-        self.owners: dict[str, str] = {}   # real class folder -> class
+        self.owners: dict[str, str] = {}   # real class folder -> class folder name
         self.seen: set[str] = set()        # real folders listed
         self.files: set[str] = set()       # real image files listed
         self.out = Listing()
@@ -64,14 +69,14 @@ class _Walk:
         for c in subdirs(self.folder):
             real = os.path.realpath(os.path.join(self.folder, c))
             if real in self.owners:
-                self.leave(os.path.join(self.folder, c), f"the same folder as class {self.owners[real]}")
+                self.leave(os.path.join(self.folder, c), f"the same folder as class {readable(self.owners[real])}")
             else:
                 self.owners[real] = c
         self.seen.update(self.owners)
         for real, c in sorted(self.owners.items(), key=lambda item: item[1]):
             found = self.images(os.path.join(self.folder, c), real, c)
             if found:
-                self.out.classes[c] = sorted(found)
+                self.out.classes[readable(c)] = sorted(found)   # the paths keep the names as they are
         return self.out
 
     def owner(self, real: str) -> str | None:
@@ -118,10 +123,10 @@ class _Walk:
                 self.leave(e.path, f"a link back to {real}, which contains it")
             elif real in self.seen:
                 other, what = self.owners.get(real), "a link to " if link else ""
-                self.leave(e.path, f"{what}the folder of class {other}" if other else
+                self.leave(e.path, f"{what}the folder of class {readable(other)}" if other else
                            f"{what}{real}, listed already")
             elif self.owner(real) not in (None, cls):
-                self.leave(e.path, f"a link into the folder of class {self.owner(real)}")
+                self.leave(e.path, f"a link into the folder of class {readable(self.owner(real))}")
             else:
                 self.seen.add(real)
                 return e.path, real
@@ -133,7 +138,7 @@ class _Walk:
         if not is_image_file(e.name):
             return None
         if link and self.owner(real) not in (None, cls):
-            self.leave(e.path, f"a link to an image of class {self.owner(real)}")
+            self.leave(e.path, f"a link to an image of class {readable(self.owner(real))}")
         elif real in self.files:
             self.leave(e.path, f"the same file as {real}, listed already")
         else:

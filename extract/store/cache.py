@@ -206,7 +206,7 @@ class CacheWriter:
             ds[start:] = np.asarray(rows.features[layer]).astype(self.dtype, copy=False)
         columns = {"labels": rows.labels, "index": rows.index}
         if "paths" in f:
-            columns.update(paths=list(rows.paths), stamps=np.asarray(rows.stamps, np.int64).reshape(-1, 2))
+            columns.update(paths=text_column(rows.paths), stamps=np.asarray(rows.stamps, np.int64).reshape(-1, 2))
         for name, values in columns.items():
             f[name].resize(start + n, axis=0)
             f[name][start:] = values
@@ -214,7 +214,8 @@ class CacheWriter:
             at = f["skipped/index"].shape[0]
             for col, (name, _) in enumerate(_SKIP_COLUMNS):
                 f[f"skipped/{name}"].resize(at + len(rows.skipped), axis=0)
-                f[f"skipped/{name}"][at:] = [s[col] for s in rows.skipped]
+                column = [s[col] for s in rows.skipped]
+                f[f"skipped/{name}"][at:] = text_column(column) if name in ("path", "reason") else column
         f.attrs["n_rows"] = self.n_rows
 
     def finish(self, path) -> Path:
@@ -258,8 +259,23 @@ def _column(f: h5py.File, name: str) -> np.ndarray:
 
 
 def as_text(value) -> str:
-    """An HDF5 string (bytes or str) as str."""
-    return value.decode() if isinstance(value, bytes) else value
+    """An HDF5 string (bytes or str) as str; bytes that are not UTF-8 (a file name stored by `stored_text`)
+    come back as the str os functions gave for them."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+
+
+def stored_text(text: str) -> str | bytes:
+    """`text` for an HDF5 UTF-8 string column: a file name that is not valid UTF-8 keeps its bytes."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape")
+
+
+def text_column(values) -> np.ndarray:
+    """Strings as an object array an HDF5 UTF-8 string dataset takes (see `stored_text`)."""
+    return np.asarray([stored_text(v) for v in values] if len(values) else [], dtype=object)
 
 
 def _require_complete(path: Path) -> None:

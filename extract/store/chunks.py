@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 
 from extract.core.atomic import write_text_atomic
-from extract.store.cache import as_text, partial_path
+from extract.store.cache import as_text, partial_path, text_column
 from extract.core.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -155,13 +155,13 @@ class ChunkStore:
                 f.create_dataset("labels", data=np.asarray(rows.labels, np.int64))
                 f.create_dataset("index", data=np.asarray(rows.index, np.int64))
                 if rows.paths is not None:
-                    f.create_dataset("paths", data=list(rows.paths), dtype=_STR)
+                    f.create_dataset("paths", data=text_column(rows.paths), dtype=_STR)
                     f.create_dataset("stamps", data=np.asarray(rows.stamps, np.int64).reshape(-1, 2))
                 skipped = list(zip(*rows.skipped)) or [()] * 6
                 for name, column, dt in zip(("index", "label", "path", "reason", "size", "mtime"), skipped,
                                             (np.int64, np.int64, _STR, _STR, np.int64, np.int64)):
-                    f.create_dataset(f"skipped/{name}", data=np.asarray(column, dtype=object if dt is _STR else dt),
-                                     dtype=dt)
+                    f.create_dataset(f"skipped/{name}", data=text_column(column) if dt is _STR else
+                                     np.asarray(column, dtype=dt), dtype=dt)
             os.replace(tmp, target)
         except BaseException:
             tmp.unlink(missing_ok=True)
