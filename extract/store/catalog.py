@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from extract.store.cache import PARTIAL, read_header
 from extract.core.errors import UserError
 from extract.store.identity import FeatureIdentity
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,9 +50,13 @@ def find_caches(cache_dir) -> list[dict]:
 
 
 def feature_sets(cache_dir) -> list[FeatureSet]:
-    """Complete caches grouped by identity, newest first; files of an older format are left out."""
+    """Complete caches grouped by identity, newest first; files of an older format are left out, and
+    damaged ones too, each named in a warning."""
     groups: dict[FeatureIdentity, FeatureSet] = {}
     for c in find_caches(cache_dir):
+        if c.get("damaged"):
+            log.warning(f"warning: skipped {c['path']}: it is damaged ({c['damaged']}); rerun the extract "
+                        "command that made it to rebuild it")
         if not c["complete"] or c["identity"] is None:
             continue
         key = c["identity"].with_taps(())
