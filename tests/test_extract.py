@@ -111,6 +111,55 @@ def test_stop_on_error_names_the_file_and_keeps_what_was_done(tmp_path):
     assert res["train"].status == "resumed" and len(load_features(final).y) == 12
 
 
+def _stopped_run(tmp_path):
+    """A folder whose last image is broken, extracted with on_error=stop: chunks 0-2 of 4 are left."""
+    root = make_folder(tmp_path / "pets", splits=("train",))
+    (root / "train" / "dog" / "zz-broken.jpg").write_bytes(b"garbage")
+    args = dict(data="imagefolder", root=str(root), cache_dir=tmp_path / "cache", batch_size=2, chunk_rows=4, **TINY)
+    with pytest.raises(UserError, match="zz-broken.jpg"):
+        extract(on_error="stop", **args)
+    final = cache_file(tmp_path / "cache", model="cifar_resnet20", weights="none", data="imagefolder", root=str(root))
+    assert ChunkStore.existing(final).done() == {0, 1, 2}
+    return args, final
+
+
+def test_a_truncated_chunk_is_discarded_and_computed_again(tmp_path, caplog):
+    args, final = _stopped_run(tmp_path)
+    chunk = ChunkStore.existing(final).chunk_path(1)
+    with open(chunk, "r+b") as f:
+        f.truncate(os.path.getsize(chunk) // 2)
+    caplog.set_level("INFO", logger="extract")
+    res = extract(**args)["train"]
+    assert res.status == "resumed" and res.images == 4 + 1   # chunk 1 again, and the last chunk
+    assert f"discarding chunk-000001.h5 in {partial_path(final)}" in caplog.text and "computing it again" in caplog.text
+    fresh = extract(**{**args, "cache_dir": args["cache_dir"].parent / "fresh"})["train"]
+    np.testing.assert_array_equal(load_features(final).X, load_features(fresh.path).X)
+
+
+def test_overwrite_always_starts_from_no_chunks(tmp_path, caplog):
+    args, final = _stopped_run(tmp_path)
+    caplog.set_level("INFO", logger="extract")
+    res = extract(overwrite=True, **args)["train"]
+    assert res.status == "extracted" and res.images == 13 and not partial_path(final).exists()
+    assert f"--overwrite: discarding {partial_path(final)}" in caplog.text
+
+
+def test_what_an_interrupted_clean_up_left_beside_a_finished_file_is_removed(tmp_path, caplog):
+    import shutil
+    args, final = _stopped_run(tmp_path)
+    leftover = tmp_path / "leftover"
+    shutil.copytree(partial_path(final), leftover)
+    assert extract(**args)["train"].status == "resumed" and not partial_path(final).exists()
+    caplog.set_level("INFO", logger="extract")
+    for manifest in (True, False):   # the chunks of this very file, or a folder whose manifest went first
+        shutil.copytree(leftover, partial_path(final))
+        if not manifest:
+            (partial_path(final) / "manifest.json").unlink()
+        assert extract(**args)["train"].status == "hit"
+        assert not partial_path(final).exists()
+        assert f"removing {partial_path(final)}, left from an earlier run" in caplog.text
+
+
 def test_killed_run_resumes_to_the_same_features_as_an_uninterrupted_one(tmp_path):
     root = make_folder(tmp_path / "pets", per_class=60, size=64, splits=("train",))
     args = ["--model", "resnet18", "--weights", "none", "--data", "imagefolder", "--root", str(root),

@@ -100,6 +100,7 @@ class ChunkStore:
         store = cls(path, manifest)
         old = store.read_manifest()
         if old == json.loads(json.dumps(manifest)):
+            store.discard_unreadable(notify)
             return store
         if store.dir.exists():
             if old is not None and store.done() and notify:
@@ -175,6 +176,35 @@ class ChunkStore:
                        zip(s["index"], s["label"], s["path"], s["reason"], s["size"], s["mtime"])]
             return Rows({name: ds[()] for name, ds in f["features"].items()}, f["labels"][()], f["index"][()],
                         paths, f["stamps"][()] if "stamps" in f else None, skipped)
+
+    def discard_unreadable(self, notify=None) -> None:
+        """Remove finished chunk files that do not read back whole (truncated, damaged, of other shapes),
+        saying so through `notify`: they are computed again."""
+        for k in sorted(self.done()):
+            problem = self._problem(k)
+            if problem:
+                self.chunk_path(k).unlink(missing_ok=True)
+                if notify:
+                    notify(f"discarding {self.chunk_path(k).name} in {self.dir} ({problem}); computing it again")
+
+    def _problem(self, k: int) -> str | None:
+        """Why chunk `k`'s file cannot be assembled, or None."""
+        positions = chunk_range(k, self.chunk_rows, self.n)
+        dims = self.manifest.get("dims") or {}
+        try:
+            with h5py.File(self.chunk_path(k), "r") as f:
+                n = f["labels"].shape[0]
+                shapes = {name: ds.shape for name, ds in f["features"].items()}
+                if set(shapes) != set(dims) or any(shapes[t] != (n, dims[t]) for t in dims):
+                    return "its features are not of the expected taps and rows"
+                index = np.concatenate([f["index"][()], f["skipped/index"][()]])
+                if len(f["index"]) != n or len(index) and (index.min() < positions.start or
+                                                           index.max() >= positions.stop):
+                    return "its rows are not the chunk's"
+        except Exception as e:  # noqa: BLE001 - truncated or damaged: h5py raises OSError, RuntimeError...
+            text = str(e).strip()
+            return text.splitlines()[0] if text else type(e).__name__
+        return None
 
     def rows_done(self) -> int:
         """Rows saved in finished chunks (for messages)."""
