@@ -195,7 +195,8 @@ class ChunkStore:
             with h5py.File(self.chunk_path(k), "r") as f:
                 n = f["labels"].shape[0]
                 shapes = {name: ds.shape for name, ds in f["features"].items()}
-                if set(shapes) != set(dims) or any(shapes[t] != (n, dims[t]) for t in dims):
+                if any(ds[0] != n for ds in shapes.values()) or \
+                        dims and (set(shapes) != set(dims) or any(shapes[t][1] != dims[t] for t in dims)):
                     return "its features are not of the expected taps and rows"
                 index = np.concatenate([f["index"][()], f["skipped/index"][()]])
                 if len(f["index"]) != n or len(index) and (index.min() < positions.start or
