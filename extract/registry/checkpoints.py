@@ -11,8 +11,6 @@ classification heads, and reports everything else it could not place.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import os
 import re

@@ -267,7 +267,8 @@ def run_probe(head_name: str | Head, data: ProbeData, *, grid: str = "fast", sca
         "timing": {"search_seconds": round(found.seconds, 4), "fit_seconds": round(fit_seconds, 4),
                    "predict_seconds": round(predict_seconds, 4)},
         "sizes": {**data.sizes, "search_train": int(len(ys))}, "validation": validation,
-        "test_split": data.test_split, "test_classes_not_in_train": unseen, "classes": data.classes, "sources": data.sources,
+        "test_split": data.test_split, "test_classes_not_in_train": unseen, "classes": data.classes,
+        "sources": data.sources,
         "provenance": data.provenance, "versions": library_versions(), "seed": seed,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
