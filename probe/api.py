@@ -83,7 +83,8 @@ def evaluate(heads: str | Sequence[str] = "logreg", query: CacheQuery | None = N
     """
     from probe.analyses.retrieval import NAME as RETRIEVAL, run_retrieval
     from probe.output.plots import plot_comparison
-    from probe.output.results import result_dir, save_head, write_result
+    from probe.output.headfile import save_head
+    from probe.output.results import result_dir, write_result
 
     query, options = split_keywords(query, options, keywords)
     names = head_names(heads)

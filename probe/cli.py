@@ -102,14 +102,14 @@ def parser() -> argparse.ArgumentParser:
                    help="few-shot curve: k labelled images per class, e.g. 1,2,5,10,20,all (JSON + PNG per head)")
     p.add_argument("--seeds", type=int, default=5, help="seeded draws per few-shot point (default: 5)")
     p.add_argument("--save", action=argparse.BooleanOptionalAction, default=True,
-                   help="save the refit head with joblib beside its result (default: yes)")
+                   help="save the refit head (<head>.skops) beside its result (default: yes)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
     sub = p.add_subparsers(dest="command", metavar="{predict,map,samples,rank,similarity}", parser_class=_Parser)
     q = sub.add_parser("predict", help="label new images with a saved head",
                        description="Label new images with a saved head and the backbone recorded in its cache.")
     q.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
     q.add_argument("--head", default="logreg", help="saved head to use (default: logreg)")
-    q.add_argument("--head-file", help="path of a saved <head>.joblib (instead of looking it up)")
+    q.add_argument("--head-file", help="path of a saved <head>.skops (instead of looking it up)")
     _selection_args(q)
     q.add_argument("--top", type=int, default=1, help="show the top K labels per image (default: 1)")
     q.add_argument("--device", default="auto", help="device for the backbone (default: auto)")
@@ -261,15 +261,16 @@ def run_report(args) -> int:
 
 
 def run_predict(args) -> int:
+    from extract.registry.folders import readable
     from probe.analyses.predict import find_head_file, predict_files
 
     head_file = Path(args.head_file) if args.head_file else find_head_file(args.head, _query(args), args.results_dir)
     out = predict_files(head_file, args.images, device=args.device, batch_size=args.batch_size, top=args.top)
     for row in out.rows:
         shown = ", ".join(f"{lab} {p:.3f}" if p is not None else lab for lab, p in row["labels"])
-        print(f"{row['path']}\t{shown}")
+        print(f"{readable(row['path'])}\t{shown}")
     for path, reason in out.unreadable:
-        print(f"unreadable: {path}: {reason}", file=sys.stderr)
+        print(f"unreadable: {readable(path)}: {reason}", file=sys.stderr)
     if not out.rows:
         raise UserError(f"none of the {len(out.unreadable)} images could be read")
     return 0

@@ -14,7 +14,7 @@ from PIL import Image
 
 from extract import load_features
 from extract.api import extract, plan
-from extract.store.cache import partial_path, read_header
+from extract.store.cache import digest_path, partial_path, read_header
 from extract.store.chunks import ChunkStore
 from extract.cli import main
 from extract.core.errors import UserError
@@ -109,6 +109,55 @@ def test_stop_on_error_names_the_file_and_keeps_what_was_done(tmp_path):
     assert not final.exists() and store.rows_done() == 12 and store.done() == {0, 1, 2}
     res = extract(data="imagefolder", root=str(root), cache_dir=cache, batch_size=2, chunk_rows=4, **TINY)
     assert res["train"].status == "resumed" and len(load_features(final).y) == 12
+
+
+def _stopped_run(tmp_path):
+    """A folder whose last image is broken, extracted with on_error=stop: chunks 0-2 of 4 are left."""
+    root = make_folder(tmp_path / "pets", splits=("train",))
+    (root / "train" / "dog" / "zz-broken.jpg").write_bytes(b"garbage")
+    args = dict(data="imagefolder", root=str(root), cache_dir=tmp_path / "cache", batch_size=2, chunk_rows=4, **TINY)
+    with pytest.raises(UserError, match="zz-broken.jpg"):
+        extract(on_error="stop", **args)
+    final = cache_file(tmp_path / "cache", model="cifar_resnet20", weights="none", data="imagefolder", root=str(root))
+    assert ChunkStore.existing(final).done() == {0, 1, 2}
+    return args, final
+
+
+def test_a_truncated_chunk_is_discarded_and_computed_again(tmp_path, caplog):
+    args, final = _stopped_run(tmp_path)
+    chunk = ChunkStore.existing(final).chunk_path(1)
+    with open(chunk, "r+b") as f:
+        f.truncate(os.path.getsize(chunk) // 2)
+    caplog.set_level("INFO", logger="extract")
+    res = extract(**args)["train"]
+    assert res.status == "resumed" and res.images == 4 + 1   # chunk 1 again, and the last chunk
+    assert f"discarding chunk-000001.h5 in {partial_path(final)}" in caplog.text and "computing it again" in caplog.text
+    fresh = extract(**{**args, "cache_dir": args["cache_dir"].parent / "fresh"})["train"]
+    np.testing.assert_array_equal(load_features(final).X, load_features(fresh.path).X)
+
+
+def test_overwrite_always_starts_from_no_chunks(tmp_path, caplog):
+    args, final = _stopped_run(tmp_path)
+    caplog.set_level("INFO", logger="extract")
+    res = extract(overwrite=True, **args)["train"]
+    assert res.status == "extracted" and res.images == 13 and not partial_path(final).exists()
+    assert f"--overwrite: discarding {partial_path(final)}" in caplog.text
+
+
+def test_what_an_interrupted_clean_up_left_beside_a_finished_file_is_removed(tmp_path, caplog):
+    import shutil
+    args, final = _stopped_run(tmp_path)
+    leftover = tmp_path / "leftover"
+    shutil.copytree(partial_path(final), leftover)
+    assert extract(**args)["train"].status == "resumed" and not partial_path(final).exists()
+    caplog.set_level("INFO", logger="extract")
+    for manifest in (True, False):   # the chunks of this very file, or a folder whose manifest went first
+        shutil.copytree(leftover, partial_path(final))
+        if not manifest:
+            (partial_path(final) / "manifest.json").unlink()
+        assert extract(**args)["train"].status == "hit"
+        assert not partial_path(final).exists()
+        assert f"removing {partial_path(final)}, left from an earlier run" in caplog.text
 
 
 def test_killed_run_resumes_to_the_same_features_as_an_uninterrupted_one(tmp_path):
@@ -242,6 +291,7 @@ def test_changed_preprocessing_is_never_a_silent_hit(tmp_path):
         ident = json.loads(f.attrs["identity"])
         ident["preprocess"]["mean"] = [0.5, 0.5, 0.5]
         f.attrs["identity"] = json.dumps(ident)
+    digest_path(res["train"].path).unlink()   # the edited file is not damaged, only made by other settings
     with pytest.raises(UserError, match="preprocessing changed.*--overwrite"):
         extract(data="synthetic", cache_dir=tmp_path, dataset_options={"n": 16}, splits=["train"], **TINY)
 
@@ -287,6 +337,29 @@ def test_symlink_loop_in_an_image_folder_is_skipped(tmp_path):
     assert len(load_features(res["train"].path).y) == 12
 
 
+def test_file_names_that_are_not_utf8_are_kept_exactly(tmp_path, capsys):
+    root = make_folder(tmp_path / "pets", per_class=3)
+    for split in ("train", "val"):
+        folder = os.fsencode(root / split)
+        os.rename(os.path.join(folder, b"dog"), os.path.join(folder, b"d\xf6g"))
+        os.rename(os.path.join(folder, b"d\xf6g", b"000.png"), os.path.join(folder, b"d\xf6g", b"\xe9t\xe9.png"))
+    args = ["--model", "cifar_resnet20", "--weights", "none", "--data", "imagefolder", "--root", str(root),
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    assert main(args) == 0, capsys.readouterr().err
+    request = dict(model="cifar_resnet20", weights="none", data="imagefolder", root=str(root))
+    meta = load_features(cache_file(tmp_path / "cache", **request)).meta
+    names = {os.fsencode(p) for p in meta["paths"]}
+    assert os.fsencode(root / "train") + b"/d\xf6g/\xe9t\xe9.png" in names and len(names) == 6
+    assert all(os.path.isfile(p) for p in meta["paths"])
+    assert meta["classes"] == ["cat", "d\\xf6g"]
+    assert main(args) == 0 and "Nothing to extract" in capsys.readouterr().out
+    os.utime(os.fsencode(root / "train") + b"/d\xf6g/\xe9t\xe9.png", ns=(1, 1))
+    assert main(args) == 0 and "1 changed" in capsys.readouterr().out
+    from probe.api import evaluate
+    ev = evaluate("linear", cache_dir=tmp_path / "cache", results_dir=tmp_path / "results", progress=False)
+    assert ev.runs[0].result["classes"] == ["cat", "d\\xf6g"] and ev.head_paths[0].exists()
+
+
 def test_damaged_cache_is_extracted_again(tmp_path):
     res = extract(data="synthetic", cache_dir=tmp_path, dataset_options={"n": 16}, splits=["train"], **TINY)
     res["train"].path.write_bytes(b"not hdf5")
@@ -323,6 +396,58 @@ def test_summary_reads_as_a_sentence_for_work_and_for_hits(tmp_path, capsys):
     assert main(args) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("Nothing to extract: train and test are already cached in ") and last.endswith(" s).")
+
+
+def test_summary_of_a_rerun_that_only_assembled_finished_chunks(tmp_path):
+    from extract.run.extraction import SplitResult, summary
+    results = {"train": SplitResult("train", tmp_path / "train.h5", "resumed"),
+               "test": SplitResult("test", tmp_path / "test.h5", "hit")}
+    text = summary(results, time.perf_counter())
+    assert text.startswith("Assembled train from chunks already computed in ") and str(tmp_path) in text
+    only = summary({"train": results["train"]}, time.perf_counter())
+    assert only.startswith("Assembled train from chunks")
+
+
+@pytest.fixture
+def small_mount(tmp_path):
+    """A real 4 MiB tmpfs that the test may remount read-only."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)])
+
+
+def test_a_read_only_cache_serves_hits_and_new_work_is_one_line(small_mount, capsys):
+    args = ["--model", "cifar_resnet20", "--weights", "none", "--data", "synthetic", "--cache-dir", str(small_mount),
+            "--no-progress"]
+    assert main([*args, "--option", "n=8"]) == 0
+    subprocess.run(["mount", "-o", "remount,ro", str(small_mount)], check=True)
+    capsys.readouterr()
+    assert main([*args, "--option", "n=8"]) == 0
+    assert "Nothing to extract: train and test are already cached" in capsys.readouterr().out
+    assert main([*args, "--option", "n=12"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write in ") and "Read-only file system" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_cache_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    for where in ("afile", "afile/below"):
+        assert main(["--model", "cifar_resnet20", "--weights", "none", "--data", "synthetic", "--option", "n=4",
+                     "--cache-dir", str(tmp_path / where), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: --cache-dir {tmp_path / where} is not a folder: {tmp_path / 'afile'} is a file\n"
+
+
+@pytest.mark.parametrize("value", ["abc", "1.5", ""])
+def test_a_numeric_dataset_option_that_is_not_a_number_is_one_line(tmp_path, capsys, value):
+    assert main(["--model", "cifar_resnet20", "--weights", "none", "--data", "synthetic", "--option", f"n={value}",
+                 "--cache-dir", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: dataset option n must be a whole number, got {value!r}\n"
 
 
 def test_user_error_is_a_value_error_for_library_callers():

@@ -76,7 +76,7 @@ def test_scheduler_keeps_the_ratio_between_param_groups_and_resumes_exactly(name
     for _ in range(5):
         opt.step()
         sched.step()
-    saved = torch.load(_roundtrip(opt.state_dict(), sched.state_dict()), weights_only=False)
+    saved = torch.load(_roundtrip(opt.state_dict(), sched.state_dict()), weights_only=True)
     opt, sched = build()
     opt.load_state_dict(saved[0])
     sched.load_state_dict(saved[1])

@@ -58,7 +58,7 @@ def test_every_embedded_picture_decodes_and_nothing_is_fetched(report):
 
 def test_tables_hold_every_result_and_its_provenance(report):
     text = report.read_text()
-    results = [json.loads(p.read_text()) for p in report.parent.glob("**/*.json") if ".joblib" not in p.name]
+    results = [json.loads(p.read_text()) for p in report.parent.glob("**/*.json") if ".skops" not in p.name]
     assert len(results) == 4
     for r in results:
         assert f"{100 * r['metrics']['top1']:.2f}" in text

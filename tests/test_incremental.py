@@ -10,6 +10,7 @@ from PIL import Image
 from extract import load_features
 from extract.api import extract
 from extract.core.errors import UserError
+from extract.store.cache import digest_path
 from test_extract import make_folder
 
 TINY = {"model": "cifar_resnet20", "weights": "none", "progress": False, "precision": "fp32", "splits": ["train"]}
@@ -104,6 +105,7 @@ def test_caches_without_file_stamps_and_changed_networks_still_need_overwrite(tm
     path = run(root, cache).path
     with h5py.File(path, "a") as f:   # as written before per-file stamps were recorded
         del f["stamps"]
+    digest_path(path).unlink()          # nor their sha256
     Image.new("RGB", (40, 40), "red").save(root / "train" / "cat" / "new.png")
     with pytest.raises(UserError, match="images changed.*--overwrite"):
         run(root, cache)

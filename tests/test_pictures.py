@@ -17,7 +17,7 @@ from extract.registry.datasets import load_dataset
 from extract.core.errors import UserError
 from probe.api import evaluate
 from probe.analyses.maps import class_map, embed_2d, map_figure, stratified_rows, subsample, write_map
-from probe.output.results import load_head
+from probe.output.headfile import load_head
 from probe.analyses.samples import choose_rows, dataset_source, plot_samples, sample_grid, write_samples
 
 FOLDER_CLASSES = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (50, 60, 210)}

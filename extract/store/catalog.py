@@ -4,6 +4,7 @@ of it a `CacheQuery` asks for."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from extract.store.chunks import PARTIAL
 from extract.core.errors import UserError
 from extract.store.identity import FeatureIdentity
 from extract.store.modelref import ModelRef, split_models
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -115,9 +118,13 @@ def find_caches(cache_dir) -> list[dict]:
 
 
 def feature_sets(cache_dir) -> list[FeatureSet]:
-    """Complete caches grouped by identity, newest first; files of an older format are left out."""
+    """Complete caches grouped by identity, newest first; files of an older format are left out, and
+    damaged ones too, each named in a warning."""
     groups: dict[FeatureIdentity, FeatureSet] = {}
     for c in find_caches(cache_dir):
+        if c.get("damaged"):
+            log.warning(f"warning: skipped {c['path']}: it is damaged ({c['damaged']}); rerun the extract "
+                        "command that made it to rebuild it")
         if not c["complete"] or c["identity"] is None:
             continue
         key = c["identity"].with_taps(())

@@ -1,9 +1,9 @@
 """A 2-D map of the test split's features (t-SNE, or UMAP when installed), coloured by true class,
 with the points a saved head gets wrong marked: where the classes overlap in feature space.
 
-    m = class_map("cache/digits/resnet50/test.h5", head_file="results/.../logreg.joblib")
+    m = class_map("cache/digits/resnet50/test.h5", head_file="results/.../logreg.skops")
     plot_map(m["xy"], m["y"], m["classes"], "map.png", wrong=m["wrong"])
-    write_map(head_file="results/.../logreg.joblib")     # map-tsne-logreg.png beside the head
+    write_map(head_file="results/.../logreg.skops")     # map-tsne-logreg.png beside the head
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def open_features(features, layer: str | None = None) -> Features:
 
 def load_head_logged(head_file):
     """(pipeline, sidecar) through probe.output.results.load_head; a version mismatch becomes a log warning."""
-    from probe.output.results import load_head
+    from probe.output.headfile import load_head
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -173,7 +173,7 @@ def load_head_logged(head_file):
 
 
 def head_name(head_file, sidecar: dict) -> str:
-    return str(sidecar.get("head") or Path(head_file).name.removesuffix(".joblib"))
+    return str(sidecar.get("head") or Path(head_file).name.removesuffix(".skops"))
 
 
 def check_head_fits(sidecar: dict, meta: dict, head_file) -> None:

@@ -5,9 +5,9 @@ the head predicts from the cached test features).
 Images come from the cache's `paths` column for file datasets, and for in-memory datasets from the
 dataset itself, rebuilt from the features' identity and checked against the cache's fingerprint.
 
-    grid = sample_grid("cache/digits/resnet50/test.h5", "results/.../logreg.joblib", n=16)
+    grid = sample_grid("cache/digits/resnet50/test.h5", "results/.../logreg.skops", n=16)
     plot_samples(grid.images, grid.true_labels, grid.pred_labels, "samples.png")
-    write_samples(head_file="results/.../logreg.joblib")   # samples-logreg.png beside the head
+    write_samples(head_file="results/.../logreg.skops")   # samples-logreg.png beside the head
 """
 
 from __future__ import annotations

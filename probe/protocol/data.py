@@ -6,6 +6,7 @@ seeded stratified 20% of train; a dataset with only train and val uses val as it
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,16 +77,16 @@ def select_caches(query: CacheQuery) -> Selection:
 
 def selection_from_paths(features, test_features=None, val_features=None, layer=None) -> Selection:
     """Explicit files; with only --features, the other splits of the same identity in its folder are used."""
-    train = Path(features)
+    train = _cache_file(features, "--features")
     if not train.exists():
         if Path(str(train) + ".partial").exists():
             load_features(train)  # raises the "incomplete" UserError
         raise UserError(f"no cache file at {train}")
     files = {"train": train}
     if test_features:
-        files["test"] = Path(test_features)
+        files["test"] = _cache_file(test_features, "--test-features")
     if val_features:
-        files["val"] = Path(val_features)
+        files["val"] = _cache_file(val_features, "--val-features")
     if not test_features and not val_features:
         suffix = train.name[len(train.name.split(".")[0]):]  # ".h5" or ".bf16.h5": the same variant
         for split in ("val", "test"):
@@ -95,7 +96,36 @@ def selection_from_paths(features, test_features=None, val_features=None, layer=
     return Selection(files, layer)
 
 
+def _cache_file(path, flag: str) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.h5"))
+        hint = f" such as {path / found[0]}" if found else ""
+        raise UserError(f"{flag} expects a cache file (.h5){hint}, but {path} is a folder "
+                        "(to search a folder of caches, use --cache-dir)")
+    return path
+
+
 # --- loading and checking ---------------------------------------------------------------------
+
+def check_distinct(files: dict, metas: dict[str, dict]) -> None:
+    """Refuse one file, or copies of one split, given for two roles: a model would be scored on the
+    images it was fitted on."""
+    splits = list(metas)
+    for i, a in enumerate(splits):
+        for b in splits[i + 1:]:
+            pa, pb = Path(files[a]), Path(files[b])
+            if pa.resolve() == pb.resolve() or os.path.samefile(pa, pb):
+                raise UserError(f"{pa} is given as both the {a} and the {b} features; give each split its "
+                                "own cache file")
+            split = metas[a].get("split")
+            if split and split == metas[b].get("split"):
+                shared = len(np.intersect1d(metas[a]["index"], metas[b]["index"]))
+                if shared:
+                    raise UserError(f"the {a} features ({pa}) and the {b} features ({pb}) are both the {split!r} "
+                                    f"split of one extraction, sharing {shared} images; give each split its own "
+                                    "cache file")
+
 
 def _load(path: Path, layer: str | None, role: str, lazy: bool = False):
     if lazy:  # a view of the file; blocks are checked for NaN/inf as they are read
@@ -158,6 +188,7 @@ def load_probe_data(selection: Selection, seed: int = 0, val_fraction: float = 0
             X, y, meta = _load(files[split], selection.layer, split, lazy)
             arrays[split], metas[split] = (X, y), meta
     check_same_identity(metas)
+    check_distinct(files, metas)
     dims = {role: X.shape[1] for role, (X, _) in arrays.items()}
     if len(set(dims.values())) > 1:
         raise UserError(f"the splits' features have different dimensions ({dims}): the files were not written "
