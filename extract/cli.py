@@ -184,6 +184,6 @@ def leader() -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return guarded(lambda: run(args), LOGGERS)
+        return guarded(lambda: run(args), LOGGERS, speaks=leader())
     finally:
         leave_process_group()

@@ -27,6 +27,14 @@ def extract_cli(*args, ranks=0, cwd, model="cifar_resnet20"):
                           env={**os.environ, "PYTHONPATH": REPO}, timeout=300)
 
 
+def test_bad_input_is_said_once_and_every_rank_exits_2(folder, tmp_path):
+    r = extract_cli("--root", str(folder), "--cache-dir", str(tmp_path / "c"), ranks=2, cwd=tmp_path,
+                    model="resnet5O")
+    said = [line for line in r.stderr.splitlines() if line.startswith("error: unknown model")]
+    assert r.returncode != 0 and len(said) == 1, r.stderr[-2000:]
+    assert "exitcode: 2" in r.stderr or "exitcode  : 2" in r.stderr, r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("n, world", [(10, 2), (3, 2), (7, 3), (0, 2)])
 def test_shares_are_contiguous_disjoint_and_cover_every_chunk(n, world):
     chunks = list(range(100, 100 + n))

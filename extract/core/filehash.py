@@ -11,11 +11,15 @@ from pathlib import Path
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
 
+def featprobe_home() -> Path:
+    """Where featprobe remembers things across processes: $FEATPROBE_HOME or ~/.cache/featprobe."""
+    return Path(os.environ.get("FEATPROBE_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "featprobe"))
+
+
 def sha_cache_file() -> Path:
-    """Where file hashes are remembered across processes: $FEATPROBE_HOME or ~/.cache/featprobe."""
-    home = os.environ.get("FEATPROBE_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "featprobe")
-    return Path(home) / "sha256.json"
+    """Where file hashes are remembered across processes."""
+    return featprobe_home() / "sha256.json"
 
 
 def _read_sha_cache(path: Path) -> dict:

@@ -21,10 +21,12 @@ Ray is imported on this path only; without it the run stops with one line saying
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
 import pickle
+import signal
 import socket
 import time
 import warnings
@@ -34,14 +36,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import extract
 from extract.compute.allocator import tune_malloc
 from extract.compute.engine import Collect, RunStats, cpu_cores, cpu_split, default_workers, resolve_precision, run
 from extract.core.errors import UserError
+from extract.core.filehash import featprobe_home
 from extract.registry.datasets import ImageSource
 from extract.registry.models import resolve_weights
 from extract.run.job import ChunkSink, SplitJob
 from extract.run.plan import Plan
 from extract.run.runners.base import Runner, Work
+log = logging.getLogger(__name__)
 
 # A lost actor is started again this many times, and its unfinished call retried on it: enough for
 # a preempted node or an out-of-memory kill, finite so that an image that crashes the process
@@ -82,16 +87,77 @@ def connect(address: str):
                         "(`ray status` on the head node), or use --ray local")
     try:
         if address == "local":
+            stop_orphaned_local_clusters()
             ray.init(address="local", num_cpus=cpu_cores(), **quiet)
+            _remember_local_cluster(ray)
         else:
             # the cluster runs this package as the driver has it (its dependencies must be installed there)
-            ray.init(address=address, runtime_env={"py_modules": [str(Path(__file__).resolve().parent)]},
+            ray.init(address=address, runtime_env={"py_modules": [str(Path(extract.__file__).resolve().parent)]},
                      **({} if address.startswith("ray://") else quiet))
     except (ConnectionError, ValueError) as e:   # nothing there; a malformed address
         reason = (str(e).strip().splitlines() or ["no answer"])[0].split(". ")[0].rstrip(".")
         raise UserError(f"could not join the Ray cluster at {address}: {reason}; start one with `ray start "
                         "--head`, or use --ray local") from None
     return ray
+
+
+# A local cluster's processes (gcs_server, raylet, their workers) outlive a driver killed with -9.
+# Ray has no option for that, so featprobe records each local cluster it starts and, at the next
+# `--ray local`, stops the processes of those whose driver is gone (read from /proc: Linux only).
+_LOCAL = "ray-local"
+
+
+def _remember_local_cluster(ray) -> None:
+    record = featprobe_home() / _LOCAL / f"{os.getpid()}.session"
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(ray._private.worker._global_node.get_session_dir_path())
+    except (OSError, AttributeError):   # best effort: only orphan clean-up depends on it
+        return
+    atexit.register(record.unlink, missing_ok=True)
+
+
+def stop_orphaned_local_clusters() -> list[int]:
+    """Stop the processes of local clusters featprobe started whose driver no longer runs; their pids."""
+    stopped = []
+    for record in sorted((featprobe_home() / _LOCAL).glob("*.session")):
+        if _alive(int(record.stem)):
+            continue
+        session = record.read_text().strip()
+        for pid in _processes_mentioning(session):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                stopped.append(pid)
+            except OSError:
+                pass
+        record.unlink(missing_ok=True)
+    if stopped:
+        log.info(f"stopped {len(stopped)} process(es) of a local Ray cluster left by a killed run")
+    return stopped
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Pids whose command line contains `text`, and the processes they started."""
+    found, parents = [], {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(") ", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if text in cmdline:
+            found.append(int(proc.name))
+    children = [pid for pid, parent in parents.items() if parent in found and pid not in found]
+    return found + children
 
 
 def _unreachable(address: str) -> str | None:
