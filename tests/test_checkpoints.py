@@ -74,6 +74,7 @@ def resnet50_net():
 
 @pytest.mark.parametrize("layout", ["mocov2", "dino", "dino_full", "swav", "barlowtwins", "vicreg", "simclr_vissl",
                                     "simclr_converted", "byol_mmselfsup", "byol_online_network"])
+@pytest.mark.slow
 def test_published_layouts_remap_to_the_trunk(layout, trunk, resnet50_net, tmp_path):
     path = tmp_path / f"{layout}.pth"
     torch.save(_layout(layout, trunk), path)

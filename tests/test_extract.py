@@ -160,6 +160,7 @@ def test_what_an_interrupted_clean_up_left_beside_a_finished_file_is_removed(tmp
         assert f"removing {partial_path(final)}, left from an earlier run" in caplog.text
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_features_as_an_uninterrupted_one(tmp_path):
     root = make_folder(tmp_path / "pets", per_class=60, size=64, splits=("train",))
     args = ["--model", "resnet18", "--weights", "none", "--data", "imagefolder", "--root", str(root),
@@ -192,6 +193,7 @@ def test_killed_run_resumes_to_the_same_features_as_an_uninterrupted_one(tmp_pat
     np.testing.assert_allclose(a.X, b.X, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_second_process_on_one_key_waits_then_reuses_the_first_ones_work(tmp_path):
     args = ["--model", "resnet18", "--weights", "none", "--data", "synthetic", "--option", "n=160",
             "--cache-dir", str(tmp_path / "cache"), "--batch-size", "8", "--no-progress"]
@@ -215,6 +217,7 @@ def test_second_process_on_one_key_waits_then_reuses_the_first_ones_work(tmp_pat
     assert X.shape == (160, 512) and len(y) == 160
 
 
+@pytest.mark.slow
 def test_full_disk_gives_a_message_and_keeps_what_was_written(tmp_path, tiny_disk):
     proc = cli("--model", "cifar_resnet20", "--weights", "none", "--data", "synthetic", "--option", "n=6000",
                "--layer", "penultimate,layer1", "--cache-dir", str(tiny_disk), "--no-progress", "--chunk-size", "256",
@@ -241,12 +244,14 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_module_entry_point_reports_bad_input_without_a_traceback(tmp_path):
     proc = cli("--model", "resnet5O", "--cache-dir", str(tmp_path), cwd=tmp_path)
     assert proc.returncode == 2
     assert "did you mean" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_lists_models_with_dims(capsys):
     assert main(["--list-models"]) == 0
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("resnet50 "))
@@ -317,6 +322,7 @@ def test_checkpoint_missing_network_weights_is_refused_unless_allowed(tmp_path, 
     assert load_features(path).meta["provenance"]["allow_missing_weights"] is True
 
 
+@pytest.mark.slow
 def test_nearly_full_disk_at_creation_is_one_line(tmp_path, tiny_disk):
     filler = tiny_disk / "filler"
     with open(filler, "wb") as f:   # leave well under the space a new cache file needs
@@ -455,6 +461,7 @@ def test_user_error_is_a_value_error_for_library_callers():
         extract(model="no_such_net", data="synthetic", progress=False)
 
 
+@pytest.mark.slow
 def test_published_weights_come_from_the_hub_cache_and_a_missing_one_is_one_line(tmp_path, monkeypatch, capsys):
     import torch
     from extract.registry.models import build_network

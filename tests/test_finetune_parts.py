@@ -217,6 +217,7 @@ def _registry_taps():
     return [(name, tap) for name in list_models() for tap in get_spec(name).taps]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, tap", _registry_taps())
 def test_every_registry_tap_is_a_valid_freeze_point(name, tap):
     from extract.registry.models import build_network, get_spec

@@ -27,6 +27,7 @@ def same_rows(a, b):
     np.testing.assert_allclose(a.X, b.X, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_grown_shrunk_and_edited_folder_reuses_unchanged_rows_and_equals_a_fresh_run(tmp_path):
     root = make_folder(tmp_path / "pets", per_class=20, splits=("train",))
     cache = tmp_path / "cache"
@@ -83,6 +84,7 @@ def test_unreadable_images_are_remembered_and_a_removed_one_is_forgotten(tmp_pat
     assert [os.path.basename(s["path"]) for s in skipped] == ["bad1.jpg"]
 
 
+@pytest.mark.slow
 def test_an_interrupted_update_resumes_with_the_same_plan(tmp_path):
     root = make_folder(tmp_path / "pets", per_class=12, splits=("train",))
     cache = tmp_path / "cache"

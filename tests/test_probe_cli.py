@@ -132,6 +132,7 @@ def test_report_without_results(tmp_path, capsys):
     assert_user_error(code, err, "no result files")
 
 
+@pytest.mark.slow
 def test_module_entry_point_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "probe", "--head", "svm", "--cache-dir", tmp_path / "none"],
                           cwd=REPO, capture_output=True, text=True)
@@ -177,6 +178,7 @@ def test_mixed_precision_pair_is_refused_naming_the_difference(tmp_path, capsys)
     assert_user_error(code, err, "compute precision differs (fp32 vs bf16)")
 
 
+@pytest.mark.slow
 def test_predict_with_a_local_checkpoint_and_one_unreadable_image(tmp_path, capsys):
     import torch
     from extract.api import extract

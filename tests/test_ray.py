@@ -22,6 +22,8 @@ from extract.run.runners.ray_runner import _processes_mentioning  # noqa: E402
 from extract.store.cache import partial_path  # noqa: E402
 from extract.core.errors import UserError  # noqa: E402
 
+pytestmark = pytest.mark.slow   # subprocesses, clusters and compilers: minutes on 2 cores
+
 REPO = Path(__file__).resolve().parents[1]
 ACTOR_TITLE = "ray::MapWorker(MapBatches(_ChunkEmbedder))"
 RUN_TIMEOUT = 300   # seconds for one CLI run, far above the ~20 s one takes on 2 busy cores

@@ -152,6 +152,7 @@ def test_in_memory_heads_refuse_features_larger_than_memory(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("splits", [("train", "test"), ("train", "val", "test")])
 def test_streamed_run_matches_in_memory_run(tmp_path, capsys, splits):
     toy_cache(tmp_path / "cache", splits=splits, n_classes=4, dim=20, n_per_class=60)

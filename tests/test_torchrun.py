@@ -14,6 +14,8 @@ from extract.store.chunks import ChunkStore
 from extract.run.job import share
 from test_extract import REPO, cache_file, make_folder
 
+pytestmark = pytest.mark.slow   # subprocesses, clusters and compilers: minutes on 2 cores
+
 ARGS = ["--weights", "none", "--data", "imagefolder", "--precision", "fp32",
         "--batch-size", "4", "--chunk-size", "8", "--no-progress", "--split", "train"]
 REQUEST = dict(model="cifar_resnet20", weights="none", data="imagefolder", precision="fp32")
