@@ -55,6 +55,11 @@ def parser() -> argparse.ArgumentParser:
                    help="seeds init, shuffling, augmentation and (as in probe) the carved validation split")
     g.add_argument("--val-fraction", type=float, default=0.2,
                    help="share of train used for validation when the dataset has no own val split (default: 0.2)")
+    g.add_argument("--test-fraction", type=float, default=0.2,
+                   help="share of train carved as test rows when the dataset has only a train split (a folder of "
+                        "class folders), as probe carves them (default: 0.2)")
+    g.add_argument("--split-seed", type=int, default=0,
+                   help="seed of that test carve, apart from --seed as in probe (default: 0)")
     g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
                    help="continue the run's last checkpoint (--no-resume: start over)")
     r = p.add_argument_group("runtime and output")
@@ -86,7 +91,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, head_lr_mult=args.head_lr_mult,
             optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay, sched=args.sched,
             warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, seed=args.seed,
-            val_fraction=args.val_fraction, precision=args.precision, device=args.device, workers=args.workers,
+            val_fraction=args.val_fraction, test_fraction=args.test_fraction, split_seed=args.split_seed,
+            precision=args.precision, device=args.device, workers=args.workers,
             results_dir=args.results_dir, runs_dir=args.runs_dir, resume=args.resume, progress=args.progress,
             image_size=args.image_size))
     except Interrupted as e:

@@ -95,7 +95,8 @@ def evaluate(heads: str | Sequence[str] = "logreg", query: CacheQuery | None = N
               for name in names]
     if not memory.fits:
         log.info(f"the features would need {memory.describe()} in memory: streaming them from the cache")
-    probe_data = load_probe_data(selection, seed=options.seed, lazy=not memory.fits)
+    probe_data = load_probe_data(selection, seed=options.seed, lazy=not memory.fits,
+                                 test_fraction=options.test_fraction, split_seed=options.split_seed)
     out = Evaluation(probe_data, [])
     for head in placed:
         if head == RETRIEVAL:

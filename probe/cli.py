@@ -58,6 +58,16 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--results-dir", default="results", help="where results go (default: ./results)")
 
 
+def _carve_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("test rows of a dataset with only a train split (a folder of class folders)")
+    g.add_argument("--test-fraction", type=float, default=0.2, metavar="F",
+                   help="stratified share of train carved as test rows (default: 0.2); a dataset with its own "
+                        "test (or val) split keeps it")
+    g.add_argument("--split-seed", type=int, default=0,
+                   help="seed of that carve, apart from --seed so the validation seed never moves the test set "
+                        "(default: 0)")
+
+
 def _query(args) -> CacheQuery:
     return CacheQuery(args.cache_dir, data=args.data, model=args.model, layer=args.layer, precision=args.precision,
                       dtype=args.dtype, image_size=args.image_size, normalize=args.normalize, engine=args.engine,
@@ -66,7 +76,8 @@ def _query(args) -> CacheQuery:
 
 
 def _options(args) -> FitOptions:
-    return FitOptions(grid=args.grid, scale=args.scale, seed=args.seed, n_jobs=args.n_jobs,
+    return FitOptions(grid=args.grid, scale=args.scale, seed=args.seed, test_fraction=args.test_fraction,
+                      split_seed=args.split_seed, n_jobs=args.n_jobs,
                       max_search_samples=args.max_search_samples, solver=args.solver, device=args.device,
                       max_memory=args.max_memory, progress=args.progress, save=args.save,
                       results_dir=args.results_dir)
@@ -82,6 +93,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="table", choices=(*FORMATS, "html"),
                    help="report format on stdout (default: table); html writes one self-contained results/report.html")
     _selection_args(p)
+    _carve_args(p)
     p.add_argument("--grid", default="fast", choices=GRIDS, help="hyperparameter grid size (default: fast)")
     p.add_argument("--scale", choices=SCALES, help="feature scaling inside the pipeline (default: per head)")
     p.add_argument("--seed", type=int, default=0, help="validation carve, subsampling, estimator seeds")
@@ -179,6 +191,7 @@ def run_heads(args) -> int:
     print(f"{data.dataset} / {data.model} / layer {data.layer} ({data.identity.precision}, {data.identity.dtype}): "
           f"{data.sizes['train']} train, {data.sizes['val']} validation, {data.sizes['test']} test "
           f"('{data.test_split}' split), {len(data.classes)} classes, {data.X_train.shape[1]} dims")
+    print(f"test: {data.test['description']}")
     print(f"validation: {data.validation}")
     for run, path in zip(out.runs, out.result_paths):
         r = run.result
@@ -231,7 +244,8 @@ def run_fewshot(args) -> int:
                       for g, tap in select_feature_sets(_query(args))]
     curves = []
     for selection in selections:
-        data = load_probe_data(selection, seed=args.seed)
+        data = load_probe_data(selection, seed=args.seed, test_fraction=args.test_fraction,
+                               split_seed=args.split_seed)
         for head in head_names(args.head):
             curve = fewshot(head, data, shots, args.seeds, _options(args))
             curves.append(curve)

@@ -88,10 +88,11 @@ def _matching_sets(query: CacheQuery) -> list[tuple[int, FeatureSet]]:
 
 
 def _complete(g: FeatureSet) -> bool:
-    if "train" in g.files and ("test" in g.files or "val" in g.files):
+    """A probe needs a train split; its test rows are carved from it when it is the only split."""
+    if "train" in g.files:
         return True
     log.warning(f"warning: skipping {g.describe()}: it has only the {', '.join(g.files)} split(s) cached; "
-                "a probe needs train and test (or val)")
+                "a probe needs a train split")
     return False
 
 
@@ -164,7 +165,7 @@ def select_feature_sets(query: CacheQuery) -> list[tuple[FeatureSet, str]]:
     layer_names, all_layers = _names(layers), _is_all(layers)
     sets = [(rank, g) for rank, g in _matching_sets(query) if _complete(g)]
     if not sets:
-        raise UserError(f"no complete extraction (train and test or val) under {cache_dir} matches")
+        raise UserError(f"no complete extraction with a train split under {cache_dir} matches")
     _one_dataset(sets, cache_dir)
     out = []
     for rank, g in sorted(sets, key=lambda s: (s[0], s[1].identity.model, s[1].identity.variant)):
@@ -227,7 +228,8 @@ def compare(heads: str | Sequence[str], selections: list[tuple[FeatureSet, str]]
         out = evaluate(names, query, options)
         rows += [result_row(run.result, path, g.identity) for run, path in zip(out.runs, out.result_paths)]
     settings = {"grid": options.grid, "seed": options.seed, "scale": options.scale,
-                "max_search_samples": options.max_search_samples}
+                "max_search_samples": options.max_search_samples, "test_fraction": options.test_fraction,
+                "split_seed": options.split_seed}
     return Comparison(rows, choose_winner(rows), data, names, Path(options.results_dir), settings)
 
 

@@ -259,7 +259,7 @@ def fewshot(head_name: str, data: ProbeData, shots="1,2,5,10,20,all", seeds: int
         "identity": data.identity.to_dict(), "layer": data.layer, "k": ks, "shots": [shot_label(k) for k in ks],
         "seeds": int(seeds), "seed": int(seed), "grid_name": grid, "scale": scale, "confidence": CONFIDENCE,
         "points": points, "sizes": data.sizes, "n_classes": len(data.classes), "validation": data.validation,
-        "test_split": data.test_split, "sources": data.sources, "versions": library_versions(),
+        "test_split": data.test_split, "test": data.test, "sources": data.sources, "versions": library_versions(),
         "timing": {"seconds": round(time.perf_counter() - t0, 4)},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -263,7 +263,7 @@ def run_probe(head_name: str | Head, data: ProbeData, options: FitOptions | None
         "timing": {"search_seconds": round(found.seconds, 4), "fit_seconds": round(fit_seconds, 4),
                    "predict_seconds": round(predict_seconds, 4)},
         "sizes": {**data.sizes, "search_train": int(len(ys))}, "validation": validation,
-        "test_split": data.test_split, "classes": data.classes, "sources": data.sources,
+        "test_split": data.test_split, "test": data.test, "classes": data.classes, "sources": data.sources,
         "provenance": data.provenance, "versions": library_versions(), "seed": seed,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
