@@ -35,9 +35,9 @@ class SplitPlan:
     test_split: str
     test_carve: dict | None = None   # {fraction, split_seed} when the test rows came from train
 
-    def describe_test(self) -> dict:
-        """Which rows are test, as probe's result files say it."""
-        n = len(self.test.indices)
+    def describe_test(self, unreadable: int = 0) -> dict:
+        """Which rows are test, as probe's result files say it (rows: the readable ones)."""
+        n = len(self.test.indices) - unreadable
         if self.test_carve:
             what = describe_carve(self.test_carve["fraction"], self.test_carve["split_seed"], n)
         else:

@@ -192,7 +192,7 @@ def finetune(model: str | None = None, data: str | None = None, config: TrainCon
         "timing": {"fit_seconds": round(sum(h["seconds"] for h in history), 4),
                    "predict_seconds": round(predict_seconds, 4)},
         "sizes": _sizes(plan, skipped), "validation": plan.validation + "; best epoch by validation top-1",
-        "test_split": plan.test_split, "test": plan.describe_test(), "classes": list(dataset.classes),
+        "test_split": plan.test_split, "test": plan.describe_test(len(skipped["test"])), "classes": list(dataset.classes),
         "skipped": {k: len(v) for k, v in skipped.items()},
         "trainable_parameters": trainable, "parameters": total,
         "provenance": {**backbone.provenance(), "dataset": dataset.name, "dataset_identity": dataset.identity,

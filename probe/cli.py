@@ -58,14 +58,21 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--results-dir", default="results", help="where results go (default: ./results)")
 
 
-def _carve_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("test rows of a dataset with only a train split (a folder of class folders)")
+def _carve_args(p: argparse.ArgumentParser, note: str = "") -> None:
+    g = p.add_argument_group("test rows of a dataset with only a train split (a folder of class folders)"
+                             + (f"; {note}" if note else ""))
     g.add_argument("--test-fraction", type=float, default=0.2, metavar="F",
                    help="stratified share of train carved as test rows (default: 0.2); a dataset with its own "
                         "test (or val) split keeps it")
     g.add_argument("--split-seed", type=int, default=0,
                    help="seed of that carve, apart from --seed so the validation seed never moves the test set "
                         "(default: 0)")
+
+
+def _carve(args) -> dict:
+    """{fraction, split_seed} of the test rows carved from a train-only dataset."""
+    from probe.protocol.splits import check_fraction
+    return {"fraction": check_fraction(args.test_fraction, "--test-fraction"), "split_seed": args.split_seed}
 
 
 def _query(args) -> CacheQuery:
@@ -132,8 +139,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--head", help="mark the test images this saved head misclassifies (e.g. logreg)")
     m.add_argument("--method", default="tsne", choices=["tsne", "umap"], help="umap needs pip install umap-learn")
     m.add_argument("--max-points", type=int, default=5000, help="stratified subsample above this (default: 5000)")
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--seed", type=int, default=0, help="t-SNE/UMAP and subsample seed (default: 0)")
     _selection_args(m)
+    _carve_args(m, "without --head; with one, the rows its result names")
     g = sub.add_parser("samples", help="a grid of test images with true and predicted labels",
                        description="Sample test images with their true and predicted labels, mistakes in red.")
     g.add_argument("--head", default="logreg", help="saved head whose predictions are shown (default: logreg)")
@@ -154,6 +162,7 @@ def _analysis_parsers(sub) -> None:
     r.add_argument("--head", default="logreg", help="whose measured test top-1 the scores are compared with "
                                                     "(default: logreg)")
     _selection_args(r)
+    _carve_args(r, "rank leaves those rows out")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
     c = sub.add_parser("similarity", help="linear CKA between the taps of two backbones (or one with itself)",
                        description="Linear CKA between every tap of --model a and every tap of b on the same "
@@ -164,6 +173,7 @@ def _analysis_parsers(sub) -> None:
                    help="HSIC estimator: debiased (Song et al. 2012), biased, or auto (default): debiased below "
                         "10,000 images")
     _selection_args(c)
+    _carve_args(c, "--split test compares those rows, --split train the rest")
     c.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
 
 
@@ -289,11 +299,18 @@ def run_predict(args) -> int:
     return 0
 
 
-def _test_file(selection) -> Path:
+def _test_features(selection, args, head_file=None):
+    """The test split's cache file, else its val split's; a train split alone: its carved test rows
+    (with a saved head, None: the rows its result names)."""
+    from extract.store.cache import load_features
+    from probe.protocol.data import carved_test
+
     files = selection.files
-    if "test" not in files and "val" not in files:
-        raise UserError("the selected extraction has no test or val split to picture")
-    return files.get("test") or files["val"]
+    if "test" in files or "val" in files:
+        return files.get("test") or files["val"]
+    if head_file is not None:
+        return None
+    return carved_test(load_features(files["train"], selection.layer), args.test_fraction, args.split_seed)
 
 
 def run_map(args) -> int:
@@ -303,7 +320,7 @@ def run_map(args) -> int:
 
     query = _query(args)
     head_file = find_head_file(args.head, query, args.results_dir) if args.head else None
-    test = _test_file(choose_features(query))
+    test = _test_features(choose_features(query), args, head_file)
     print(write_map(test, head_file=head_file, results_root=args.results_dir, layer=args.layer,
                     method=args.method, seed=args.seed, max_points=args.max_points))
     return 0
@@ -339,7 +356,8 @@ def run_rank(args) -> int:
     if len(heads) != 1:
         raise UserError("rank compares the scores with one head's measured accuracy: --head NAME")
     selections = select_feature_sets(_every_match(args))
-    ranking = rank(selections, results_dir=args.results_dir, head=heads[0], progress=args.progress)
+    ranking = rank(selections, results_dir=args.results_dir, head=heads[0], progress=args.progress,
+                   carve=_carve(args))
     print(format_ranking(ranking), end="")
     for path in write_ranking(ranking).values():
         print(f"wrote {path}")
@@ -350,7 +368,7 @@ def run_similarity(args) -> int:
     """similarity: linear CKA between every tap of two backbones (or one with itself)."""
     from probe.analyses.similarity import format_similarity, pick_sides, similarity, write_similarity
 
-    a, b, split = pick_sides(_every_match(args), split=args.split)
+    a, b, split = pick_sides(_every_match(args), split=args.split, carve=_carve(args))
     result = similarity(a, b, split=split, estimator=args.estimator, results_dir=args.results_dir,
                         progress=args.progress)
     print(format_similarity(result), end="")

@@ -146,6 +146,7 @@ def provenance(work: Work, source, runner: Runner) -> dict:
             "preprocess": identity.preprocess.as_dict(), "weights_preprocess": p.weights.preprocess.as_dict(),
             "image_size": identity.image_size, "normalization": p.normalization(identity),
             "dataset": p.dataset.name, "dataset_identity": p.dataset.identity, "split": source.name,
+            "dataset_splits": list(p.dataset.splits),
             "classes": p.dataset.classes, "n_images": len(source), "dtype": identity.dtype,
             "precision": identity.precision, "precision_requested": identity.precision_requested,
             "device": str(p.device), "layers": backbone.layers, "dims": backbone.dims,

@@ -96,6 +96,17 @@ def _complete(g: FeatureSet) -> bool:
     return False
 
 
+def _one_test_set(sets: list[tuple[int, FeatureSet]]) -> list[tuple[int, FeatureSet]]:
+    """Where some extractions hold a test (or val) split, those with only train are left out: their
+    test rows would be carved from train, so their scores would not compare."""
+    held_out = [s for s in sets if set(s[1].files) - {"train"}]
+    for _, g in sets:
+        if held_out and set(g.files) == {"train"}:
+            log.warning(f"warning: skipping {g.describe()}: it has only the train split cached, the others are "
+                        "scored on the dataset's own test (or val) split")
+    return held_out or sets
+
+
 def _one_dataset(sets: list[tuple[int, FeatureSet]], cache_dir) -> DataRef:
     datasets = list(dict.fromkeys(g.identity.data for _, g in sets))
     if len(datasets) > 1:
@@ -167,6 +178,7 @@ def select_feature_sets(query: CacheQuery) -> list[tuple[FeatureSet, str]]:
     if not sets:
         raise UserError(f"no complete extraction with a train split under {cache_dir} matches")
     _one_dataset(sets, cache_dir)
+    sets = _one_test_set(sets)
     out = []
     for rank, g in sorted(sets, key=lambda s: (s[0], s[1].identity.model, s[1].identity.variant)):
         taps = _taps_for(g, layer_names, all_layers)

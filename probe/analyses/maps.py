@@ -198,8 +198,11 @@ def head_predict(pipeline, sidecar: dict, feats: Features, head_file) -> np.ndar
     return np.asarray(pipeline.predict(feats.X)).astype(np.int64)
 
 
-def head_test_features(head_file) -> Path:
-    """The test-split cache a saved head was scored on, read from its result JSON (<head>.json)."""
+def head_test_features(head_file) -> Path | Features:
+    """The test features a saved head was scored on, read from its result JSON (<head>.json): the
+    test-split cache file, or, where the test rows were carved from train, those rows (Features)."""
+    from probe.protocol.data import carved_test
+
     result_path = Path(head_file).with_suffix(".json")
     try:
         result = json.loads(result_path.read_text())
@@ -209,7 +212,17 @@ def head_test_features(head_file) -> Path:
                         "or names no test source; give the test cache file") from None
     if not path.exists():
         raise UserError(f"the test features {path} that {head_file} was scored on are gone: extract them again")
+    carved = (result.get("test") or {}).get("carved")
+    if carved:
+        return carved_test(load_features(path, result.get("layer")), carved["fraction"], carved["split_seed"])
     return path
+
+
+def split_label(meta: dict) -> str:
+    """'test', 'val' or 'test (20% of train carved by split seed 0, 49 rows)': which rows these are."""
+    if meta.get("test"):
+        return f"test ({meta['test']})"
+    return meta.get("split") or "test"
 
 
 def class_names(meta: dict, sidecar: dict | None, y) -> list[str]:
@@ -246,7 +259,7 @@ def class_map(test_features=None, *, head_file=None, layer: str | None = None, m
     return {"xy": xy, "y": y, "wrong": None if pred is None else pred[rows] != y,
             "pred": None if pred is None else pred[rows], "classes": class_names(meta, sidecar, feats.y),
             "rows": rows, "index": np.asarray(meta["index"])[rows], "identity": meta["identity"],
-            "layer": meta["layer"], "split": meta.get("split", ""), "method": method, "head": head}
+            "layer": meta["layer"], "split": split_label(meta), "method": method, "head": head}
 
 
 def map_figure(xy, y, classes, *, wrong=None, title: str = "") -> Figure:

@@ -23,7 +23,8 @@ from matplotlib.figure import Figure
 from extract.core.errors import UserError
 from extract.store.identity import FeatureIdentity
 
-from probe.analyses.maps import class_names, head_name, head_predict, head_test_features, load_head_logged, open_features
+from probe.analyses.maps import (class_names, head_name, head_predict, head_test_features, load_head_logged,
+                                 open_features, split_label)
 from probe.output.plots import new_figure, save_png
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ def sample_grid(test_features=None, head_file=None, *, n: int = 16, seed: int = 
     meta = feats.meta
     return SampleGrid(images=images_for(meta, rows, root), rows=rows, index=np.asarray(meta["index"])[rows],
                       true=feats.y[rows], pred=pred[rows], classes=class_names(meta, sidecar, feats.y),
-                      identity=meta["identity"], layer=meta["layer"], split=meta.get("split", ""),
+                      identity=meta["identity"], layer=meta["layer"], split=split_label(meta),
                       head=head_name(head_file, sidecar), split_wrong=int((pred != feats.y).sum()),
                       split_rows=len(feats.y))
 

@@ -181,6 +181,8 @@ def load_probe_data(selection: Selection, seed: int = 0, val_fraction: float = 0
     X_tr, y_tr = arrays["train"]
     index_tr = np.asarray(train_meta["index"])
     _require_classes(y_tr, "train", str(files["train"]))
+    if carved:
+        _refuse_uncached_split(train_meta)
     if carved or not val_split:
         test_rows, val_rows = carved_rows(train_meta, y_tr, seed=seed, val_fraction=val_fraction,
                                           test_fraction=check_fraction(test_fraction, "--test-fraction") if carved
@@ -221,6 +223,15 @@ def load_probe_data(selection: Selection, seed: int = 0, val_fraction: float = 0
         sources={role: str(files[s]) for role, s in (("train", "train"), ("val", val_split), ("test", test_split)) if s},
         index_train=index_tr, index_val=index_va, index_test=index_te,
         test_carve={"fraction": float(test_fraction), "split_seed": int(split_seed)} if carved else None)
+
+
+def _refuse_uncached_split(meta: dict) -> None:
+    """A dataset that has its own test (or val) split is scored on it, never on rows carved from train."""
+    held_out = [s for s in (meta.get("provenance") or {}).get("dataset_splits") or [] if s in ("test", "val")]
+    if held_out:
+        raise UserError(f"only the train split of {meta['identity'].data.describe()} is cached ({meta['path']}), but "
+                        f"the dataset has its own '{held_out[0]}' split: extract it (the same extract command "
+                        f"without --split) so the probe is scored on it")
 
 
 def carved_rows(meta: dict, labels, *, seed: int = 0, val_fraction: float = 0.2, test_fraction: float | None = None,
