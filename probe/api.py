@@ -71,6 +71,17 @@ def choose_features(query: CacheQuery) -> Selection:
     return sel
 
 
+def choose_for_saved_head(query: CacheQuery) -> Selection:
+    """choose_features for commands that read one saved head (predict, map, samples): without --data,
+    a cache holding several datasets is refused, naming them, instead of taking the newest."""
+    if not query.features and query.data is None:
+        from extract.store.catalog import select
+        from probe.analyses.compare import one_dataset
+
+        one_dataset([(0, g) for g in select(query)], query.cache_dir)
+    return choose_features(query)
+
+
 def evaluate(heads: str | Sequence[str] = "logreg", query: CacheQuery | None = None,
              options: FitOptions | None = None, **keywords) -> Evaluation:
     """Fit each head on cached features (select on validation, refit, test once) and write its results.

@@ -314,13 +314,13 @@ def _test_features(selection, args, head_file=None):
 
 
 def run_map(args) -> int:
-    from probe.api import choose_features
+    from probe.api import choose_for_saved_head
     from probe.analyses.maps import write_map
     from probe.analyses.predict import find_head_file
 
     query = _query(args)
     head_file = find_head_file(args.head, query, args.results_dir) if args.head else None
-    test = _test_features(choose_features(query), args, head_file)
+    test = _test_features(choose_for_saved_head(query), args, head_file)
     print(write_map(test, head_file=head_file, results_root=args.results_dir, layer=args.layer,
                     method=args.method, seed=args.seed, max_points=args.max_points))
     return 0

@@ -107,7 +107,8 @@ def _one_test_set(sets: list[tuple[int, FeatureSet]]) -> list[tuple[int, Feature
     return held_out or sets
 
 
-def _one_dataset(sets: list[tuple[int, FeatureSet]], cache_dir) -> DataRef:
+def one_dataset(sets: list[tuple[int, FeatureSet]], cache_dir) -> DataRef:
+    """The one dataset of these (rank, feature set) pairs; several: a UserError naming them."""
     datasets = list(dict.fromkeys(g.identity.data for _, g in sets))
     if len(datasets) > 1:
         names = ", ".join(sorted(d.label for d in datasets))
@@ -177,7 +178,7 @@ def select_feature_sets(query: CacheQuery) -> list[tuple[FeatureSet, str]]:
     sets = [(rank, g) for rank, g in _matching_sets(query) if _complete(g)]
     if not sets:
         raise UserError(f"no complete extraction with a train split under {cache_dir} matches")
-    _one_dataset(sets, cache_dir)
+    one_dataset(sets, cache_dir)
     sets = _one_test_set(sets)
     out = []
     for rank, g in sorted(sets, key=lambda s: (s[0], s[1].identity.model, s[1].identity.variant)):
@@ -230,7 +231,7 @@ def compare(heads: str | Sequence[str], selections: list[tuple[FeatureSet, str]]
     options = fit_options(options, **keywords)
     if not selections:
         raise UserError("nothing to compare: no feature set was selected")
-    data = _one_dataset([(0, g) for g, _ in selections], "the selection")
+    data = one_dataset([(0, g) for g, _ in selections], "the selection")
     names = head_names(heads)
     rows = []
     for g, tap in selections:
