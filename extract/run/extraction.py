@@ -80,6 +80,7 @@ def run_request(request: ExtractRequest, weights: ResolvedWeights | None = None)
         stamps = stamps_of(source.paths) if source.paths is not None else None
         fingerprint = source.fingerprint(stamps)
         identity = p.identity
+        created = cache.missing_dirs(path.parent) if runner.leader else []
         lock = cache.lock_for(path) if runner.leader else None
         if lock is not None:
             cache.acquire(lock, path, log.info)
@@ -111,6 +112,8 @@ def run_request(request: ExtractRequest, weights: ResolvedWeights | None = None)
         finally:
             if lock is not None:
                 lock.release()
+                if split not in results:   # failed: leave no folder behind that holds only its lock
+                    cache.discard_unused(lock, created)
     return results
 
 
