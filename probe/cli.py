@@ -105,7 +105,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", choices=SCALES, help="feature scaling inside the pipeline (default: per head)")
     p.add_argument("--seed", type=int, default=0, help="validation carve, subsampling, estimator seeds")
     p.add_argument("--n-jobs", type=int, default=None, help="threads for BLAS/OpenMP during fits and processes for rf "
-                   "(default: the libraries' choice; 1 is often fastest on a busy machine)")
+                   "(default: 1 for small problems, else the physical cores other processes leave free now, at "
+                   "most 8; -1: every core, the libraries' own choice)")
     p.add_argument("--solver", default="auto", choices=SOLVERS,
                    help="logreg's solver: sklearn, or torch (full-batch L-BFGS on --device, the same objective; "
                         "streams features larger than memory); auto (default): torch when a CUDA GPU is present "

@@ -38,6 +38,8 @@ class FitOptions:
         check_fraction(self.test_fraction, "--test-fraction")
         if self.n_jobs is not None and self.n_jobs == 0:
             raise UserError("--n-jobs takes a positive number (or -1 for every core)")
+        if self.n_jobs is not None and self.n_jobs < -1:
+            raise UserError("--n-jobs takes a positive number (or -1 for every core)")
 
     def replace(self, **changes) -> "FitOptions":
         return dataclasses.replace(self, **changes)
