@@ -30,7 +30,7 @@ from extract.store.catalog import CacheQuery, FeatureSet, select
 from extract.core.errors import UserError
 from extract.store.identity import PENULTIMATE, DataRef, FeatureIdentity
 
-from probe.output.plots import new_figure, save_png
+from probe.output.plots import new_figure, save_png, wrap
 from probe.protocol.options import FitOptions, fit_options
 
 log = logging.getLogger(__name__)
@@ -295,7 +295,8 @@ def compare_figure(rows: list[dict], winner: dict | None = None, title: str = ""
     """Heat map of test top-1 (rows backbone[/tap], columns heads), the validation winner outlined."""
     labels, heads, matrix = pivot(rows)
     pct = 100 * matrix
-    fig = new_figure(figsize=(2.6 + 1.1 * len(heads) + 0.06 * max(map(len, labels)), 1.6 + 0.45 * len(labels)))
+    width = 3.2 + 1.1 * len(heads) + 0.06 * max(map(len, labels))
+    fig = new_figure(figsize=(width, 1.9 + 0.45 * len(labels)), layout="constrained")
     ax = fig.add_subplot()
     finite = pct[np.isfinite(pct)]
     im = ax.imshow(np.ma.masked_invalid(pct), cmap="viridis", aspect="auto",
@@ -313,8 +314,8 @@ def compare_figure(rows: list[dict], winner: dict | None = None, title: str = ""
         ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=3))
     ax.set_xticks(range(len(heads)), heads, fontsize=8)
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
-    ax.set_title(title + ("\n" if title else "") + "test top-1 (%); * and red box: chosen on validation", fontsize=9)
-    fig.tight_layout()
+    ax.set_title(wrap(title + ("\n" if title else "") + "test top-1 (%); * and red box: chosen on validation",
+                      0.55 * width, 9), fontsize=9)
     return fig
 
 
@@ -341,7 +342,7 @@ def layer_figure(rows: list[dict], title: str = "") -> Figure:
     colours = {h: f"C{i % 10}" for i, h in enumerate(heads)}
     cols = min(3, len(series))
     nrows = -(-len(series) // cols)
-    fig = new_figure(figsize=(4.2 * cols, 3.4 * nrows + 0.5))
+    fig = new_figure(figsize=(4.2 * cols, 3.4 * nrows + 0.5), layout="constrained")
     axes = np.atleast_1d(fig.subplots(nrows, cols, sharey=True, squeeze=False)).ravel()
     for ax, (label, rs) in zip(axes, series.items()):
         taps = list(dict.fromkeys(r["tap"] for r in rs))
@@ -354,7 +355,7 @@ def layer_figure(rows: list[dict], title: str = "") -> Figure:
             ax.plot(x, [100 * by_tap[taps[i]]["val_top1"] for i in x], "x--", color=colours[head], alpha=0.7,
                     label=f"{head} validation")
         ax.set_xticks(range(len(taps)), taps, rotation=30, ha="right", fontsize=8)
-        ax.set_title(label, fontsize=9)
+        ax.set_title(wrap(label, 3.8, 9), fontsize=9)
         ax.set_xlabel("tap (shallow to deep)", fontsize=8)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 (%)")
@@ -362,8 +363,7 @@ def layer_figure(rows: list[dict], title: str = "") -> Figure:
         ax.set_visible(False)
     axes[0].legend(fontsize=7)
     if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+        fig.suptitle(wrap(title, 4.0 * cols, 10), fontsize=10)
     return fig
 
 

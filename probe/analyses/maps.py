@@ -22,7 +22,7 @@ from extract.store.cache import Features, load_features
 from extract.core.errors import UserError
 from extract.store.identity import FeatureIdentity, describe_differences, differences
 
-from probe.output.plots import new_figure, save_png
+from probe.output.plots import fit_label, new_figure, save_png, wrap
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def map_figure(xy, y, classes, *, wrong=None, title: str = "") -> Figure:
     """Scatter of xy coloured by class (legend up to LEGEND_MAX classes, else a colour bar);
     points flagged in `wrong` get a black x."""
     xy, y = np.asarray(xy, dtype=float), np.asarray(y)
-    fig = new_figure(figsize=(8.5, 7))
+    fig = new_figure(figsize=(8.5, 7), layout="constrained")
     ax = fig.add_subplot()
     size = float(np.clip(3000 / max(len(y), 1), 4, 40))
     present = np.unique(y)
@@ -274,7 +274,7 @@ def map_figure(xy, y, classes, *, wrong=None, title: str = "") -> Figure:
         cmap = colormaps["tab10" if len(present) <= 10 else "tab20"]
         for i, c in enumerate(present):
             m = y == c
-            name = classes[c] if c < len(classes) else str(c)
+            name = fit_label(classes[c] if c < len(classes) else str(c), 32)
             ax.scatter(xy[m, 0], xy[m, 1], s=size, color=cmap(i), alpha=0.8, linewidths=0, label=name)
     else:
         sc = ax.scatter(xy[:, 0], xy[:, 1], s=size, c=y, cmap="turbo", alpha=0.8, linewidths=0)
@@ -289,8 +289,7 @@ def map_figure(xy, y, classes, *, wrong=None, title: str = "") -> Figure:
         ax.legend(loc="best", fontsize=8)
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
+    ax.set_title(wrap(title, 5.5, 9), fontsize=9)
     return fig
 
 

@@ -34,7 +34,7 @@ from extract.store.identity import DataRef, FeatureIdentity
 
 from probe.analyses.compare import backbone_label
 from probe.analyses.transfer import BLOCK_BYTES, scores_of_file
-from probe.output.plots import new_figure, save_png
+from probe.output.plots import new_figure, plain, save_png, wrap
 from probe.output.results import load_results
 
 log = logging.getLogger(__name__)
@@ -203,12 +203,13 @@ def ranking_figure(ranking: Ranking) -> Figure:
         ax.barh(y, np.nan_to_num(values, nan=0.0), color="tab:green" if key == "test_top1" else "tab:blue")
         for i, v in enumerate(values):
             if np.isfinite(v):
-                ax.annotate(f"{v:.3g}", (v, i), xytext=(2, 0), textcoords="offset points", va="center", fontsize=7)
+                ax.annotate(plain(v), (v, i), xytext=(2, 0), textcoords="offset points", va="center", fontsize=7)
         ax.margins(x=0.15)
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(y, labels, fontsize=8)
     axes[0].invert_yaxis()
-    fig.suptitle(f"{ranking.data.label}: transferability on the train split only", fontsize=10)
+    fig.suptitle(wrap(f"{ranking.data.label}: transferability on the train split only", 3.2 * len(panels), 10),
+                 fontsize=10)
     return fig
 
 

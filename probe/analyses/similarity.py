@@ -35,7 +35,7 @@ from extract.store.identity import PENULTIMATE, FeatureIdentity, describe_differ
 
 from probe.analyses.cka import cka_sums
 from probe.analyses.compare import _is_all, _names, backbone_label, tap_order
-from probe.output.plots import new_figure, save_png
+from probe.output.plots import new_figure, save_png, wrap
 from probe.output.results import _safe
 
 log = logging.getLogger(__name__)
@@ -286,7 +286,8 @@ def similarity_figure(result: Similarity) -> Figure:
     ax.set_yticks(range(len(rows)), rows, fontsize=8)
     ax.set_xlabel(result.b.label, fontsize=8)
     ax.set_ylabel(result.a.label, fontsize=8)
-    ax.set_title(f"{result.a.identity.data.label} · {result.where} · {result.n} images", fontsize=9)
+    ax.set_title(wrap(f"{result.a.identity.data.label} · {result.where} · {result.n} images",
+                      0.6 * fig.get_figwidth(), 9), fontsize=9)
     return fig
 
 
