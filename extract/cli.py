@@ -8,6 +8,7 @@ import time
 
 from extract.compute.engines import AUTO, engine_names
 from extract.core.errors import UserError, guarded
+from extract.core.helpformat import DefaultsHelp
 from extract.registry.datasets import describe_datasets
 from extract.registry.models import MAX_DESCRIBED, describe_model, expand_taps, model_names, resolve_weights
 from extract.run.extraction import run_request, summary
@@ -20,7 +21,7 @@ LOGGERS = ("extract",)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m extract",
+    p = argparse.ArgumentParser(prog="python -m extract", formatter_class=DefaultsHelp,
                                 description="Run a frozen pretrained backbone over a dataset and cache the "
                                             "embeddings to HDF5 (one file per split).")
     p.add_argument("--model", action="append", metavar="MODEL",
@@ -85,7 +86,7 @@ def parser() -> argparse.ArgumentParser:
                    help="replace a cache made from different inputs")
     p.add_argument("--allow-missing-weights", action=argparse.BooleanOptionalAction, default=False,
                    help="use a checkpoint that leaves weights of the network at random init (recorded in provenance)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     p.add_argument("--list-models", nargs="?", const="", default=None, metavar="PATTERN",
                    help="list backbones with dims and weights, then exit; with a glob PATTERN ('resnet*', "
                         "'timm/convnext*'), every matching registry, torchvision and timm model")

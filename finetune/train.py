@@ -158,8 +158,8 @@ def finetune(model: str | None = None, data: str | None = None, config: TrainCon
                                       scheduler=scheduler, scaler=scaler, history=history, best=best,
                                       improved=improved, device=dev)
                 logger.info(f"epoch {epoch}/{epochs}: train loss {row['train_loss']:.4f} "
-                            f"top-1 {row['train_top1']:.4f}, val loss {row['val_loss']:.4f} "
-                            f"top-1 {row['val_top1']:.4f} ({row['seconds']:.1f} s)")
+                            f"top-1 {row['train_top1']:.2%}, val loss {row['val_loss']:.4f} "
+                            f"top-1 {row['val_top1']:.2%} ({row['seconds']:.1f} s)")
                 if on_epoch_end is not None:
                     on_epoch_end(epoch, row, net)
         except KeyboardInterrupt:
@@ -205,7 +205,7 @@ def finetune(model: str | None = None, data: str | None = None, config: TrainCon
     path = write_result(result, c.results_dir)
     curves = plot_history(history, path.with_name(f"{path.stem}.curves.png"),
                           title=f"{head} · {identity.data.label} · {identity.model}", best_epoch=best_state["epoch"])
-    logger.info(f"test top-1 {metrics['top1']:.4f} (best epoch {best_state['epoch']} of {epochs}); result: {path}")
+    logger.info(f"test top-1 {metrics['top1']:.2%} (best epoch {best_state['epoch']} of {epochs}); result: {path}")
     return FinetuneResult(result, path, curves, run_dir, net.cpu())
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from extract.core.errors import UserError, guarded
+from extract.core.helpformat import DefaultsHelp
 from extract.store.catalog import CacheQuery
 
 from probe.heads.catalog import GRIDS, OPT_IN, SCALES, list_heads
@@ -33,6 +34,10 @@ EPILOG = """examples:
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelp)    # --help states every default
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # one line on stderr, exit code 2, no usage dump
         raise UserError(f"{message} (see --help)")
 
@@ -92,7 +97,7 @@ def _options(args) -> FitOptions:
 
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m probe", description="Fit, tune and compare classical heads on cached embeddings.",
-                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                epilog=EPILOG)
     p.add_argument("--head", default="logreg",
                    help=f"one of {', '.join(list_heads())}, several comma-separated, or all (default: logreg); "
                         f"opt-in, not in all: {', '.join(OPT_IN)} (cosine retrieval, recall@k and mAP@R)")
@@ -133,7 +138,7 @@ def parser() -> argparse.ArgumentParser:
     _selection_args(q)
     q.add_argument("--top", type=int, default=1, help="show the top K labels per image (default: 1)")
     q.add_argument("--device", default="auto", help="device for the backbone (default: auto)")
-    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--batch-size", type=int, default=32, help="images per forward pass of the backbone")
     m = sub.add_parser("map", help="2-D map (t-SNE or UMAP) of the test features, coloured by class",
                        description="A 2-D map of the test split's features coloured by class; with --head, the "
                                    "images that saved head gets wrong are marked.")
@@ -148,7 +153,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--head", default="logreg", help="saved head whose predictions are shown (default: logreg)")
     g.add_argument("-n", type=int, default=16, help="images in the grid (default: 16)")
     g.add_argument("--only-mistakes", action="store_true", help="show only misclassified images")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="which images are drawn")
     _selection_args(g)
     _analysis_parsers(sub)
     return p
@@ -201,7 +206,8 @@ def run_heads(args) -> int:
     data = out.data
     print(f"{data.dataset} / {data.model} / layer {data.layer} ({data.identity.precision}, {data.identity.dtype}): "
           f"{data.sizes['train']} train, {data.sizes['val']} validation, {data.sizes['test']} test "
-          f"('{data.test_split}' split), {len(data.classes)} classes, {data.X_train.shape[1]} dims")
+          f"({'carved from train' if data.test_carve else repr(data.test_split) + ' split'}), {len(data.classes)} classes, "
+          f"{data.X_train.shape[1]} dims")
     print(f"test: {data.test['description']}")
     print(f"validation: {data.validation}")
     for run, path in zip(out.runs, out.result_paths):
