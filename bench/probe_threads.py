@@ -59,13 +59,14 @@ def main(argv=None) -> int:
     p.add_argument("--test", required=True)
     p.add_argument("--settings", default="default,1,2", help="--n-jobs values; default = not given")
     p.add_argument("--repeats", type=int, default=2, help="runs per cell (medians reported)")
+    p.add_argument("--conditions", default="quiet,busy", help="quiet (no extra process), busy (one core burnt)")
     p.add_argument("--out", help="also write the rows as JSON here")
     args = p.parse_args(argv)
     settings = args.settings.split(",")
     print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {cpu_model()}, {os.cpu_count()} logical CPUs; "
           f"{args.repeats} run(s) per cell, medians")
     rows = []
-    for condition in ("quiet", "busy"):
+    for condition in args.conditions.split(","):
         hog = burner() if condition == "busy" else None
         try:
             time.sleep(1.0 if hog else 0.0)
