@@ -407,3 +407,16 @@ def test_a_checkpoint_that_does_not_fit_names_its_model_and_leaves_no_folder(tmp
     code = main(["--model", f"cifar_resnet32={r20}", "--data", "synthetic", "--option", "n=8",
                  "--cache-dir", str(tmp_path / "fresh" / "cache"), "--no-progress"])
     assert code == 2 and not (tmp_path / "fresh").exists()
+
+
+def test_a_stop_on_a_bad_image_leaves_nothing_unless_a_chunk_finished(tmp_path, capsys):
+    root = make_folder(tmp_path / "pets", per_class=3, splits=("train",))
+    (root / "train" / "cat" / "zz-broken.png").write_bytes(b"not a png")
+    args = ["--model", "cifar_resnet20.none", "--data", "imagefolder", "--root", str(root), "--on-error", "stop",
+            "--no-progress"]
+    assert main([*args, "--cache-dir", str(tmp_path / "one")]) == 2        # one chunk: nothing was finished
+    assert not (tmp_path / "one").exists()
+    assert main([*args, "--cache-dir", str(tmp_path / "two"), "--chunk-size", "2"]) == 2
+    kept = sorted(p.name for p in (tmp_path / "two").glob("*/*/train.h5.partial/*"))
+    assert kept == ["chunk-000000.h5", "manifest.json"]                    # the finished chunk stays for resume
+    assert "zz-broken.png" in capsys.readouterr().err

@@ -63,13 +63,18 @@ def missing_dirs(folder) -> list[Path]:
 
 
 def discard_unused(lock: FileLock, created: list[Path]) -> None:
-    """After a split that wrote nothing: its lock file and the folders made for it (`created`, from
-    missing_dirs before lock_for), when nothing else is in them; folders that were there stay."""
+    """After a split that wrote nothing: its lock file, a chunk folder holding no finished chunk, and
+    the folders made for it (`created`, from missing_dirs before lock_for), when nothing else is in
+    them; folders that were there stay."""
     lock_file = Path(lock.lock_file)
     if not created or lock_file.parent != created[0]:
         return
-    if any(p != lock_file for p in lock_file.parent.iterdir()):
+    partial = partial_path(Path(str(lock_file)[:-len(".lock")]))
+    empty_partial = partial.is_dir() and all(p.name == "manifest.json" for p in partial.iterdir())
+    if any(p != lock_file and not (p == partial and empty_partial) for p in lock_file.parent.iterdir()):
         return
+    if empty_partial:
+        shutil.rmtree(partial, ignore_errors=True)
     lock_file.unlink(missing_ok=True)
     for d in created:
         try:
