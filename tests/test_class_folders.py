@@ -97,8 +97,9 @@ def test_every_analysis_reads_the_carved_test_rows(folder, capsys, tmp_path):
     out, _ = run(["map", "--head", "logreg", *common], capsys)
     assert out.strip().endswith("map-tsne-logreg.png")
     out, _ = run(["samples", "--head", "logreg", "-n", "50", *common], capsys)
+    from probe.analyses.predict import find_head_file
     from probe.analyses.samples import sample_grid
-    grid = sample_grid(head_file=next(results.glob("**/penultimate/logreg.joblib")), n=50)
+    grid = sample_grid(head_file=find_head_file("logreg", CacheQuery(cache), results), n=50)
     assert len(grid.rows) == n_test and set(grid.index.tolist()) == set(data.index_test.tolist())
     assert grid.split.startswith("test (20% of train carved by split seed 0")
     out, _ = run(["rank", "--no-progress", *common], capsys)
