@@ -480,3 +480,75 @@ def test_published_weights_come_from_the_hub_cache_and_a_missing_one_is_one_line
     assert main(["--model", "resnet50.vicreg", *args]) == 0
     X, _, meta = load_features(data="synthetic", model="resnet50.vicreg", cache_dir=tmp_path / "c")
     assert X.shape == (4, 2048) and meta["identity"].weights_sha256
+
+
+def _two_checkpoints(tmp_path):
+    import torch
+    from extract.registry.models import build_network
+
+    torch.manual_seed(0)
+    r20, r32 = tmp_path / "mine20.pth", tmp_path / "mine32.pth"
+    torch.save(build_network("cifar_resnet20").state_dict(), r20)
+    torch.save(build_network("cifar_resnet32").state_dict(), r32)
+    return r20, r32
+
+
+@pytest.mark.parametrize("spelling", ["in-model", "per-position"])
+def test_each_model_gets_its_own_weights(tmp_path, capsys, spelling):
+    r20, r32 = _two_checkpoints(tmp_path)
+    cache = tmp_path / "cache"
+    args = {"in-model": ["--model", f"cifar_resnet20.none,cifar_resnet32={r32}"],
+            "per-position": ["--model", "cifar_resnet20,cifar_resnet32", "--weights", f"none,{r32}"]}[spelling]
+    assert main([*args, "--data", "synthetic", "--option", "n=8", "--split", "train", "--cache-dir", str(cache),
+                 "--no-progress"]) == 0, capsys.readouterr().err
+    metas = {p.parent.name: load_features(p).meta for p in cache.glob("*/*/train.h5")}
+    mine = f"cifar_resnet32.mine32-{_sha(r32)[:8]}"
+    assert sorted(metas) == ["cifar_resnet20.none", mine]
+    assert metas[mine]["identity"].weights_sha256 == _sha(r32)
+    assert metas["cifar_resnet20.none"]["identity"].weights_sha256 is None
+
+
+def _sha(path):
+    import hashlib
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("weights, words", [
+    ("FILE", ["with 2 models (cifar_resnet20, cifar_resnet32)", "one per model", "arch=FILE"]),
+    ("none,FILE,none", ["3 weights for 2 models"]),
+    ("none,missing.pth", ["cifar_resnet32", "not found"])])
+def test_weights_for_several_models_are_checked_before_any_work(tmp_path, capsys, weights, words):
+    r20, _ = _two_checkpoints(tmp_path)
+    code = main(["--model", "cifar_resnet20,cifar_resnet32", "--weights", weights.replace("FILE", str(r20)),
+                 "--data", "synthetic", "--option", "n=8", "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ")
+    assert all(w in err[0] for w in words), err[0]
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_checkpoint_that_does_not_fit_names_its_model_and_leaves_no_folder(tmp_path, capsys):
+    r20, _ = _two_checkpoints(tmp_path)
+    cache = tmp_path / "cache"
+    code = main(["--model", f"cifar_resnet20.none,cifar_resnet32={r20}", "--data", "synthetic", "--option", "n=8",
+                 "--split", "train", "--cache-dir", str(cache), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith(f"error: --model cifar_resnet32={r20}: ") and "lacks" in err[-1]
+    # the first model's cache is there; the second left nothing, not even a folder holding a lock file
+    assert sorted(p.name for p in next(cache.iterdir()).iterdir()) == ["cifar_resnet20.none"]
+    code = main(["--model", f"cifar_resnet32={r20}", "--data", "synthetic", "--option", "n=8",
+                 "--cache-dir", str(tmp_path / "fresh" / "cache"), "--no-progress"])
+    assert code == 2 and not (tmp_path / "fresh").exists()
+
+
+def test_a_stop_on_a_bad_image_leaves_nothing_unless_a_chunk_finished(tmp_path, capsys):
+    root = make_folder(tmp_path / "pets", per_class=3, splits=("train",))
+    (root / "train" / "cat" / "zz-broken.png").write_bytes(b"not a png")
+    args = ["--model", "cifar_resnet20.none", "--data", "imagefolder", "--root", str(root), "--on-error", "stop",
+            "--no-progress"]
+    assert main([*args, "--cache-dir", str(tmp_path / "one")]) == 2        # one chunk: nothing was finished
+    assert not (tmp_path / "one").exists()
+    assert main([*args, "--cache-dir", str(tmp_path / "two"), "--chunk-size", "2"]) == 2
+    kept = sorted(p.name for p in (tmp_path / "two").glob("*/*/train.h5.partial/*"))
+    assert kept == ["chunk-000000.h5", "manifest.json"]                    # the finished chunk stays for resume
+    assert "zz-broken.png" in capsys.readouterr().err

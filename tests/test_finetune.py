@@ -310,7 +310,10 @@ def test_cli_runs_end_to_end(tmp_path, capsys, init_weights):
             "--optimizer", "adamw", "--results-dir", str(tmp_path / "r"), "--runs-dir", str(tmp_path / "runs"),
             "--no-progress"]
     assert main(argv) == 0
-    assert "finetune-backbone: test top-1" in capsys.readouterr().out
+    out = capsys.readouterr().out
     result = load_results(tmp_path / "r")[0]
+    m = result["metrics"]
+    assert f"finetune-backbone: test top-1 {100 * m['top1']:.2f}%, balanced {100 * m['balanced_accuracy']:.2f}%" in out
+    assert "test: the dataset's own 'test' split" in out and f"wrote {result['_path']}" in out
     assert result["hyperparameters"]["optimizer"] == "adamw" and result["schedule"]["name"] == "step"
     assert np.isclose(result["hyperparameters"]["lr"], 1e-4)

@@ -246,3 +246,24 @@ def test_a_test_class_absent_from_train_is_said_once_and_recorded(tmp_path, caps
     result = json.loads(next((tmp_path / "r").glob(f"**/{head}.json")).read_text())
     assert result["test_classes_not_in_train"] == ["g"]
     assert result["metrics"]["top1"] <= 60 / 70 and result["metrics"]["top5"] <= 60 / 70 + 1e-9
+
+
+@pytest.mark.parametrize("command", ["predict", "map", "samples"])
+def test_saved_head_commands_refuse_to_guess_between_datasets(tmp_path, capsys, command):
+    """Two datasets cached, no --data: predict, map and samples name both instead of taking the newest;
+    with --data they run on the one named."""
+    cache, results = tmp_path / "cache", tmp_path / "r"
+    toy_cache(cache, splits=("train", "test"), dataset="ants", model="m1")
+    toy_cache(cache, splits=("train", "test"), dataset="digits", model="m1")
+    for data in ("ants", "digits"):
+        assert run_cli(["--head", "knn", "--data", data, "--cache-dir", cache, "--results-dir", results,
+                        "--no-progress"], capsys)[0] == 0
+    extra = {"predict": [tmp_path / "x.png"], "map": [], "samples": ["-n", "4"]}[command]
+    code, out, err = run_cli([command, "--head", "knn", "--cache-dir", cache, "--results-dir", results, *extra],
+                             capsys)
+    assert_user_error(code, err, "2 datasets (ants, digits)", "--data")
+    if command == "map":   # toy caches have no images to predict from or to show
+        code, out, err = run_cli([command, "--head", "knn", "--data", "ants", "--cache-dir", cache, "--results-dir",
+                                  results, *extra], capsys)
+        assert code == 0, err
+        assert "/ants/" in out.strip().splitlines()[-1]

@@ -87,6 +87,7 @@ def run_request(request: ExtractRequest, weights: ResolvedWeights | None = None)
             if runner.leader:
                 _remove_stale_partial(path)
             continue
+        created = cache.missing_dirs(path.parent) if runner.leader else []
         lock = cache.lock_for(path) if runner.leader else None
         if lock is not None:
             cache.acquire(lock, path, log.info)
@@ -118,6 +119,8 @@ def run_request(request: ExtractRequest, weights: ResolvedWeights | None = None)
         finally:
             if lock is not None:
                 lock.release()
+                if split not in results:   # failed: leave no folder behind that holds only its lock
+                    cache.discard_unused(lock, created)
     return results
 
 
@@ -188,6 +191,7 @@ def provenance(work: Work, source, runner: Runner) -> dict:
             "preprocess": identity.preprocess.as_dict(), "weights_preprocess": p.weights.preprocess.as_dict(),
             "image_size": identity.image_size, "normalization": p.normalization(identity),
             "dataset": p.dataset.name, "dataset_identity": p.dataset.identity, "split": source.name,
+            "dataset_splits": list(p.dataset.splits),
             "classes": p.dataset.classes, "n_images": len(source), "dtype": identity.dtype,
             "precision": identity.precision, "precision_requested": identity.precision_requested,
             "device": str(p.device), "layers": backbone.layers, "dims": backbone.dims,

@@ -73,6 +73,36 @@ def lock_for(path, timeout: float = -1) -> FileLock:
     return FileLock(str(path) + ".lock", timeout=timeout)
 
 
+def missing_dirs(folder) -> list[Path]:
+    """The folders from `folder` upwards that do not exist yet, deepest first (what lock_for will make)."""
+    out, d = [], Path(folder)
+    while not d.exists() and d != d.parent:
+        out.append(d)
+        d = d.parent
+    return out
+
+
+def discard_unused(lock: FileLock, created: list[Path]) -> None:
+    """After a split that wrote nothing: its lock file, a chunk folder holding no finished chunk, and
+    the folders made for it (`created`, from missing_dirs before lock_for), when nothing else is in
+    them; folders that were there stay."""
+    lock_file = Path(lock.lock_file)
+    if not created or lock_file.parent != created[0]:
+        return
+    partial = partial_path(Path(str(lock_file)[:-len(".lock")]))
+    empty_partial = partial.is_dir() and all(p.name == "manifest.json" for p in partial.iterdir())
+    if any(p != lock_file and not (p == partial and empty_partial) for p in lock_file.parent.iterdir()):
+        return
+    if empty_partial:
+        shutil.rmtree(partial, ignore_errors=True)
+    lock_file.unlink(missing_ok=True)
+    for d in created:
+        try:
+            d.rmdir()
+        except OSError:   # something else was written there meanwhile
+            return
+
+
 def acquire(lock: FileLock, path, notify) -> None:
     """Take the file's lock, saying so if another process holds it and we have to wait; a folder where
     the lock cannot be created is a UserError."""

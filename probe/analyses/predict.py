@@ -37,13 +37,14 @@ def image_files(items) -> list[str]:
 
 
 def find_head_file(head: str, query: CacheQuery, results_dir="results") -> Path:
-    """<results>/<identity>/<layer>/<head>.skops of the features a query picks (see probe.api)."""
-    from probe.api import choose_features
+    """<results>/<identity>/<layer>/<head>.skops of the features a query picks (see probe.api;
+    several cached datasets and no --data: refused, naming them)."""
+    from probe.api import choose_for_saved_head
     from probe.heads.catalog import get_head
     from probe.output.headfile import HEAD_SUFFIX
 
     name = get_head(head).name
-    sel = choose_features(query)
+    sel = choose_for_saved_head(query)
     meta = load_features(sel.files["train"], sel.layer, lazy=True).meta
     meta.pop("file").close()
     return meta["identity"].results_dir(results_dir, meta["layer"]) / f"{name}{HEAD_SUFFIX}"

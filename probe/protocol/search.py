@@ -27,18 +27,28 @@ from probe.heads.placement import Memory, place
 from probe.output.results import SCHEMA, library_versions
 from probe.protocol.rows import concat, is_streamed
 from probe.protocol.splits import stratified_subsample
+from probe.protocol.threads import default_threads
 
 WARN_SECONDS = 120.0
 log = logging.getLogger(__name__)
 SMALL = 2_000_000  # below this many feature values, threads cost more than they save
 
 
-def threads_for(X, n_jobs: int | None = None):
-    """Cap BLAS/OpenMP threads: at n_jobs when given, at one for small problems (thread start-up and
-    spinning dominate them), else the libraries' default."""
+def thread_count(X, n_jobs: int | None = None) -> int | None:
+    """BLAS/OpenMP threads for fits on X: n_jobs when given (-1: the libraries' default, None here),
+    one for small problems (thread start-up and spinning dominate them), else the usable physical
+    cores that other processes leave free (probe.protocol.threads.default_threads)."""
     if n_jobs is not None and n_jobs > 0:
-        return threadpool_limits(limits=n_jobs)
-    return threadpool_limits(limits=1) if int(np.prod(np.shape(X))) < SMALL else nullcontext()
+        return n_jobs
+    if n_jobs == -1:
+        return None
+    return 1 if int(np.prod(np.shape(X))) < SMALL else default_threads()
+
+
+def threads_for(X, n_jobs: int | None = None):
+    """A threadpoolctl cap at thread_count(X, n_jobs) (no cap for -1)."""
+    n = thread_count(X, n_jobs)
+    return nullcontext() if n is None else threadpool_limits(limits=n)
 
 
 @dataclass
@@ -278,9 +288,9 @@ def run_probe(head_name: str | Head, data: ProbeData, options: FitOptions | None
         "timing": {"search_seconds": round(found.seconds, 4), "fit_seconds": round(fit_seconds, 4),
                    "predict_seconds": round(predict_seconds, 4)},
         "sizes": {**data.sizes, "search_train": int(len(ys))}, "validation": validation,
-        "test_split": data.test_split, "test_classes_not_in_train": unseen, "classes": data.classes,
-        "sources": data.sources,
+        "test_split": data.test_split, "test": data.test, "test_classes_not_in_train": unseen,
+        "classes": data.classes, "sources": data.sources,
         "provenance": data.provenance, "versions": library_versions(), "seed": seed,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "threads": thread_count(Xs, n_jobs), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return ProbeRun(result, pipe)
