@@ -211,7 +211,7 @@ def test_a_hostile_file_under_a_registry_name_runs_no_code(trunk, tmp_path, monk
     assert main(["--model", "resnet50.swav", "--data", "digits", "--cache-dir", str(tmp_path / "cache"),
                  "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: cannot read") and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: --model resnet50.swav: cannot read") and len(err.strip().splitlines()) == 1
     assert not marker.exists()
 
 
