@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import logging
 import os
 import pickle
@@ -108,10 +109,14 @@ _LOCAL = "ray-local"
 
 
 def _remember_local_cluster(ray) -> None:
-    record = featprobe_home() / _LOCAL / f"{os.getpid()}.session"
+    """Record the local cluster just started: its session folder and the processes it runs now (some,
+    such as its agents, rename themselves and name no session folder)."""
+    record = featprobe_home() / _LOCAL / f"{os.getpid()}.json"
     try:
+        session = ray._private.worker._global_node.get_session_dir_path()
         record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(ray._private.worker._global_node.get_session_dir_path())
+        record.write_text(json.dumps({"driver": _started(os.getpid()), "session": session,
+                                      "processes": [_started(pid) for pid in _descendants(os.getpid())]}))
     except (OSError, AttributeError):   # best effort: only orphan clean-up depends on it
         return
     atexit.register(record.unlink, missing_ok=True)
@@ -120,11 +125,16 @@ def _remember_local_cluster(ray) -> None:
 def stop_orphaned_local_clusters() -> list[int]:
     """Stop the processes of local clusters featprobe started whose driver no longer runs; their pids."""
     stopped = []
-    for record in sorted((featprobe_home() / _LOCAL).glob("*.session")):
-        if _alive(int(record.stem)):
+    for record in sorted((featprobe_home() / _LOCAL).glob("*.json")):
+        try:
+            info = json.loads(record.read_text())
+        except (OSError, ValueError):
+            record.unlink(missing_ok=True)
             continue
-        session = record.read_text().strip()
-        for pid in _processes_mentioning(session):
+        if _started(info["driver"][0]) == info["driver"]:
+            continue   # its driver still runs
+        leftovers = {pid for pid, start in info["processes"] if _started(pid) == [pid, start]}
+        for pid in leftovers | set(_processes_mentioning(info["session"])):
             try:
                 os.kill(pid, signal.SIGKILL)
                 stopped.append(pid)
@@ -136,28 +146,45 @@ def stop_orphaned_local_clusters() -> list[int]:
     return stopped
 
 
-def _alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie does not)."""
+def _stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat after the command name: state, ppid, ... ([] when there is no such process)."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[0]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
     except (OSError, IndexError):
-        return False
-    return state != "Z"
+        return []
+
+
+def _started(pid: int) -> list[int] | None:
+    """[pid, start time in clock ticks] of a running process (a pid reused later has another start)."""
+    fields = _stat(pid)
+    return [pid, int(fields[19])] if fields and fields[0] != "Z" else None
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        fields = _stat(int(proc.name))
+        if fields:
+            children.setdefault(int(fields[1]), []).append(int(proc.name))
+    found, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
 
 
 def _processes_mentioning(text: str) -> list[int]:
-    """Pids whose command line contains `text`, and the processes they started."""
-    found, parents = [], {}
+    """Pids whose command line contains `text`."""
+    found = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(") ", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
+        except OSError:
             continue
         if text in cmdline:
             found.append(int(proc.name))
-    children = [pid for pid, parent in parents.items() if parent in found and pid not in found]
-    return found + children
+    return found
 
 
 def _unreachable(address: str) -> str | None:
