@@ -50,14 +50,14 @@ from extract.core.errors import UserError
 from probe.api import evaluate
 from probe.protocol.data import load_probe_data, selection_from_paths
 from probe.heads.catalog import PAPER_WD, get_head, list_heads
-from probe.protocol.search import _threads_for, run_probe
+from probe.protocol.search import threads_for, run_probe
 
 SUBSAMPLED_HEADS = ("svm-rbf", "rf")
 
 
 def thread_setting(X, n_jobs) -> str:
     """The BLAS / OpenMP thread counts in force under probe's cap for an array like X."""
-    with _threads_for(X, n_jobs):
+    with threads_for(X, n_jobs):
         counts = sorted({(i["user_api"], i["num_threads"]) for i in threadpool_info()})
     return ", ".join(f"{api} {n}" for api, n in counts) or "no thread pools found"
 
@@ -69,7 +69,7 @@ def naive_sweep(data, n_jobs) -> dict:
     grid = sorted(float(1.0 / wd) for wd in PAPER_WD)  # strongest regularisation first, as the path goes
     t0 = time.perf_counter()
     scores, unconverged = [], 0
-    with _threads_for(data.X_train, n_jobs), warnings.catch_warnings(record=True) as caught:
+    with threads_for(data.X_train, n_jobs), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         for C in grid:
             pipe = make_pipeline(StandardScaler(), LogisticRegression(C=C, **solver))
@@ -81,7 +81,7 @@ def naive_sweep(data, n_jobs) -> dict:
     X_fit = np.concatenate([data.X_train, data.X_val])
     y_fit = np.concatenate([data.y_train, data.y_val])
     t1 = time.perf_counter()
-    with _threads_for(X_fit, n_jobs), warnings.catch_warnings():
+    with threads_for(X_fit, n_jobs), warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         pipe = make_pipeline(StandardScaler(), LogisticRegression(C=grid[best], **solver)).fit(X_fit, y_fit)
     fit_s = time.perf_counter() - t1

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from probe.protocol.data import load_probe_data, selection_from_paths  # noqa: E402
 from probe.heads.device import resolve_device  # noqa: E402
 from probe.heads.placement import place  # noqa: E402
-from probe.protocol.search import _threads_for, refit, search  # noqa: E402
+from probe.protocol.search import threads_for, refit, search  # noqa: E402
 from probe.heads.torch_logreg import TorchLogisticRegression  # noqa: E402
 
 CIFAR_SUBSET = "cache/cifar10-sub-*/efficientnet_lite0/train.h5"
@@ -83,7 +83,7 @@ def run_compare(args) -> None:
         t1 = time.perf_counter()
         pipe = refit(head, found.best, X_fit, y_fit, n_jobs=args.n_jobs, warm=found.warm)
         t2 = time.perf_counter()
-        with _threads_for(Xte, args.n_jobs):
+        with threads_for(Xte, args.n_jobs):
             top1 = 100 * float(np.mean(pipe.predict(Xte) == yte))
         rows[solver] = {"where": f"{solver} ({head.device})", "fits": len(found.grid), "C": found.best["C"],
                         "top1": top1, "search": t1 - t0, "refit": t2 - t1}
@@ -113,7 +113,7 @@ def run_path(args) -> None:
     for C in sorted(float(v) for v in args.path.split(",")):
         est.set_params(C=C)
         t0 = time.perf_counter()
-        with warnings.catch_warnings(record=True) as caught, _threads_for(X, args.n_jobs):
+        with warnings.catch_warnings(record=True) as caught, threads_for(X, args.n_jobs):
             warnings.simplefilter("always", ConvergenceWarning)
             est.fit(X[:cut], y[:cut])
         seconds = time.perf_counter() - t0

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import re
 import time
 
 from extract.compute.engines import AUTO, engine_names
 from extract.compute.pipeline import DECODERS
 from extract.core.errors import UserError, guarded
+from extract.core.helpformat import DefaultsHelp
 from extract.registry.datasets import describe_datasets
 from extract.registry.models import MAX_DESCRIBED, describe_model, expand_taps, model_names, resolve_weights
 from extract.run.extraction import run_request, summary
@@ -20,7 +22,7 @@ LOGGERS = ("extract",)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m extract",
+    p = argparse.ArgumentParser(prog="python -m extract", formatter_class=DefaultsHelp,
                                 description="Run a frozen pretrained backbone over a dataset and cache the "
                                             "embeddings to HDF5 (one file per split).")
     p.add_argument("--model", action="append", metavar="MODEL",
@@ -29,7 +31,10 @@ def parser() -> argparse.ArgumentParser:
                         "see --list-models 'timm/convnext*'); several "
                         "comma-separated (or repeated) run in turn; default: " + DEFAULT_MODEL)
     p.add_argument("--weights", default="default",
-                   help="weights tag (e.g. IMAGENET1K_V2, swav), 'none' for random init, or a local checkpoint file")
+                   help="weights tag (e.g. IMAGENET1K_V2, swav), 'none' for random init, or a local checkpoint file "
+                        "(default: each model's default weights); with several models one per model, comma-separated "
+                        "in the same order, or 'none' for all; or name each model's own in --model: arch.tag, "
+                        "arch=FILE (efficientnet_lite0,cifar_resnet20=resnet20.th)")
     p.add_argument("--data", default=DEFAULT_DATA, help=f"dataset name (see --list-datasets); default: {DEFAULT_DATA}")
     p.add_argument("--root", help="dataset folder (imagefolder: the folder with train/val/test or class folders)")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
@@ -85,7 +90,7 @@ def parser() -> argparse.ArgumentParser:
                    help="replace a cache made from different inputs")
     p.add_argument("--allow-missing-weights", action=argparse.BooleanOptionalAction, default=False,
                    help="use a checkpoint that leaves weights of the network at random init (recorded in provenance)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     p.add_argument("--list-models", nargs="?", const="", default=None, metavar="PATTERN",
                    help="list backbones with dims and weights, then exit; with a glob PATTERN ('resnet*', "
                         "'timm/convnext*'), every matching registry, torchvision and timm model")
@@ -108,6 +113,31 @@ def _split_list(values: list[str] | None) -> list[str] | None:
     return [v for value in values for v in value.split(",") if v] if values else None
 
 
+def weights_per_model(models: list[str], weights: str | None) -> list[str]:
+    """--weights for each model in turn: the one value for one model, 'default' or 'none' for every
+    model, else one comma-separated value per model (several models and one weights choice is refused)."""
+    given = "default" if weights is None else str(weights)
+    if len(models) == 1 or given.lower() in ("default", "none"):
+        return [given] * len(models)
+    parts = [w.strip() for w in given.split(",")]
+    if len(parts) == 1:
+        raise UserError(f"--weights {given} with {len(models)} models ({', '.join(models)}): give one per model, "
+                        "comma-separated in the same order (--weights a,b), or name each model's weights in --model "
+                        "(arch.tag, arch=FILE)")
+    if len(parts) != len(models):
+        raise UserError(f"--weights names {len(parts)} weights for {len(models)} models ({', '.join(models)}): "
+                        "give one per model, in the same order")
+    return [w or "default" for w in parts]
+
+
+def named(model: str, error: UserError) -> UserError:
+    """The error with the model named first, unless it names the model already."""
+    text = str(error)
+    arch = model.split("=", 1)[0].split(".", 1)[0]
+    said = any(re.search(rf"(?<![\w.-]){re.escape(name)}(?![\w-])", text) for name in (model, arch))
+    return error if said else UserError(f"--model {model}: {text}")
+
+
 def requests(args: argparse.Namespace) -> list:
     """One ExtractRequest per model, with its weights resolved and its taps checked: every name and
     weights file is checked before any work starts. Returns [(request, resolved weights)]."""
@@ -120,10 +150,14 @@ def requests(args: argparse.Namespace) -> list:
                           normalize=args.normalize, engine=args.engine, decoder=args.decoder,
                           chunk_rows=args.chunk_size, runner=args.runner, ray=args.ray, compile=args.compile)
     out = []
-    for model in split_models(args.model) or [DEFAULT_MODEL]:
-        weights = resolve_weights(model, args.weights)
+    models = split_models(args.model) or [DEFAULT_MODEL]
+    for model, choice in zip(models, weights_per_model(models, args.weights)):
+        try:
+            weights = resolve_weights(model, choice)
+        except UserError as e:
+            raise named(model, e) from None
         layers = expand_taps(weights.spec, _split_list(args.layers))
-        out.append((base.replace(model=model, layers=layers), weights))
+        out.append((base.replace(model=model, weights=choice, layers=layers), weights))
     return out
 
 
@@ -188,6 +222,6 @@ def leader() -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return guarded(lambda: run(args), LOGGERS)
+        return guarded(lambda: run(args), LOGGERS, speaks=leader())
     finally:
         leave_process_group()

@@ -10,11 +10,12 @@ import torch
 
 from extract.core.errors import UserError
 
+from extract.registry.checkpoints import load_refusal
 from finetune.runtime import rng_state, saved_device_type, set_rng_state
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 2  # 2: torch schedulers (SequentialLR), RNG state of the run's own device
+FORMAT = 3  # 2: torch schedulers (SequentialLR), RNG state of the run's own device; 3: tensors and plain data only
 LAST = "last.pt"
 BEST = "best.pt"
 
@@ -27,14 +28,18 @@ def save(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def load(path: Path) -> dict:
-    """Load a checkpoint written by `save` (onto the CPU); UserError if missing or unreadable."""
+def load(path: Path, then: str = "--no-resume starts over") -> dict:
+    """Load a checkpoint written by `save` (onto the CPU) as tensors and plain data only, so a crafted
+    file cannot run code; UserError if missing or unreadable, ending with `then`."""
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or foreign file
-        raise UserError(f"cannot read checkpoint {path}: {e}") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, foreign or crafted file
+        raise UserError(f"cannot read checkpoint {path} ({load_refusal(e)}); {then}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is not a featprobe checkpoint; {then}")
+    return state
 
 
 def config_mismatch(saved: dict, current: dict) -> list[str]:
@@ -61,7 +66,8 @@ def start_or_resume(run_dir: Path, config: dict, resume: bool | None, model, opt
     device type (the CPU, resumed on a GPU) continues with a warning: its device RNG is not restored.
 
     resume True continues (settings must match), False starts over, None starts over unless
-    an unfinished run is there (then UserError: say which).
+    an unfinished run is there (then UserError: say which); a checkpoint that cannot be read as
+    tensors and plain data is an error with resume True and, with None, is discarded with a warning.
     """
     fresh = {"epoch": 0, "history": [], "best": None}
     last = run_dir / LAST
@@ -70,7 +76,14 @@ def start_or_resume(run_dir: Path, config: dict, resume: bool | None, model, opt
         return fresh
     if not last.exists():
         raise UserError(f"nothing to resume: no checkpoint at {last}")
-    ckpt = load(last)
+    try:
+        ckpt = load(last, then="--no-resume starts over" if resume else "starting over")
+    except UserError as e:
+        if resume:
+            raise
+        logger.warning(f"warning: {e}")
+        clear(run_dir)
+        return fresh
     done, planned = ckpt.get("epoch", 0), ckpt.get("config", {}).get("epochs")
     if resume is None:
         if done >= (planned or 0):

@@ -8,6 +8,7 @@ import sys
 
 from extract.cli import parse_options
 from extract.core.errors import guarded
+from extract.core.helpformat import DefaultsHelp
 
 from finetune.data import CROP_SCALE
 from finetune.model import FREEZE_HELP
@@ -17,7 +18,7 @@ from finetune.train import Interrupted, finetune
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m finetune",
+        prog="python -m finetune", formatter_class=DefaultsHelp,
         description="Train a registered backbone with a new classification layer end to end; the result lands "
                     "beside the frozen-feature probes in `python -m probe --report`.")
     p.add_argument("--model", default="efficientnet_lite0", help="backbone name (python -m extract --list-models)")
@@ -55,6 +56,11 @@ def parser() -> argparse.ArgumentParser:
                    help="seeds init, shuffling, augmentation and (as in probe) the carved validation split")
     g.add_argument("--val-fraction", type=float, default=0.2,
                    help="share of train used for validation when the dataset has no own val split (default: 0.2)")
+    g.add_argument("--test-fraction", type=float, default=0.2,
+                   help="share of train carved as test rows when the dataset has only a train split (a folder of "
+                        "class folders), as probe carves them (default: 0.2)")
+    g.add_argument("--split-seed", type=int, default=0,
+                   help="seed of that test carve, apart from --seed as in probe (default: 0)")
     g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
                    help="continue the run's last checkpoint (--no-resume: start over)")
     r = p.add_argument_group("runtime and output")
@@ -66,7 +72,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, help="DataLoader workers for image files (default: by device and cores)")
     r.add_argument("--results-dir", default="results", help="result JSON root shared with probe (default: results)")
     r.add_argument("--runs-dir", default="runs", help="checkpoint root (default: runs)")
-    r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     p.epilog = (f"Training images get RandomResizedCrop (area {CROP_SCALE[0]:g}-{CROP_SCALE[1]:g}) to the "
                 "backbone's crop size and a horizontal flip; validation and test use its eval preprocessing.")
     return p
@@ -86,7 +92,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, head_lr_mult=args.head_lr_mult,
             optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay, sched=args.sched,
             warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, seed=args.seed,
-            val_fraction=args.val_fraction, precision=args.precision, device=args.device, workers=args.workers,
+            val_fraction=args.val_fraction, test_fraction=args.test_fraction, split_seed=args.split_seed,
+            precision=args.precision, device=args.device, workers=args.workers,
             results_dir=args.results_dir, runs_dir=args.runs_dir, resume=args.resume, progress=args.progress,
             image_size=args.image_size))
     except Interrupted as e:
@@ -98,8 +105,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                   "rerun the same command to start again", file=sys.stderr)
         return 130
     m = out.result["metrics"]
-    print(f"{out.result['head']}: test top-1 {m['top1']:.4f}, balanced {m['balanced_accuracy']:.4f} "
-          f"(best epoch {out.result['best_epoch']}); curves: {out.curves}")
+    print(f"{out.result['head']}: test top-1 {m['top1']:.2%}, balanced {m['balanced_accuracy']:.2%}, macro-F1 "
+          f"{m['macro_f1']:.2%} (best epoch {out.result['best_epoch']}; test: {out.result['test']['description']})")
+    print(f"  wrote {out.path}\n  curves: {out.curves}")
     return 0
 
 

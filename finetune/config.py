@@ -18,7 +18,7 @@ DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 0.05}
 _RULES = {"epochs": lambda v: v >= 1, "batch_size": lambda v: v >= 1, "lr": lambda v: v > 0,
           "head_lr_mult": lambda v: v >= 0, "momentum": lambda v: 0 <= v < 1, "weight_decay": lambda v: v >= 0,
           "warmup_epochs": lambda v: v >= 0, "label_smoothing": lambda v: 0 <= v < 1,
-          "val_fraction": lambda v: 0 < v < 1}
+          "val_fraction": lambda v: 0 < v < 1, "test_fraction": lambda v: 0 < v < 1}
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,8 @@ class TrainConfig:
     lr / weight_decay None pick the optimizer's default (sgd 0.01 / 1e-4, adamw 1e-4 / 0.05);
     head_lr_mult None is 10 for pretrained weights and 1 for random init. resume: True continues
     the run's last checkpoint, False starts over, None starts over unless an unfinished run exists.
-    image_size N trains and evaluates on N x N inputs (None: the weights' own size).
+    image_size N trains and evaluates on N x N inputs (None: the weights' own size). A dataset with
+    only a train split gives up test_fraction of it as test rows, carved by split_seed as probe carves.
     """
 
     model: str = DEFAULT_MODEL
@@ -51,6 +52,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     seed: int = 0
     val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    split_seed: int = 0
     precision: str = "auto"
     device: str = "auto"
     workers: int | None = None

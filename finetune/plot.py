@@ -7,7 +7,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from probe.output.plots import new_figure, save_png
+from probe.output.plots import new_figure, save_png, wrap
 
 
 def plot_history(history: list[dict], path: str | Path, title: str = "", best_epoch: int | None = None) -> Path:
@@ -36,6 +36,6 @@ def history_figure(history: list[dict], title: str = "", best_epoch: int | None 
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
-        fig.suptitle(title)
+        fig.suptitle(wrap(title, 12.5, 12))
     fig.tight_layout()
     return fig

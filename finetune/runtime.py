@@ -41,10 +41,12 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
 
 
 def rng_state(device: torch.device) -> dict:
-    """Global RNG states of python, numpy, torch's CPU and `device` (a CUDA or MPS device, named under
-    "device_type")."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "device_type": device.type}
+    """Global RNG states of python, numpy, torch's CPU and `device` (a CUDA or MPS device, named under "device_type"), as tensors and
+    plain data, so that a checkpoint holding them loads with torch.load(weights_only=True)."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+             "torch": torch.get_rng_state(), "device_type": device.type}
     if device.type == "cuda":
         state["device"] = torch.cuda.get_rng_state(device)
     elif device.type == "mps":
@@ -61,7 +63,8 @@ def set_rng_state(state: dict, device: torch.device) -> bool:
     """Restore `rng_state`'s states; `device`'s RNG only when the state was saved on that device type
     (a CPU checkpoint resumed on a GPU keeps the GPU's seeded RNG). True when everything was restored."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if device.type not in ("cuda", "mps"):
         return True

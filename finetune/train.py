@@ -88,7 +88,8 @@ def finetune(model: str | None = None, data: str | None = None, config: TrainCon
     from_scratch = from_scratch or weights_id == "none"   # --weights none is the same baseline
     if head_lr_mult is None:  # the new layer learns faster only on top of pretrained features
         head_lr_mult = 1.0 if from_scratch else 10.0
-    plan = plan_splits(dataset, seed=seed, val_fraction=val_fraction)
+    plan = plan_splits(dataset, seed=seed, val_fraction=val_fraction, test_fraction=c.test_fraction,
+                       split_seed=c.split_seed)
     dev, amp = features.device, features.autocast
     check_precision(amp, dev)
     if dev.type == "cpu":
@@ -126,6 +127,7 @@ def finetune(model: str | None = None, data: str | None = None, config: TrainCon
                  "lr": lr, "head_lr_mult": head_lr_mult, "momentum": momentum if optimizer == "sgd" else None,
                  "weight_decay": weight_decay, "sched": sched, "warmup_epochs": warmup_epochs,
                  "label_smoothing": label_smoothing, "seed": seed, "val_fraction": val_fraction,
+                 **({"test_fraction": c.test_fraction, "split_seed": c.split_seed} if plan.test_carve else {}),
                  "precision": precision_name(amp), "sizes": _sizes(plan),
                  "fingerprints": {name: src.fingerprint() for name, src in dataset.splits.items()}}
         trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
@@ -134,6 +136,7 @@ def finetune(model: str | None = None, data: str | None = None, config: TrainCon
         logger.info(f"fine-tuning {spec.name} ({weights_id}) on {identity.data.label}: {head}, "
                     f"{trainable:,} of {total:,} parameters trained, {len(plan.train.indices)} train / "
                     f"{len(plan.val.indices)} val images, {dev} {precision_name(amp)}; checkpoints in {run_dir}")
+        logger.info(f"test: {plan.describe_test()['description']}")
         history, best = state["history"], state["best"]
         skipped: dict[str, dict[int, str]] = {"train": {}, "val": {}, "test": {}}
         try:
@@ -155,8 +158,8 @@ def finetune(model: str | None = None, data: str | None = None, config: TrainCon
                                       scheduler=scheduler, scaler=scaler, history=history, best=best,
                                       improved=improved, device=dev)
                 logger.info(f"epoch {epoch}/{epochs}: train loss {row['train_loss']:.4f} "
-                            f"top-1 {row['train_top1']:.4f}, val loss {row['val_loss']:.4f} "
-                            f"top-1 {row['val_top1']:.4f} ({row['seconds']:.1f} s)")
+                            f"top-1 {row['train_top1']:.2%}, val loss {row['val_loss']:.4f} "
+                            f"top-1 {row['val_top1']:.2%} ({row['seconds']:.1f} s)")
                 if on_epoch_end is not None:
                     on_epoch_end(epoch, row, net)
         except KeyboardInterrupt:
@@ -189,7 +192,7 @@ def finetune(model: str | None = None, data: str | None = None, config: TrainCon
         "timing": {"fit_seconds": round(sum(h["seconds"] for h in history), 4),
                    "predict_seconds": round(predict_seconds, 4)},
         "sizes": _sizes(plan, skipped), "validation": plan.validation + "; best epoch by validation top-1",
-        "test_split": plan.test_split, "classes": list(dataset.classes),
+        "test_split": plan.test_split, "test": plan.describe_test(len(skipped["test"])), "classes": list(dataset.classes),
         "skipped": {k: len(v) for k, v in skipped.items()},
         "trainable_parameters": trainable, "parameters": total,
         "provenance": {**backbone.provenance(), "dataset": dataset.name, "dataset_identity": dataset.identity,
@@ -202,7 +205,7 @@ def finetune(model: str | None = None, data: str | None = None, config: TrainCon
     path = write_result(result, c.results_dir)
     curves = plot_history(history, path.with_name(f"{path.stem}.curves.png"),
                           title=f"{head} · {identity.data.label} · {identity.model}", best_epoch=best_state["epoch"])
-    logger.info(f"test top-1 {metrics['top1']:.4f} (best epoch {best_state['epoch']} of {epochs}); result: {path}")
+    logger.info(f"test top-1 {metrics['top1']:.2%} (best epoch {best_state['epoch']} of {epochs}); result: {path}")
     return FinetuneResult(result, path, curves, run_dir, net.cpu())
 
 

@@ -4,7 +4,8 @@ from probe.heads.catalog import HEADS, Head, get_head, list_heads
 from probe.heads.knn import KNNClassifier
 from probe.protocol.metrics import classification_metrics
 from probe.protocol.search import run_probe, search
-from probe.output.results import SklearnVersionWarning, load_head, load_results, save_head, write_result
+from probe.output.headfile import SklearnVersionWarning, load_head, save_head
+from probe.output.results import load_results, write_result
 from probe.protocol.splits import validation_mask
 
 __all__ = ["HEADS", "Head", "get_head", "list_heads", "KNNClassifier", "classification_metrics", "run_probe",

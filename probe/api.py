@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from extract.core.errors import UserError
-from extract.store.catalog import CacheQuery
+from extract.store.catalog import CacheQuery, one_dataset, select
 
 from probe.protocol.data import ProbeData, Selection, load_probe_data, select_caches, selection_from_paths
 from probe.heads.catalog import OPT_IN, get_head, list_heads
@@ -71,6 +71,14 @@ def choose_features(query: CacheQuery) -> Selection:
     return sel
 
 
+def choose_for_saved_head(query: CacheQuery) -> Selection:
+    """choose_features for commands that read one saved head (predict, map, samples): without --data,
+    a cache holding several datasets is refused, naming them, instead of taking the newest."""
+    if not query.features and query.data is None:
+        one_dataset([(0, g) for g in select(query)], query.cache_dir)
+    return choose_features(query)
+
+
 def evaluate(heads: str | Sequence[str] = "logreg", query: CacheQuery | None = None,
              options: FitOptions | None = None, **keywords) -> Evaluation:
     """Fit each head on cached features (select on validation, refit, test once) and write its results.
@@ -83,7 +91,8 @@ def evaluate(heads: str | Sequence[str] = "logreg", query: CacheQuery | None = N
     """
     from probe.analyses.retrieval import NAME as RETRIEVAL, run_retrieval
     from probe.output.plots import plot_comparison
-    from probe.output.results import result_dir, save_head, write_result
+    from probe.output.headfile import save_head
+    from probe.output.results import result_dir, write_result
 
     query, options = split_keywords(query, options, keywords)
     names = head_names(heads)
@@ -95,7 +104,8 @@ def evaluate(heads: str | Sequence[str] = "logreg", query: CacheQuery | None = N
               for name in names]
     if not memory.fits:
         log.info(f"the features would need {memory.describe()} in memory: streaming them from the cache")
-    probe_data = load_probe_data(selection, seed=options.seed, lazy=not memory.fits)
+    probe_data = load_probe_data(selection, seed=options.seed, lazy=not memory.fits,
+                                 test_fraction=options.test_fraction, split_seed=options.split_seed)
     out = Evaluation(probe_data, [])
     for head in placed:
         if head == RETRIEVAL:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from extract.core.errors import UserError, guarded
+from extract.core.helpformat import DefaultsHelp
 from extract.store.catalog import CacheQuery
 
 from probe.heads.catalog import GRIDS, OPT_IN, SCALES, list_heads
@@ -33,6 +34,10 @@ EPILOG = """examples:
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelp)    # --help states every default
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # one line on stderr, exit code 2, no usage dump
         raise UserError(f"{message} (see --help)")
 
@@ -58,6 +63,23 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--results-dir", default="results", help="where results go (default: ./results)")
 
 
+def _carve_args(p: argparse.ArgumentParser, note: str = "") -> None:
+    g = p.add_argument_group("test rows of a dataset with only a train split (a folder of class folders)"
+                             + (f"; {note}" if note else ""))
+    g.add_argument("--test-fraction", type=float, default=0.2, metavar="F",
+                   help="stratified share of train carved as test rows (default: 0.2); a dataset with its own "
+                        "test (or val) split keeps it")
+    g.add_argument("--split-seed", type=int, default=0,
+                   help="seed of that carve, apart from --seed so the validation seed never moves the test set "
+                        "(default: 0)")
+
+
+def _carve(args) -> dict:
+    """{fraction, split_seed} of the test rows carved from a train-only dataset."""
+    from probe.protocol.splits import check_fraction
+    return {"fraction": check_fraction(args.test_fraction, "--test-fraction"), "split_seed": args.split_seed}
+
+
 def _query(args) -> CacheQuery:
     return CacheQuery(args.cache_dir, data=args.data, model=args.model, layer=args.layer, precision=args.precision,
                       dtype=args.dtype, image_size=args.image_size, normalize=args.normalize, engine=args.engine,
@@ -66,7 +88,8 @@ def _query(args) -> CacheQuery:
 
 
 def _options(args) -> FitOptions:
-    return FitOptions(grid=args.grid, scale=args.scale, seed=args.seed, n_jobs=args.n_jobs,
+    return FitOptions(grid=args.grid, scale=args.scale, seed=args.seed, test_fraction=args.test_fraction,
+                      split_seed=args.split_seed, n_jobs=args.n_jobs,
                       max_search_samples=args.max_search_samples, solver=args.solver, device=args.device,
                       max_memory=args.max_memory, progress=args.progress, save=args.save,
                       results_dir=args.results_dir)
@@ -74,7 +97,7 @@ def _options(args) -> FitOptions:
 
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m probe", description="Fit, tune and compare classical heads on cached embeddings.",
-                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                epilog=EPILOG)
     p.add_argument("--head", default="logreg",
                    help=f"one of {', '.join(list_heads())}, several comma-separated, or all (default: logreg); "
                         f"opt-in, not in all: {', '.join(OPT_IN)} (cosine retrieval, recall@k and mAP@R)")
@@ -82,11 +105,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="table", choices=(*FORMATS, "html"),
                    help="report format on stdout (default: table); html writes one self-contained results/report.html")
     _selection_args(p)
+    _carve_args(p)
     p.add_argument("--grid", default="fast", choices=GRIDS, help="hyperparameter grid size (default: fast)")
     p.add_argument("--scale", choices=SCALES, help="feature scaling inside the pipeline (default: per head)")
     p.add_argument("--seed", type=int, default=0, help="validation carve, subsampling, estimator seeds")
     p.add_argument("--n-jobs", type=int, default=None, help="threads for BLAS/OpenMP during fits and processes for rf "
-                   "(default: the libraries' choice; 1 is often fastest on a busy machine)")
+                   "(default: 1 for small problems, else the physical cores other processes leave free now, at "
+                   "most 8; -1: every core, the libraries' own choice)")
     p.add_argument("--solver", default="auto", choices=SOLVERS,
                    help="logreg's solver: sklearn, or torch (full-batch L-BFGS on --device, the same objective; "
                         "streams features larger than memory); auto (default): torch when a CUDA GPU is present "
@@ -102,32 +127,33 @@ def parser() -> argparse.ArgumentParser:
                    help="few-shot curve: k labelled images per class, e.g. 1,2,5,10,20,all (JSON + PNG per head)")
     p.add_argument("--seeds", type=int, default=5, help="seeded draws per few-shot point (default: 5)")
     p.add_argument("--save", action=argparse.BooleanOptionalAction, default=True,
-                   help="save the refit head with joblib beside its result (default: yes)")
+                   help="save the refit head (<head>.skops) beside its result (default: yes)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
     sub = p.add_subparsers(dest="command", metavar="{predict,map,samples,rank,similarity}", parser_class=_Parser)
     q = sub.add_parser("predict", help="label new images with a saved head",
                        description="Label new images with a saved head and the backbone recorded in its cache.")
     q.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
     q.add_argument("--head", default="logreg", help="saved head to use (default: logreg)")
-    q.add_argument("--head-file", help="path of a saved <head>.joblib (instead of looking it up)")
+    q.add_argument("--head-file", help="path of a saved <head>.skops (instead of looking it up)")
     _selection_args(q)
     q.add_argument("--top", type=int, default=1, help="show the top K labels per image (default: 1)")
     q.add_argument("--device", default="auto", help="device for the backbone (default: auto)")
-    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--batch-size", type=int, default=32, help="images per forward pass of the backbone")
     m = sub.add_parser("map", help="2-D map (t-SNE or UMAP) of the test features, coloured by class",
                        description="A 2-D map of the test split's features coloured by class; with --head, the "
                                    "images that saved head gets wrong are marked.")
     m.add_argument("--head", help="mark the test images this saved head misclassifies (e.g. logreg)")
     m.add_argument("--method", default="tsne", choices=["tsne", "umap"], help="umap needs pip install umap-learn")
     m.add_argument("--max-points", type=int, default=5000, help="stratified subsample above this (default: 5000)")
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--seed", type=int, default=0, help="t-SNE/UMAP and subsample seed (default: 0)")
     _selection_args(m)
+    _carve_args(m, "without --head; with one, the rows its result names")
     g = sub.add_parser("samples", help="a grid of test images with true and predicted labels",
                        description="Sample test images with their true and predicted labels, mistakes in red.")
     g.add_argument("--head", default="logreg", help="saved head whose predictions are shown (default: logreg)")
     g.add_argument("-n", type=int, default=16, help="images in the grid (default: 16)")
     g.add_argument("--only-mistakes", action="store_true", help="show only misclassified images")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="which images are drawn")
     _selection_args(g)
     _analysis_parsers(sub)
     return p
@@ -142,6 +168,7 @@ def _analysis_parsers(sub) -> None:
     r.add_argument("--head", default="logreg", help="whose measured test top-1 the scores are compared with "
                                                     "(default: logreg)")
     _selection_args(r)
+    _carve_args(r, "rank leaves those rows out")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
     c = sub.add_parser("similarity", help="linear CKA between the taps of two backbones (or one with itself)",
                        description="Linear CKA between every tap of --model a and every tap of b on the same "
@@ -152,6 +179,7 @@ def _analysis_parsers(sub) -> None:
                    help="HSIC estimator: debiased (Song et al. 2012), biased, or auto (default): debiased below "
                         "10,000 images")
     _selection_args(c)
+    _carve_args(c, "--split test compares those rows, --split train the rest")
     c.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bars")
 
 
@@ -178,7 +206,9 @@ def run_heads(args) -> int:
     data = out.data
     print(f"{data.dataset} / {data.model} / layer {data.layer} ({data.identity.precision}, {data.identity.dtype}): "
           f"{data.sizes['train']} train, {data.sizes['val']} validation, {data.sizes['test']} test "
-          f"('{data.test_split}' split), {len(data.classes)} classes, {data.X_train.shape[1]} dims")
+          f"({'carved from train' if data.test_carve else repr(data.test_split) + ' split'}), {len(data.classes)} classes, "
+          f"{data.X_train.shape[1]} dims")
+    print(f"test: {data.test['description']}")
     print(f"validation: {data.validation}")
     for run, path in zip(out.runs, out.result_paths):
         r = run.result
@@ -231,7 +261,8 @@ def run_fewshot(args) -> int:
                       for g, tap in select_feature_sets(_query(args))]
     curves = []
     for selection in selections:
-        data = load_probe_data(selection, seed=args.seed)
+        data = load_probe_data(selection, seed=args.seed, test_fraction=args.test_fraction,
+                               split_seed=args.split_seed)
         for head in head_names(args.head):
             curve = fewshot(head, data, shots, args.seeds, _options(args))
             curves.append(curve)
@@ -261,35 +292,43 @@ def run_report(args) -> int:
 
 
 def run_predict(args) -> int:
+    from extract.registry.folders import readable
     from probe.analyses.predict import find_head_file, predict_files
 
     head_file = Path(args.head_file) if args.head_file else find_head_file(args.head, _query(args), args.results_dir)
     out = predict_files(head_file, args.images, device=args.device, batch_size=args.batch_size, top=args.top)
     for row in out.rows:
         shown = ", ".join(f"{lab} {p:.3f}" if p is not None else lab for lab, p in row["labels"])
-        print(f"{row['path']}\t{shown}")
+        print(f"{readable(row['path'])}\t{shown}")
     for path, reason in out.unreadable:
-        print(f"unreadable: {path}: {reason}", file=sys.stderr)
+        print(f"unreadable: {readable(path)}: {reason}", file=sys.stderr)
     if not out.rows:
         raise UserError(f"none of the {len(out.unreadable)} images could be read")
     return 0
 
 
-def _test_file(selection) -> Path:
+def _test_features(selection, args, head_file=None):
+    """The test split's cache file, else its val split's; a train split alone: its carved test rows
+    (with a saved head, None: the rows its result names)."""
+    from extract.store.cache import load_features
+    from probe.protocol.data import carved_test
+
     files = selection.files
-    if "test" not in files and "val" not in files:
-        raise UserError("the selected extraction has no test or val split to picture")
-    return files.get("test") or files["val"]
+    if "test" in files or "val" in files:
+        return files.get("test") or files["val"]
+    if head_file is not None:
+        return None
+    return carved_test(load_features(files["train"], selection.layer), args.test_fraction, args.split_seed)
 
 
 def run_map(args) -> int:
-    from probe.api import choose_features
+    from probe.api import choose_for_saved_head
     from probe.analyses.maps import write_map
     from probe.analyses.predict import find_head_file
 
     query = _query(args)
     head_file = find_head_file(args.head, query, args.results_dir) if args.head else None
-    test = _test_file(choose_features(query))
+    test = _test_features(choose_for_saved_head(query), args, head_file)
     print(write_map(test, head_file=head_file, results_root=args.results_dir, layer=args.layer,
                     method=args.method, seed=args.seed, max_points=args.max_points))
     return 0
@@ -325,7 +364,8 @@ def run_rank(args) -> int:
     if len(heads) != 1:
         raise UserError("rank compares the scores with one head's measured accuracy: --head NAME")
     selections = select_feature_sets(_every_match(args))
-    ranking = rank(selections, results_dir=args.results_dir, head=heads[0], progress=args.progress)
+    ranking = rank(selections, results_dir=args.results_dir, head=heads[0], progress=args.progress,
+                   carve=_carve(args))
     print(format_ranking(ranking), end="")
     for path in write_ranking(ranking).values():
         print(f"wrote {path}")
@@ -336,7 +376,7 @@ def run_similarity(args) -> int:
     """similarity: linear CKA between every tap of two backbones (or one with itself)."""
     from probe.analyses.similarity import format_similarity, pick_sides, similarity, write_similarity
 
-    a, b, split = pick_sides(_every_match(args), split=args.split)
+    a, b, split = pick_sides(_every_match(args), split=args.split, carve=_carve(args))
     result = similarity(a, b, split=split, estimator=args.estimator, results_dir=args.results_dir,
                         progress=args.progress)
     print(format_similarity(result), end="")

@@ -181,3 +181,41 @@ def test_reading_caches_does_not_import_torch():
     code = "import sys, extract, probe.protocol.data; from extract import load_features; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def _damage(path, where: float, n=300, seed=0):
+    """Random bytes over part of the file, its size unchanged."""
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek(int(where * (size - n)))
+        f.write(np.random.default_rng(seed).bytes(n))
+    assert os.path.getsize(path) == size
+
+
+@pytest.mark.parametrize("where", [0.01, 0.02, 0.5, 0.9])
+def test_random_bytes_inside_a_cache_are_named_skipped_and_refused(tmp_path, caplog, where):
+    damaged = write_features(IDENT, tmp_path, "train", *rows(3000), PROV)
+    other = write_features(toy_identity(dataset="e", model="m"), tmp_path, "train", *rows(30),
+                           {**PROV, "dataset": "e"})
+    assert read_header(damaged)["damaged"] is None
+    _damage(damaged, where)
+    header = read_header(damaged)
+    assert header["damaged"] and not header["complete"]
+    with caplog.at_level("WARNING", logger="extract"):
+        groups = feature_sets(tmp_path)
+    assert [g.files["train"] for g in groups] == [other]
+    assert f"skipped {damaged}: it is damaged" in caplog.text
+    with pytest.raises(UserError, match=f"cache {damaged} is damaged"):
+        load_features(damaged)
+
+
+def test_a_cache_with_random_bytes_inside_is_extracted_again(tmp_path):
+    from extract.api import extract
+    args = dict(model="cifar_resnet20", weights="none", data="synthetic", dataset_options={"n": 300},
+                splits=["train"], cache_dir=tmp_path, progress=False)
+    first = extract(**args)["train"].path
+    X = load_features(first).X
+    _damage(first, 0.5)
+    again = extract(**args)["train"]
+    assert again.status == "extracted" and again.path == first
+    assert np.array_equal(load_features(first).X, X)

@@ -6,7 +6,9 @@ import argparse
 import hashlib
 import json
 import os
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -72,6 +74,7 @@ def resnet50_net():
 
 @pytest.mark.parametrize("layout", ["mocov2", "dino", "dino_full", "swav", "barlowtwins", "vicreg", "simclr_vissl",
                                     "simclr_converted", "byol_mmselfsup", "byol_online_network"])
+@pytest.mark.slow
 def test_published_layouts_remap_to_the_trunk(layout, trunk, resnet50_net, tmp_path):
     path = tmp_path / f"{layout}.pth"
     torch.save(_layout(layout, trunk), path)
@@ -182,6 +185,58 @@ def test_registered_weights_are_read_from_the_hub_cache(trunk, tmp_path, monkeyp
     torch.save(dict(trunk), folder / "resnet18-f37072fd.pth")
     with pytest.raises(UserError, match="corrupt or not the published file"):
         load_backbone("resnet18", weights="IMAGENET1K_V1", download=False)
+
+
+class _WritesMarker:
+    """Unpickling it creates a file: what a hostile checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_hostile_file_under_a_registry_name_runs_no_code(trunk, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    folder = tmp_path / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    marker = tmp_path / "ran"
+    torch.save({**_layout("swav", trunk), "extra": _WritesMarker(marker)}, folder / "swav_800ep_pretrain.pth.tar")
+    with pytest.raises(UserError, match=r"cannot read .*swav_800ep_pretrain\.pth\.tar as a weights-only PyTorch "
+                                        r"checkpoint \(Unsupported global: GLOBAL .*\)") as e:
+        load_backbone("resnet50.swav", download=False)
+    assert "\n" not in str(e.value) and not marker.exists()
+    from extract.cli import main
+    assert main(["--model", "resnet50.swav", "--data", "digits", "--cache-dir", str(tmp_path / "cache"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --model resnet50.swav: cannot read") and len(err.strip().splitlines()) == 1
+    assert not marker.exists()
+
+
+def test_published_extras_load_weights_only(trunk, tmp_path):
+    path = tmp_path / "dino_full.pth"
+    torch.save({**_layout("dino_full", trunk), "best_acc": np.float64(0.75), "steps": np.arange(3),
+                "args": argparse.Namespace(arch="resnet50", lr=np.float32(0.1))}, path)
+    obj = checkpoints.read_checkpoint(path)
+    assert obj["best_acc"] == 0.75 and list(obj["steps"]) == [0, 1, 2] and obj["args"].arch == "resnet50"
+
+
+def test_registry_sha256_mismatch_is_refused_before_reading(trunk, tmp_path, monkeypatch):
+    from dataclasses import replace
+    from extract.registry.models import ResolvedWeights, build_backbone
+    spec = get_spec("resnet50")
+    path = tmp_path / "swav_800ep_pretrain.pth.tar"
+    torch.save(_WritesMarker(tmp_path / "ran"), path)
+    published = replace(spec.weight("swav"), sha256="0" * 64)
+    with pytest.raises(UserError, match="corrupt or not the published file"):
+        build_backbone(ResolvedWeights(spec, "swav", path, published))
+    assert not (tmp_path / "ran").exists()
+    good = replace(published, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    with pytest.raises(UserError, match="Unsupported global"):   # the hash matches; the content is still refused
+        build_backbone(ResolvedWeights(spec, "swav", path, good))
+    assert not (tmp_path / "ran").exists()
 
 
 @pytest.fixture(scope="module")

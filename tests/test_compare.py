@@ -107,6 +107,7 @@ def test_a_model_with_only_a_train_split_is_left_out(three_backbones):
 
 # --- comparing ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_comparison_rows_are_the_result_files_and_the_winner_is_chosen_on_validation(three_backbones, tmp_path):
     results = tmp_path / "results"
     comparison = compare("linear,knn", select_feature_sets(CacheQuery(three_backbones)), results_dir=results, seed=0,
@@ -232,6 +233,7 @@ def test_a_bad_name_in_the_lists_stops_before_any_work(tmp_path, capsys, model, 
     assert not cache.exists() or not any(cache.rglob("*.h5*"))
 
 
+@pytest.mark.slow
 def test_probe_command_line_compares_every_backbone(tmp_path, capsys):
     from probe.cli import main as probe_main
     from probe_helpers import toy_cache as make

@@ -7,6 +7,8 @@ from extract import load_features
 from extract.api import extract
 from extract.core.errors import UserError
 
+pytestmark = pytest.mark.slow   # subprocesses, clusters and compilers: minutes on 2 cores
+
 # 21 images at batch 8: batches of 8, 8 and 5, the short last one padded to the compiled batch
 REQUEST = dict(model="cifar_resnet20", weights="none", data="synthetic", dataset_options={"n": 21}, splits=["train"],
                precision="fp32", progress=False, batch_size=8)

@@ -102,6 +102,58 @@ def test_imagefolder_missing_root(tmp_path):
         load_dataset("imagefolder", root=tmp_path / "nowhere")
 
 
+def _rows(ds, root):
+    src = ds.splits["train"]
+    return sorted((os.path.relpath(p, root), ds.classes[y]) for p, y in zip(src.paths, src.labels.tolist()))
+
+
+def _left_out(ds, root):
+    return {os.path.relpath(p, root): reason for p, reason in ds.left_out}
+
+
+def test_class_folders_linking_to_each_other_give_each_image_once_under_its_class(tmp_path, caplog):
+    _tree(tmp_path, {"a": ["1.jpg", "2.jpg"], "b": ["3.jpg"]})
+    os.symlink("../b", tmp_path / "a" / "x")
+    os.symlink("../a", tmp_path / "b" / "y")
+    ds = load_dataset("imagefolder", root=tmp_path)
+    assert _rows(ds, tmp_path) == [("a/1.jpg", "a"), ("a/2.jpg", "a"), ("b/3.jpg", "b")]
+    assert _left_out(ds, tmp_path) == {"a/x": "a link to the folder of class b",
+                                       "b/y": "a link to the folder of class a"}
+    assert "left out 2 entries of" in caplog.text and "a/x: a link to the folder of class b" in caplog.text
+
+
+def test_links_into_another_class_are_left_out_and_outside_folders_are_listed_once(tmp_path):
+    _tree(tmp_path / "data", {"a": ["1.jpg"], "b/sub": ["2.jpg"]})
+    _tree(tmp_path / "elsewhere", {".": ["3.jpg"]})
+    root = tmp_path / "data"
+    os.symlink(root / "b" / "sub", root / "a" / "into_b")
+    os.symlink(root / "b" / "sub" / "2.jpg", root / "a" / "b_image.jpg")
+    os.symlink(tmp_path / "elsewhere", root / "a" / "more")
+    os.symlink(tmp_path / "elsewhere", root / "b" / "more_again")
+    ds = load_dataset("imagefolder", root=root)
+    assert _rows(ds, root) == [("a/1.jpg", "a"), ("a/more/3.jpg", "a"), ("b/sub/2.jpg", "b")]
+    assert _left_out(ds, root) == {"a/into_b": "a link into the folder of class b",
+                                   "a/b_image.jpg": "a link to an image of class b",
+                                   "b/more_again": f"a link to {tmp_path / 'elsewhere'}, listed already"}
+
+
+def test_loops_special_files_and_folders_named_like_images_are_left_out_with_a_reason(tmp_path):
+    _tree(tmp_path, {"a": ["1.jpg"], "a/photo.jpg": ["inside.jpg"], "b": ["2.jpg"]})
+    a = tmp_path / "a"
+    os.symlink(a, a / "self")                                  # a folder linking to itself
+    os.symlink(a / "ping.jpg", a / "pong.jpg")                 # two links linking to each other
+    os.symlink(a / "pong.jpg", a / "ping.jpg")
+    os.symlink("/dev/zero", a / "zero.jpg")
+    os.mkfifo(a / "pipe.jpg")
+    os.symlink(a / "gone", a / "dangling.jpg")
+    ds = load_dataset("imagefolder", root=tmp_path)
+    assert _rows(ds, tmp_path) == [("a/1.jpg", "a"), ("b/2.jpg", "b")]
+    assert _left_out(ds, tmp_path) == {
+        "a/photo.jpg": "a folder named like an image file", "a/self": f"a link back to {a}, which contains it",
+        "a/ping.jpg": "a link loop", "a/pong.jpg": "a link loop", "a/zero.jpg": "a character device, not an image file",
+        "a/pipe.jpg": "a FIFO, not an image file", "a/dangling.jpg": "a link to nothing"}
+
+
 def test_corrupt_file_is_listed_and_load_raises(tmp_path):
     _tree(tmp_path, {"a": ["ok.jpg"]})
     (tmp_path / "a" / "bad.jpg").write_bytes(b"\xff\xd8\xff garbage")

@@ -91,6 +91,7 @@ def test_interval_is_zero_when_draws_agree():
         assert p["ci95_halfwidth"] == 0.0 and p["ci95"] == [1.0, 1.0] and p["std"] == 0.0
 
 
+@pytest.mark.slow
 def test_interval_is_positive_when_draws_disagree(curve):
     for p in curve["points"][:3]:
         acc = np.asarray(p["accuracies"])
@@ -137,6 +138,7 @@ def test_same_seed_repeats_other_seed_differs(curve):
     assert [p["accuracies"] for p in other["points"]] != [p["accuracies"] for p in curve["points"][:2]]
 
 
+@pytest.mark.slow
 def test_test_labels_are_not_used_for_selection(curve):
     data = _blob_data()
     data.y_test = np.random.default_rng(3).permutation(data.y_test)
@@ -211,6 +213,7 @@ def test_plot_several_results(curve, tmp_path):
 
 # --- real features -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_digits_random_resnet20_curve(tmp_path):
     """Real CNN features (cifar_resnet20, random init, digits at their native 8x8: ~6 s on 2 busy cores)."""
     pytest.importorskip("torch")
@@ -226,6 +229,7 @@ def test_digits_random_resnet20_curve(tmp_path):
     assert all(p["ci95_halfwidth"] > 0 for p in res["points"][:2])
 
 
+@pytest.mark.slow
 def test_probe_command_line_draws_the_curves(tmp_path, capsys):
     from probe.cli import main as probe_main
     from probe_helpers import toy_cache as make

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,7 +101,7 @@ def test_frozen_tensors_stay_bit_identical_and_the_rest_trains(tmp_path, init_we
         elif not name.endswith("num_batches_tracked"):
             assert not torch.equal(value, init[name]), f"trainable {name} did not change"
     assert n_frozen > 10
-    saved = torch.load(out.run_dir / LAST, weights_only=False)["optimizer"]["param_groups"]
+    saved = torch.load(out.run_dir / LAST, weights_only=True)["optimizer"]["param_groups"]
     lrs = {g["name"]: g["initial_lr"] for g in saved}
     assert lrs["head"] == pytest.approx(0.05 * 5.0)
     if spec.startswith("until"):
@@ -157,8 +158,8 @@ def test_resume_after_an_interrupt_reproduces_the_uninterrupted_run(tmp_path, in
         _run(tmp_path / "split", resume=True, **{**common, "label_smoothing": 0.0})
     resumed = _run(tmp_path / "split", resume=True, **common)
     assert any(r.name == "finetune.checkpoint" and "after epoch 1 of 2" in r.getMessage() for r in caplog.records)
-    a = torch.load(whole.run_dir / LAST, weights_only=False)
-    b = torch.load(resumed.run_dir / LAST, weights_only=False)
+    a = torch.load(whole.run_dir / LAST, weights_only=True)   # tensors and plain data only
+    b = torch.load(resumed.run_dir / LAST, weights_only=True)
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     strip = [{k: v for k, v in h.items() if k not in ("seconds", "images_per_second")} for h in a["history"]]
@@ -182,7 +183,7 @@ def test_a_checkpoint_from_another_device_resumes_with_a_warning(tmp_path, caplo
     with pytest.raises(Interrupted):
         _run(tmp_path, on_epoch_end=stop, **common)
     last = next((tmp_path / "runs").rglob(LAST))
-    ckpt = torch.load(last, weights_only=False)
+    ckpt = torch.load(last, weights_only=True)
     assert ckpt["rng"]["device_type"] == "cpu" and "device" not in ckpt["rng"]
     ckpt["rng"].update(device_type="cuda", device=torch.zeros(16, dtype=torch.uint8))
     torch.save(ckpt, last)
@@ -191,6 +192,37 @@ def test_a_checkpoint_from_another_device_resumes_with_a_warning(tmp_path, caplo
     assert [h["epoch"] for h in out.result["history"]] == [1, 2]
     assert any("resuming on cpu a run checkpointed on cuda" in r.getMessage() for r in caplog.records)
     assert "tf32" not in out.result["provenance"]
+
+
+class _WritesMarker:
+    """Unpickling it creates a file: what a hostile checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_crafted_checkpoint_runs_no_code(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="finetune")
+    first = _run(tmp_path, weights="none", epochs=1, precision="fp32")
+    proof = tmp_path / "proof.pt"
+    torch.save(_WritesMarker(tmp_path / "unsafe-load-ran"), proof)
+    torch.load(proof, weights_only=False)
+    assert (tmp_path / "unsafe-load-ran").exists(), "the crafted file does run code when fully unpickled"
+    marker = tmp_path / "ran"
+    torch.save({"format": 3, "epoch": 0, "config": {"epochs": 1}, "model": _WritesMarker(marker)},
+               first.run_dir / LAST)
+    with pytest.raises(UserError, match=r"cannot read checkpoint .*last\.pt \(Unsupported global: GLOBAL "
+                                        r".*--no-resume starts over$") as info:
+        _run(tmp_path, weights="none", epochs=1, precision="fp32", resume=True)
+    assert "\n" not in str(info.value) and not marker.exists()
+    again = _run(tmp_path, weights="none", epochs=1, precision="fp32")   # the default: start over, saying why
+    assert not marker.exists() and again.result["epochs"] == 1
+    assert any("cannot read checkpoint" in r.getMessage() and r.getMessage().endswith("starting over")
+               for r in caplog.records if r.levelno == logging.WARNING)
+    assert torch.load(again.run_dir / LAST, weights_only=True)["epoch"] == 1
 
 
 def _global_rng():
@@ -278,7 +310,10 @@ def test_cli_runs_end_to_end(tmp_path, capsys, init_weights):
             "--optimizer", "adamw", "--results-dir", str(tmp_path / "r"), "--runs-dir", str(tmp_path / "runs"),
             "--no-progress"]
     assert main(argv) == 0
-    assert "finetune-backbone: test top-1" in capsys.readouterr().out
+    out = capsys.readouterr().out
     result = load_results(tmp_path / "r")[0]
+    m = result["metrics"]
+    assert f"finetune-backbone: test top-1 {100 * m['top1']:.2f}%, balanced {100 * m['balanced_accuracy']:.2f}%" in out
+    assert "test: the dataset's own 'test' split" in out and f"wrote {result['_path']}" in out
     assert result["hyperparameters"]["optimizer"] == "adamw" and result["schedule"]["name"] == "step"
     assert np.isclose(result["hyperparameters"]["lr"], 1e-4)

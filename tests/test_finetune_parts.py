@@ -16,7 +16,7 @@ from finetune.data import SplitLoader, augment_params, crop_params
 from finetune.model import Classifier, apply_freeze, parse_freeze, set_train_mode
 from finetune.schedule import describe, lr_scale, make_scheduler, step_milestones
 from finetune.splits import plan_splits
-from probe.protocol.splits import validation_mask
+from probe.protocol.splits import carve, validation_mask
 
 
 def _lrs(name, epochs, steps_per_epoch, warmup_epochs, base=(0.1,)):
@@ -76,7 +76,7 @@ def test_scheduler_keeps_the_ratio_between_param_groups_and_resumes_exactly(name
     for _ in range(5):
         opt.step()
         sched.step()
-    saved = torch.load(_roundtrip(opt.state_dict(), sched.state_dict()), weights_only=False)
+    saved = torch.load(_roundtrip(opt.state_dict(), sched.state_dict()), weights_only=True)
     opt, sched = build()
     opt.load_state_dict(saved[0])
     sched.load_state_dict(saved[1])
@@ -164,8 +164,19 @@ def test_split_rules_match_probe():
     train_val = Dataset("x", ds.classes, {"train": ds.splits["train"], "val": ds.splits["test"]}, {})
     plan = plan_splits(train_val)
     assert plan.test_split == "val" and plan.test.source is ds.splits["test"] and len(plan.val.indices) == 4
-    with pytest.raises(UserError, match="only a train split"):
-        plan_splits(Dataset("x", ds.classes, {"train": ds.splits["train"]}, {}))
+    only_train = Dataset("x", ds.classes, {"train": ds.splits["train"]}, {})
+    plan = plan_splits(only_train, seed=3, split_seed=1, test_fraction=0.25)
+    test, val = carve(np.arange(20), ds.splits["train"].labels, seed=3, test_fraction=0.25, split_seed=1)
+    assert plan.test_split == "train" and plan.test.source is ds.splits["train"]
+    assert np.array_equal(plan.test.indices, np.flatnonzero(test)) and len(plan.test.indices) == 4    # 1 of each class of 5
+    assert np.array_equal(plan.val.indices, np.flatnonzero(val))
+    parts = [set(p.indices) for p in (plan.train, plan.val, plan.test)]
+    assert sum(map(len, parts)) == 20 and len(set.union(*parts)) == 20
+    assert plan.describe_test()["description"] == "25% of train carved by split seed 1, 4 rows"
+    moved = plan_splits(only_train, seed=4, split_seed=1, test_fraction=0.25)
+    assert np.array_equal(moved.test.indices, plan.test.indices)    # the validation seed never moves test
+    with pytest.raises(UserError, match="--test-fraction"):
+        plan_splits(only_train, test_fraction=1.0)
 
 
 @pytest.mark.parametrize("spec", ["", "until:", "backbone:x", "everything"])
@@ -217,6 +228,7 @@ def _registry_taps():
     return [(name, tap) for name in list_models() for tap in get_spec(name).taps]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, tap", _registry_taps())
 def test_every_registry_tap_is_a_valid_freeze_point(name, tap):
     from extract.registry.models import build_network, get_spec

@@ -10,6 +10,7 @@ from PIL import Image
 from extract import load_features
 from extract.api import extract
 from extract.core.errors import UserError
+from extract.store.cache import digest_path
 from test_extract import make_folder
 
 TINY = {"model": "cifar_resnet20", "weights": "none", "progress": False, "precision": "fp32", "splits": ["train"]}
@@ -26,6 +27,7 @@ def same_rows(a, b):
     np.testing.assert_allclose(a.X, b.X, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_grown_shrunk_and_edited_folder_reuses_unchanged_rows_and_equals_a_fresh_run(tmp_path):
     root = make_folder(tmp_path / "pets", per_class=20, splits=("train",))
     cache = tmp_path / "cache"
@@ -82,6 +84,7 @@ def test_unreadable_images_are_remembered_and_a_removed_one_is_forgotten(tmp_pat
     assert [os.path.basename(s["path"]) for s in skipped] == ["bad1.jpg"]
 
 
+@pytest.mark.slow
 def test_an_interrupted_update_resumes_with_the_same_plan(tmp_path):
     root = make_folder(tmp_path / "pets", per_class=12, splits=("train",))
     cache = tmp_path / "cache"
@@ -104,6 +107,7 @@ def test_caches_without_file_stamps_and_changed_networks_still_need_overwrite(tm
     path = run(root, cache).path
     with h5py.File(path, "a") as f:   # as written before per-file stamps were recorded
         del f["stamps"]
+    digest_path(path).unlink()          # nor their sha256
     Image.new("RGB", (40, 40), "red").save(root / "train" / "cat" / "new.png")
     with pytest.raises(UserError, match="images changed.*--overwrite"):
         run(root, cache)

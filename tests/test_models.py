@@ -39,6 +39,7 @@ def _meta_backbone(name, layers):
                     preprocess=spec.preprocess, load_report={})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list_models())
 def test_every_model_traces_on_meta_and_every_tap_has_a_measured_width(name):
     """Each registered network builds on the meta device (no memory, no math), torch.fx traces it, and
@@ -81,6 +82,7 @@ def _hooked(bb, x):
             h.remove()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,size", [("resnet18", 64), ("cifar_resnet20", 32), ("efficientnet_lite0", 224)])
 def test_feature_extractor_equals_the_hooked_forward(name, size):
     torch.manual_seed(0)
@@ -218,6 +220,7 @@ def test_an_untraceable_network_falls_back_to_hooks_and_still_stops_early():
     assert not net.stem._forward_hooks, "no hooks stay on the plain network"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,size", [("resnet18", 64), ("mobilenet_v3_large", 64), ("cifar_resnet20", 32)])
 def test_random_init_forward_returns_every_tap_in_one_pass(name, size):
     spec = get_spec(name)

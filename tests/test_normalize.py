@@ -179,6 +179,7 @@ def test_changed_images_change_the_statistics_and_are_not_mixed_with_the_old_cac
         extract(**request)
 
 
+@pytest.mark.slow
 def test_catalog_tells_the_extractions_apart(tmp_path):
     extract(cache_dir=tmp_path, **SYN, **TINY)
     extract(cache_dir=tmp_path, image_size=16, **SYN, **TINY)

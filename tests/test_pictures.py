@@ -17,7 +17,7 @@ from extract.registry.datasets import load_dataset
 from extract.core.errors import UserError
 from probe.api import evaluate
 from probe.analyses.maps import class_map, embed_2d, map_figure, stratified_rows, subsample, write_map
-from probe.output.results import load_head
+from probe.output.headfile import load_head
 from probe.analyses.samples import choose_rows, dataset_source, plot_samples, sample_grid, write_samples
 
 FOLDER_CLASSES = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (50, 60, 210)}
@@ -78,6 +78,7 @@ def _red_pixels(rgb: np.ndarray) -> int:
 
 # --- the map ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_map_has_one_point_per_test_row_and_marks_what_the_head_gets_wrong(digits):
     X, y, meta, pred = _predict(digits)
     m = class_map(digits["test"], head_file=digits["head"])
@@ -272,6 +273,7 @@ def test_a_file_gone_since_extraction_is_a_grey_tile_and_a_warning(tmp_path, cap
     assert (shown[1] == 200).all() and "gone.png" in caplog.text
 
 
+@pytest.mark.slow
 def test_probe_map_and_samples_subcommands(tmp_path, capsys):
     from extract.api import extract
     from probe.cli import main as probe_main

@@ -21,6 +21,7 @@ def _confusion(n: int) -> np.ndarray:
     return np.random.default_rng(n).dirichlet(np.ones(n), size=n)
 
 
+@pytest.mark.slow
 def test_plotting_does_not_touch_the_backend_or_pyplot(tmp_path):
     # svg: a backend the caller chose that is not Agg, so a matplotlib.use("Agg") anywhere shows up
     code = (

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import h5py
@@ -43,7 +44,7 @@ def test_default_picks_newest_extraction_and_writes_results(tmp_path, capsys):
     folder = tmp_path / "results" / "newer" / "m2" / "penultimate"
     result = json.loads((folder / "svm.json").read_text())
     assert result["metrics"]["top1"] >= 0.95 and result["test_split"] == "val"
-    assert (folder / "svm.joblib").exists() and (folder / "svm.joblib.json").exists()
+    assert (folder / "svm.skops").exists() and (folder / "svm.skops.json").exists()
 
 
 def test_explicit_selection_and_all_heads(tmp_path, capsys):
@@ -131,6 +132,7 @@ def test_report_without_results(tmp_path, capsys):
     assert_user_error(code, err, "no result files")
 
 
+@pytest.mark.slow
 def test_module_entry_point_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "probe", "--head", "svm", "--cache-dir", tmp_path / "none"],
                           cwd=REPO, capture_output=True, text=True)
@@ -162,7 +164,7 @@ def test_fp32_and_bf16_results_coexist(tmp_path, capsys, explicit):
     assert written[0] != written[1]
     results = [json.loads(Path(p).read_text()) for p in written]
     assert [r["precision"] for r in results] == ["fp32", "bf16"]
-    assert all(Path(p).with_suffix(".joblib").exists() for p in written)
+    assert all(Path(p).with_suffix(".skops").exists() for p in written)
     code, out, err = run_cli(["--report", "--results-dir", tmp_path / "r"], capsys)
     assert code == 0 and "precision" in out.splitlines()[0]
     assert {"fp32", "bf16"} <= set(out.split())
@@ -176,6 +178,7 @@ def test_mixed_precision_pair_is_refused_naming_the_difference(tmp_path, capsys)
     assert_user_error(code, err, "compute precision differs (fp32 vs bf16)")
 
 
+@pytest.mark.slow
 def test_predict_with_a_local_checkpoint_and_one_unreadable_image(tmp_path, capsys):
     import torch
     from extract.api import extract
@@ -200,3 +203,67 @@ def test_predict_with_a_local_checkpoint_and_one_unreadable_image(tmp_path, caps
     code, out, err = run_cli(["predict", "--head", "knn", "--cache-dir", tmp_path / "cache", "--results-dir",
                               tmp_path / "r", photos / "a.png"], capsys)
     assert_user_error(code, err, "weights file changed")
+
+
+def test_one_split_given_for_two_roles_is_refused(tmp_path, capsys):
+    paths = toy_cache(tmp_path / "cache", splits=("train", "test"))
+    copy = tmp_path / "elsewhere" / "copy.h5"
+    copy.parent.mkdir()
+    copy.write_bytes(paths["train"].read_bytes())
+    for flag, other, words in (("--test-features", paths["train"], ["given as both the train and the test"]),
+                               ("--val-features", paths["train"], ["given as both the train and the val"]),
+                               ("--test-features", copy, ["both the 'train' split", "sharing 120 images"])):
+        code, out, err = run_cli(["--features", paths["train"], flag, other, "--head", "linear", "--results-dir",
+                                  tmp_path / "r", "--no-progress"], capsys)
+        assert_user_error(code, err, *words)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_folder_given_as_features_asks_for_a_cache_file(tmp_path, capsys):
+    paths = toy_cache(tmp_path / "cache", splits=("train", "test"))
+    for flags in (["--features", paths["train"].parent], ["--features", paths["train"], "--test-features",
+                                                          paths["train"].parent]):
+        code, out, err = run_cli([*flags, "--head", "linear", "--no-progress"], capsys)
+        assert_user_error(code, err, "expects a cache file (.h5) such as", "is a folder", "--cache-dir")
+        assert "damaged" not in err
+
+
+@pytest.mark.parametrize("head", ["svm", "knn"])
+def test_a_test_class_absent_from_train_is_said_once_and_recorded(tmp_path, capsys, head):
+    X, y = blobs(30, 7, 8)
+    keep = y != 6
+    write_split(tmp_path / "cache", "train", X[keep], y[keep], classes=list("abcdefg"))
+    Xt, yt = blobs(10, 7, 8)
+    write_split(tmp_path / "cache", "test", Xt, yt, classes=list("abcdefg"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # no raw library warning
+        code, out, err = run_cli(["--head", head, "--cache-dir", tmp_path / "cache", "--results-dir", tmp_path / "r",
+                                  "--no-progress", "--no-save"], capsys)
+    assert code == 0, err
+    said = [line for line in err.splitlines() if "never occur in train" in line]
+    assert said == ["warning: test class g (10 test images) never occur in train or validation: the head cannot "
+                    "predict them, so they count as errors"]
+    result = json.loads(next((tmp_path / "r").glob(f"**/{head}.json")).read_text())
+    assert result["test_classes_not_in_train"] == ["g"]
+    assert result["metrics"]["top1"] <= 60 / 70 and result["metrics"]["top5"] <= 60 / 70 + 1e-9
+
+
+@pytest.mark.parametrize("command", ["predict", "map", "samples"])
+def test_saved_head_commands_refuse_to_guess_between_datasets(tmp_path, capsys, command):
+    """Two datasets cached, no --data: predict, map and samples name both instead of taking the newest;
+    with --data they run on the one named."""
+    cache, results = tmp_path / "cache", tmp_path / "r"
+    toy_cache(cache, splits=("train", "test"), dataset="ants", model="m1")
+    toy_cache(cache, splits=("train", "test"), dataset="digits", model="m1")
+    for data in ("ants", "digits"):
+        assert run_cli(["--head", "knn", "--data", data, "--cache-dir", cache, "--results-dir", results,
+                        "--no-progress"], capsys)[0] == 0
+    extra = {"predict": [tmp_path / "x.png"], "map": [], "samples": ["-n", "4"]}[command]
+    code, out, err = run_cli([command, "--head", "knn", "--cache-dir", cache, "--results-dir", results, *extra],
+                             capsys)
+    assert_user_error(code, err, "2 datasets (ants, digits)", "--data")
+    if command == "map":   # toy caches have no images to predict from or to show
+        code, out, err = run_cli([command, "--head", "knn", "--data", "ants", "--cache-dir", cache, "--results-dir",
+                                  results, *extra], capsys)
+        assert code == 0, err
+        assert "/ants/" in out.strip().splitlines()[-1]

@@ -9,7 +9,7 @@ from threadpoolctl import threadpool_limits
 from probe.protocol.data import ProbeData, load_probe_data, select_caches
 from extract.store.catalog import CacheQuery
 from probe.protocol.search import run_probe, search
-from probe.protocol.splits import stratified_subsample, validation_mask
+from probe.protocol.splits import carve, holdout_mask, stratified_subsample, validation_mask
 from probe_helpers import blobs, toy_cache, toy_identity
 
 
@@ -101,6 +101,50 @@ def test_three_split_dataset_uses_its_own_val(tmp_path):
     data = load_probe_data(select_caches(CacheQuery(tmp_path)))
     assert data.test_split == "test" and data.validation == "the dataset's own 'val' split"
     assert data.sizes == {"train": 120, "val": 60, "test": 60}
+
+
+def test_holdout_mask_is_not_the_validation_mask_at_the_same_seed():
+    labels = np.repeat([0, 1], 100)
+    test, val = holdout_mask(np.arange(200), labels, seed=0), validation_mask(np.arange(200), labels, seed=0)
+    assert test.sum() == val.sum() == 40 and (test & val).sum() < 20
+
+
+def test_carve_takes_test_first_and_the_validation_seed_never_moves_it():
+    labels = np.repeat([0, 1, 2], [50, 30, 5])
+    index = np.arange(len(labels)) * 2 + 1
+    test, val = carve(index, labels, seed=0, test_fraction=0.2, split_seed=7)
+    assert [int(test[labels == c].sum()) for c in range(3)] == [10, 6, 1] and not (test & val).any()
+    assert [int(val[labels == c].sum()) for c in range(3)] == [8, 5, 1]        # 20% of the 40, 24, 4 left
+    test2, val2 = carve(index, labels, seed=1, test_fraction=0.2, split_seed=7)
+    assert np.array_equal(test, test2) and not np.array_equal(val, val2)
+    perm = np.random.default_rng(0).permutation(len(labels))
+    test3, val3 = carve(index[perm], labels[perm], seed=0, test_fraction=0.2, split_seed=7)
+    assert np.array_equal(test3, test[perm]) and np.array_equal(val3, val[perm])
+    assert not carve(index, labels, test_fraction=None)[0].any()
+
+
+def test_train_only_cache_carves_disjoint_test_rows_and_says_so(tmp_path):
+    toy_cache(tmp_path, splits=("train",))          # 120 rows, 3 classes of 40
+    data = load_probe_data(select_caches(CacheQuery(tmp_path)), seed=0, test_fraction=0.25, split_seed=3)
+    assert data.sizes == {"train": 72, "val": 18, "test": 30} and data.test_split == "train"
+    roles = [set(data.index_train), set(data.index_val), set(data.index_test)]
+    assert sum(map(len, roles)) == 120 and len(set.union(*roles)) == 120
+    assert data.test["description"] == "25% of train carved by split seed 3, 30 rows"
+    assert data.test["carved"] == {"fraction": 0.25, "split_seed": 3}
+    assert "only a train split" in data.validation and "the rest of train" in data.validation
+    again = load_probe_data(select_caches(CacheQuery(tmp_path)), seed=5, test_fraction=0.25, split_seed=3)
+    assert np.array_equal(np.sort(again.index_test), np.sort(data.index_test))
+    lazy = load_probe_data(select_caches(CacheQuery(tmp_path)), lazy=True, test_fraction=0.25, split_seed=3)
+    assert np.array_equal(np.asarray(lazy.X_test), data.X_test)
+    r = run_probe("logreg", data, progress=False).result
+    assert r["test"]["rows"] == 30 and r["sizes"]["test"] == 30 and r["sources"]["test"] == r["sources"]["train"]
+
+
+def test_a_dataset_with_its_own_test_split_keeps_it(tmp_path):
+    toy_cache(tmp_path, splits=("train", "test"))
+    data = load_probe_data(select_caches(CacheQuery(tmp_path)), test_fraction=0.5)
+    assert data.test_carve is None and data.sizes["test"] == 60 and data.sizes["train"] + data.sizes["val"] == 120
+    assert data.test["description"] == "the dataset's own 'test' split, 60 rows"
 
 
 def test_max_search_samples_subsamples_the_search_only():

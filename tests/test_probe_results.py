@@ -1,11 +1,16 @@
 """Result JSON schema, saved-head round trip and version check, report collation."""
 
 import errno
+import hashlib
 import json
+import pickle
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
+import skops.io as sio
+from sklearn.pipeline import Pipeline
 
 from extract.core.errors import UserError, guarded
 from probe.protocol.data import load_probe_data, select_caches
@@ -13,8 +18,9 @@ from extract.store.catalog import CacheQuery
 from probe.protocol.metrics import classification_metrics
 from probe.protocol.search import run_probe
 from probe.output.report import collect_rows, format_rows, write_report
-from probe.output.results import SCHEMA, SklearnVersionWarning, load_head, load_results, save_head, write_result
-from probe_helpers import toy_cache
+from probe.output.headfile import SklearnVersionWarning, load_head, save_head
+from probe.output.results import SCHEMA, load_results, write_result
+from probe_helpers import blobs, toy_cache
 
 RESULT_KEYS = {"schema", "kind", "head", "dataset", "model", "identity", "precision", "dtype", "layer", "metrics",
                "hyperparameters", "grid", "timing", "sizes", "validation", "test_split", "provenance", "versions", "seed", "created"}
@@ -137,10 +143,10 @@ def test_full_disk_is_a_user_error_and_keeps_earlier_results(logreg_run, tiny_di
     listing = _listing(tiny_disk)
     for write in (lambda: write_result({**r, "seed": 1}, tiny_disk),
                   lambda: save_head(logreg_run.pipeline, r, tiny_disk)):
-        with pytest.raises(UserError, match=r"could not write .*(logreg\.json|logreg\.joblib): "
+        with pytest.raises(UserError, match=r"could not write .*(logreg\.json|logreg\.skops): "
                                              r"No space left on device; .*intact"):
             write()
-    assert _listing(tiny_disk) == listing, "no temp file and no truncated joblib left"
+    assert _listing(tiny_disk) == listing, "no temp file and no truncated head left"
     assert path.read_bytes() == before and load_results(tiny_disk)[0]["head"] == "logreg"
     assert guarded(lambda: save_head(logreg_run.pipeline, r, tiny_disk)) == 2
     err = capsys.readouterr().err
@@ -154,24 +160,119 @@ def test_full_disk_keeps_a_saved_head(logreg_run, tiny_disk):
     with pytest.raises(UserError, match="No space left"):
         save_head(logreg_run.pipeline, {**logreg_run.result, "created": "later"}, tiny_disk)
     assert path.read_bytes() == head and path.with_name(path.name + ".json").read_bytes() == side
-    assert sorted(p.name for p in path.parent.iterdir()) == ["logreg.joblib", "logreg.joblib.json"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["logreg.skops", "logreg.skops.json"]
     load_head(path)
 
 
-class _FailsWhenPickled:
-    """Raises from pickling, after whatever precedes it in the dump has reached the file."""
+class _FailsWhenSaved:
+    """Raises while its state is gathered, after the array before it in the dump was."""
 
-    def __reduce__(self):
+    def __getstate__(self):
         raise OSError(errno.ENOSPC, "No space left on device")
 
 
 def test_failure_mid_dump_keeps_the_previous_head(logreg_run, tmp_path):
     path = save_head(logreg_run.pipeline, logreg_run.result, tmp_path)
     head, side = path.read_bytes(), path.with_name(path.name + ".json").read_bytes()
-    big = [np.arange(100_000.0), _FailsWhenPickled()]  # the array is written before the failure
-    with pytest.raises(UserError, match=r"logreg\.joblib: No space left on device"):
+    big = [np.arange(100_000.0), _FailsWhenSaved()]  # the array is written before the failure
+    with pytest.raises(UserError, match=r"logreg\.skops: No space left on device"):
         save_head(big, {**logreg_run.result, "created": "later"}, tmp_path)
     assert path.read_bytes() == head and path.with_name(path.name + ".json").read_bytes() == side
-    assert sorted(p.name for p in path.parent.iterdir()) == ["logreg.joblib", "logreg.joblib.json"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["logreg.skops", "logreg.skops.json"]
     pipe, _ = load_head(path)
     assert list(pipe.classes_) == list(logreg_run.pipeline.classes_)
+
+
+# --- saved heads cannot run code -------------------------------------------------------------------
+
+class _WritesMarker:
+    """Unpickling it writes a file: what a hostile head would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def _sidecar(path):
+    return path.with_name(path.name + ".json")
+
+
+def test_joblib_head_is_refused_without_running_it(logreg_run, tmp_path):
+    path = save_head(logreg_run.pipeline, logreg_run.result, tmp_path)
+    marker = tmp_path / "ran"
+    old = path.with_suffix(".joblib")
+    old.write_bytes(pickle.dumps(_WritesMarker(marker)))
+    _sidecar(old).write_text(json.dumps({"schema": "featprobe.head/1", "sklearn": "1.0"}))
+    path.unlink()
+    for asked in (old, path):  # named directly, or found where the new head would be
+        with pytest.raises(UserError, match=r"is a joblib head.*could run code; refit it with "
+                                            r"`python -m probe --head logreg`"):
+            load_head(asked)
+    assert not marker.exists()
+
+
+def test_head_holding_an_unknown_type_is_refused_without_building_it(logreg_run, tmp_path):
+    path = save_head(logreg_run.pipeline, logreg_run.result, tmp_path)
+    marker = tmp_path / "ran"
+    sio.dump(Pipeline([("scale", "passthrough"), ("head", _Hostile(marker))]), path)
+    side = json.loads(_sidecar(path).read_text())
+    _sidecar(path).write_text(json.dumps({**side, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}))
+    with pytest.raises(UserError, match=r"holds types a featprobe head never holds \(.*_Hostile\)"):
+        load_head(path)
+    assert not marker.exists()
+
+
+class _Hostile:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __setstate__(self, state):
+        Path(state["marker"]).touch()
+
+
+def test_head_that_is_not_the_file_its_sidecar_describes_is_refused(logreg_run, tmp_path):
+    path = save_head(logreg_run.pipeline, logreg_run.result, tmp_path)
+    other = save_head(logreg_run.pipeline, {**logreg_run.result, "head": "other"}, tmp_path)
+    path.write_bytes(other.read_bytes() + b"\0")
+    with pytest.raises(UserError, match=r"logreg\.skops is not the file its sidecar describes .*--head logreg"):
+        load_head(path)
+
+
+def test_sidecar_without_a_hash_is_refused(logreg_run, tmp_path):
+    path = save_head(logreg_run.pipeline, logreg_run.result, tmp_path)
+    side = json.loads(_sidecar(path).read_text())
+    del side["sha256"]
+    _sidecar(path).write_text(json.dumps(side))
+    with pytest.raises(UserError, match="sidecar with the head's sha256"):
+        load_head(path)
+
+
+def test_the_cli_refuses_a_joblib_head_in_one_line(logreg_run, tmp_path, capsys):
+    from probe.cli import main
+    old = tmp_path / "logreg.joblib"
+    old.write_bytes(pickle.dumps(_WritesMarker(tmp_path / "ran")))
+    image = tmp_path / "x.png"
+    image.write_bytes(b"not read")
+    assert main(["predict", "--head-file", str(old), str(image)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "python -m probe --head logreg" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("name", ["linear", "svm", "svm-rbf", "rf", "knn", "torch-logreg"])
+def test_every_head_round_trips_through_the_safe_format(logreg_run, tmp_path, name):
+    from probe.heads.catalog import build_torch_logreg, get_head
+    X, y = blobs(n_classes=3, dim=6)
+    if name == "torch-logreg":
+        pipe = Pipeline([("scale", "passthrough"), ("head", build_torch_logreg(device="cpu"))])
+    else:
+        head = get_head(name)
+        pipe = head.pipeline(**head.grid("fast", {"n": len(X), "d": 6, "x_var": 1.0})[0])
+    pipe.fit(X, y)
+    path = save_head(pipe, {**logreg_run.result, "head": name}, tmp_path)
+    loaded, sidecar = load_head(path)
+    assert path.suffix == ".skops" and sidecar["format"] == "skops"
+    assert type(loaded[-1]) is type(pipe[-1])
+    assert np.array_equal(loaded.predict(X), pipe.predict(X))

@@ -3,6 +3,7 @@ killed driver (rerun resumes) and a killed actor (Ray restarts it and retries it
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -18,8 +19,11 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from extract.api import extract  # noqa: E402
+from extract.run.runners.ray_runner import _started  # noqa: E402
 from extract.store.cache import partial_path  # noqa: E402
 from extract.core.errors import UserError  # noqa: E402
+
+pytestmark = pytest.mark.slow   # subprocesses, clusters and compilers: minutes on 2 cores
 
 REPO = Path(__file__).resolve().parents[1]
 ACTOR_TITLE = "ray::MapWorker(MapBatches(_ChunkEmbedder))"
@@ -259,11 +263,24 @@ def test_killed_driver_resumes(tmp_path, tmp_path_factory):
         saved = wait_for_chunks(cache, proc, time.monotonic() + RUN_TIMEOUT)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    finally:
+    except BaseException:
         reap(proc)
+        raise
+    try:
+        _rerun_after_a_killed_driver(proc, cache, saved, tmp_path_factory)
+    finally:
+        reap(proc)   # whatever of its cluster a failed check left
+
+
+def _rerun_after_a_killed_driver(proc, cache, saved, tmp_path_factory):
     total = BIG_N // BIG_CHUNK
     left = len(chunk_files(cache))
     assert saved <= left < total, "the driver should have died midway"
+    records = list((Path(os.environ["FEATPROBE_HOME"]) / "ray-local").glob(f"{proc.pid}.json"))
+    assert len(records) == 1, "the local cluster the driver started is recorded"
+    recorded = json.loads(records[0].read_text())["processes"]
+    orphans = [pid for pid, start in recorded if _started(pid) == [pid, start]]
+    assert orphans, "a driver killed with -9 leaves processes of its local cluster running"
     assert not list(cache.glob("**/train.fp32.h5")), "no cache file before the rerun"
 
     rerun = start(cli(cache=cache, ray_address="local"))
@@ -272,6 +289,8 @@ def test_killed_driver_resumes(tmp_path, tmp_path_factory):
     finally:
         reap(rerun)
     assert "(resumed)" in out, out
+    assert not [pid for pid in orphans if _started(pid)], "the rerun stops the killed driver's cluster"
+    assert "stopped" in err and "left by a killed run" in err, err
     done = int(re.search(r"Extracted ([\d,]+) images", out).group(1).replace(",", ""))
     assert done == BIG_N - left * BIG_CHUNK, out
     path = Path(re.search(r"train: (\S+) \(resumed\)", out).group(1))

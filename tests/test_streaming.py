@@ -16,7 +16,7 @@ from probe.heads.device import cuda_available
 from probe.heads.catalog import KNN_K
 from probe.heads.knn import KNNClassifier, cosine_topk, l2_normalize
 from probe.heads.placement import IN_MEMORY_COPIES, available_memory, memory_for, place
-from probe.output.results import load_head
+from probe.output.headfile import load_head
 from probe.protocol.rows import Rows
 from probe_helpers import toy_cache
 
@@ -152,6 +152,7 @@ def test_in_memory_heads_refuse_features_larger_than_memory(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("splits", [("train", "test"), ("train", "val", "test")])
 def test_streamed_run_matches_in_memory_run(tmp_path, capsys, splits):
     toy_cache(tmp_path / "cache", splits=splits, n_classes=4, dim=20, n_per_class=60)
@@ -173,6 +174,6 @@ def test_streamed_run_matches_in_memory_run(tmp_path, capsys, splits):
         assert streamed["metrics"]["top1"] == memory["metrics"]["top1"]
         assert streamed["sizes"] == memory["sizes"]
         # saved heads load again; the streamed knn head reads its bank from the cache file
-        pipe, _ = load_head(path.with_suffix(".joblib"))
+        pipe, _ = load_head(path.with_suffix(".skops"))
         assert np.mean(pipe.predict(X) == y) == pytest.approx(streamed["metrics"]["top1"])
-        assert np.array_equal(pipe.predict(X), load_head(memory_path.with_suffix(".joblib"))[0].predict(X))
+        assert np.array_equal(pipe.predict(X), load_head(memory_path.with_suffix(".skops"))[0].predict(X))

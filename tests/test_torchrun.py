@@ -14,6 +14,8 @@ from extract.store.chunks import ChunkStore
 from extract.run.job import share
 from test_extract import REPO, cache_file, make_folder
 
+pytestmark = pytest.mark.slow   # subprocesses, clusters and compilers: minutes on 2 cores
+
 ARGS = ["--weights", "none", "--data", "imagefolder", "--precision", "fp32",
         "--batch-size", "4", "--chunk-size", "8", "--no-progress", "--split", "train"]
 REQUEST = dict(model="cifar_resnet20", weights="none", data="imagefolder", precision="fp32")
@@ -25,6 +27,14 @@ def extract_cli(*args, ranks=0, cwd, model="cifar_resnet20"):
     return subprocess.run([*launcher, "-m", "extract", "--model", model, *ARGS, *args], cwd=cwd,
                           capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": REPO}, timeout=300)
+
+
+def test_bad_input_is_said_once_and_every_rank_exits_2(folder, tmp_path):
+    r = extract_cli("--root", str(folder), "--cache-dir", str(tmp_path / "c"), ranks=2, cwd=tmp_path,
+                    model="resnet5O")
+    said = [line for line in r.stderr.splitlines() if line.startswith("error: unknown model")]
+    assert r.returncode != 0 and len(said) == 1, r.stderr[-2000:]
+    assert "exitcode: 2" in r.stderr or "exitcode  : 2" in r.stderr, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("n, world", [(10, 2), (3, 2), (7, 3), (0, 2)])

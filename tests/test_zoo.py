@@ -105,6 +105,7 @@ def test_timm_sample_resolves_preprocessing_and_measures_taps_on_meta(name, tmp_
     assert not list((tmp_path / "torch-home").glob("**/*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TV_SAMPLE)
 def test_torchvision_sample_resolves_each_weights_transforms_and_taps_on_meta(name):
     import torchvision
@@ -317,6 +318,7 @@ def test_timm_preprocessing_feeds_the_network_timms_own_tensors(hymenoptera):
                 assert (tensor - want).abs().mean() < 0.02 and (tensor - want).abs().max() < 0.5
 
 
+@pytest.mark.slow
 def test_a_missing_hub_file_offline_is_one_line_and_exit_2(tmp_path):
     hf_home = tmp_path / "hf"
     hf_home.mkdir()

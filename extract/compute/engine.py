@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from extract.compute.allocator import tune_malloc
 from extract.core.errors import UserError
+from extract.compute.gpu_decode import is_out_of_memory
 from extract.compute.pipeline import SourceBatches, to_model_input
 from extract.store.preprocess import Preprocess
 
@@ -135,12 +136,6 @@ def ieee_fp32(device: torch.device, autocast: torch.dtype | None) -> Iterator[No
 def tf32_provenance(device: torch.device, autocast: torch.dtype | None) -> dict:
     """What the cache records about TF32: {"tf32": False} for fp32 on CUDA (IEEE fp32, see `ieee_fp32`)."""
     return {"tf32": False} if device.type == "cuda" and autocast is None else {}
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    """torch's out-of-memory error (GPU), or the CPU allocator's failure (a plain RuntimeError)."""
-    return isinstance(e, torch.OutOfMemoryError) or \
-        (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
 
 
 def pad_rows(x: torch.Tensor, rows: int, channels_last: bool = False) -> torch.Tensor:

@@ -25,6 +25,12 @@ Decode = Callable[[list[torch.Tensor]], list[torch.Tensor]]   # JPEG bytes (CPU)
 Fallback = Callable[[int], tuple[torch.Tensor, str]]          # position -> (uint8 (3, crop, crop), reason)
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch's out-of-memory error (GPU), or the CPU allocator's failure (a plain RuntimeError)."""
+    return isinstance(e, torch.OutOfMemoryError) or \
+        (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
 def for_the_gpu(data: bytes | None) -> bool:
     """True for file bytes that nvJPEG decodes as the CPU decoders would (see the module docstring)."""
     return data is not None and plain_jpeg(data) and not exif_rotated(data)
@@ -48,7 +54,6 @@ def nvjpeg(device: torch.device) -> Decode:
 
 def _decode_each(datas: list[torch.Tensor], decode: Decode) -> list[torch.Tensor | None]:
     """All at once; when that fails, one by one (None for each one that fails)."""
-    from extract.compute.engine import is_out_of_memory
 
     try:
         return list(decode(datas))

@@ -35,18 +35,20 @@ def show_log_lines(loggers) -> None:
             logger.addHandler(_HANDLER)
 
 
-def guarded(body: Callable[[], int | None], loggers=()) -> int:
+def guarded(body: Callable[[], int | None], loggers=(), *, speaks: bool = True) -> int:
     """Run a CLI body: UserError -> 'error: ...' and exit 2; Ctrl-C -> exit 130; never a traceback for those.
 
     A KeyboardInterrupt raised with a message (what was saved, how to resume) prints that message.
-    `loggers`: the names whose INFO records are shown as plain lines.
+    `loggers`: the names whose INFO records are shown as plain lines. `speaks` False (a torchrun rank
+    other than 0) exits with the same codes and prints nothing, so a message appears once.
     """
     show_log_lines(loggers)
+    say = (lambda text: print(text, file=sys.stderr)) if speaks else (lambda text: None)
     try:
         return body() or 0
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")
         return 2
     except KeyboardInterrupt as e:
-        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
+        say(f"interrupted: {e}" if str(e) else "interrupted")
         return 130

@@ -11,8 +11,6 @@ classification heads, and reports everything else it could not place.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import os
 import re
@@ -27,8 +25,8 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from extract.core.atomic import write_text_atomic
 from extract.core.errors import UserError
+from extract.core.filehash import _SHA_CACHE, sha256_file, sha_cache_file  # noqa: F401 - re-exported
 
 # Heads that self-supervised and supervised checkpoints carry next to the trunk.
 HEAD_PREFIXES = ("fc.", "linear.", "classifier.", "head.", "heads.", "projection_head.", "prototypes.",
@@ -41,58 +39,12 @@ CONTAINER_KEYS = ("state_dict", "model", "teacher", "target_encoder", "online_ne
 PREFERRED_PREFIXES = ("", "module.", "backbone.", "module.encoder_q.", "encoder_q.", "module.backbone.",
                       "encoder.", "module.encoder.", "_feature_blocks.", "online_network.encoder.")
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.")
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
 log = logging.getLogger(__name__)
 
 
 def hub_checkpoint_dir() -> Path:
     """``$TORCH_HOME/hub/checkpoints`` (torch.hub's cache, also used by torchvision)."""
     return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def sha_cache_file() -> Path:
-    """Where file hashes are remembered across processes: $FEATPROBE_HOME or ~/.cache/featprobe."""
-    home = os.environ.get("FEATPROBE_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "featprobe")
-    return Path(home) / "sha256.json"
-
-
-def _read_sha_cache(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _remember_sha(key: str, digest: str) -> None:
-    """Best effort: a cache that cannot be written only costs a re-hash next time."""
-    path = sha_cache_file()
-    try:
-        known = _read_sha_cache(path)
-        known[key] = digest
-        write_text_atomic(path, json.dumps(known, indent=0, sort_keys=True))
-    except OSError:
-        pass
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, computed once per (path, size, mtime): remembered in this process and on disk."""
-    path = Path(path).resolve()
-    st = path.stat()
-    key = (str(path), st.st_mtime_ns, st.st_size)
-    if key in _SHA_CACHE:
-        return _SHA_CACHE[key]
-    disk_key = f"{key[0]}|{key[1]}|{key[2]}"
-    digest = _read_sha_cache(sha_cache_file()).get(disk_key)
-    if digest is None:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        digest = h.hexdigest()
-        _remember_sha(disk_key, digest)
-    _SHA_CACHE[key] = digest
-    return digest
 
 
 def check_file_hash(path: Path, sha256: str | None = None) -> str:
@@ -233,9 +185,28 @@ def _hash_prefix(filename: str) -> str | None:
     return m.group(1) if m else None
 
 
-def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False):
-    """A .safetensors file, else torch.load on CPU with weights_only; `trusted` (registry URLs) falls back
-    to full unpickling."""
+def load_refusal(e: Exception) -> str:
+    """The line of a torch.load error that says what it refused (an unsupported global), else its first."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for line in lines:
+        if "Unsupported" in line:
+            return line.split("error:")[-1].split(". Please")[0].strip()
+    return lines[0] if lines else type(e).__name__
+
+
+def published_types() -> list:
+    """Types beyond tensors and plain data that published checkpoints hold: training arguments
+    (DINO's argparse.Namespace) and numpy values (scalars, small arrays, their dtypes)."""
+    import numpy as np
+
+    dtypes = [np.dtype(t) for t in ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "?")]
+    return [argparse.Namespace, np.dtype, np.ndarray, *{type(d) for d in dtypes},
+            np.float64(0).__reduce__()[0],     # numpy's scalar constructor (its module moved in numpy 2)
+            np.zeros(1).__reduce__()[0]]       # numpy's array reconstructor
+
+
+def read_checkpoint(path: str | os.PathLike):
+    """torch.load on CPU, weights-only: tensors, plain data and `published_types`, so no file can run code."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint file not found: {path}")
@@ -250,13 +221,10 @@ def read_checkpoint(path: str | os.PathLike, *, trusted: bool = False):
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise UserError(f"cannot read {path} as a safetensors file ({first})") from None
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals(published_types()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling problem becomes one clear line
-        if trusted:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read {path} as a weights-only PyTorch checkpoint ({first}); "
+        raise UserError(f"cannot read {path} as a weights-only PyTorch checkpoint ({load_refusal(e)}); "
                         "re-save its state_dict with torch.save(model.state_dict(), file)") from None
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import difflib
 import hashlib
 import logging
+import numbers
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -20,7 +21,8 @@ from PIL import Image
 
 from extract.core.errors import UserError
 from extract.store.identity import DataRef
-from extract.registry.images import ImageError, is_image_file, open_rgb
+from extract.registry.folders import list_classes, subdirs as folder_names
+from extract.registry.images import ImageError, open_rgb
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +95,7 @@ class ImageSource:
         root = self.root or ""
         for path, label, (size, mtime) in zip(self.paths, self.labels.tolist(), stamps.tolist()):
             rel = os.path.relpath(path, root) if root else path
-            h.update(f"{rel}\0{size}\0{mtime}\0{label}\n".encode())
+            h.update(f"{rel}\0{size}\0{mtime}\0{label}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()
 
 
@@ -105,6 +107,7 @@ class Dataset:
     classes: list[str]
     splits: dict[str, ImageSource]
     identity: dict
+    left_out: list[tuple[str, str]] = field(default_factory=list)   # (path, reason) not listed as images
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{k}={len(v)}" for k, v in self.splits.items())
@@ -176,7 +179,7 @@ def _imagefolder(root=None, download=False) -> Dataset:
     root = os.path.abspath(os.fspath(root))
     if not os.path.isdir(root):
         raise UserError(f"imagefolder root {root} is not a folder")
-    subdirs = _subdirs(root)
+    subdirs = folder_names(root)
     split_dirs: dict[str, str] = {}
     for d in subdirs:
         split = _SPLIT_DIRS.get(d.lower())
@@ -189,7 +192,10 @@ def _imagefolder(root=None, download=False) -> Dataset:
     if not split_dirs:
         split_dirs = {"train": ""}  # the root's class folders are the one split
 
-    listed = {split: _list_classes(os.path.join(root, d)) for split, d in split_dirs.items()}
+    listings = {split: list_classes(os.path.join(root, d)) for split, d in split_dirs.items()}
+    left_out = [item for listing in listings.values() for item in listing.left_out]
+    _warn_left_out(root, left_out)
+    listed = {split: listing.classes for split, listing in listings.items()}
     classes = sorted({c for per_class in listed.values() for c in per_class})
     if not classes:
         raise UserError(f"no images found under {root}: expected {root}/<class>/<image> "
@@ -206,63 +212,14 @@ def _imagefolder(root=None, download=False) -> Dataset:
             labels += [index[c]] * len(per_class[c])
         splits[split] = ImageSource(split, classes, labels, paths=paths, root=root)
     return Dataset("imagefolder", classes, _ordered(splits),
-                   {"name": "imagefolder", "root": root, "options": {}})
+                   {"name": "imagefolder", "root": root, "options": {}}, left_out)
 
 
-def _subdirs(folder: str) -> list[str]:
-    def is_dir(e) -> bool:
-        try:
-            return e.is_dir()
-        except OSError:   # a looping link
-            return False
-
-    with os.scandir(folder) as it:
-        return sorted(e.name for e in it if not _hidden(e.name) and is_dir(e))
-
-
-def _hidden(name: str) -> bool:
-    return name.startswith(".") or name == "__MACOSX"
-
-
-def _list_classes(folder: str) -> dict[str, list[str]]:
-    """class name -> sorted image paths (recursive), for every class folder holding images."""
-    out = {}
-    for c in _subdirs(folder):
-        files = _list_images(os.path.join(folder, c))
-        if files:
-            out[c] = files
-    return out
-
-
-def _list_images(folder: str) -> list[str]:
-    """Image files under `folder`, recursively, sorted. Linked folders are followed, except a link to a
-    folder that contains the link (a loop), which is skipped with a warning."""
-    found, stack = [], [folder]
-    while stack:
-        d = stack.pop()
-        try:
-            with os.scandir(d) as it:
-                entries = list(it)
-        except OSError as e:
-            log.warning(f"warning: skipped folder {d}: {e.strerror or e}")
-            continue
-        here = os.path.realpath(d)
-        for e in entries:
-            if _hidden(e.name):
-                continue
-            try:
-                if e.is_dir():
-                    target = os.path.realpath(e.path)
-                    if e.is_symlink() and os.path.commonpath([target, here]) == target:
-                        log.warning(f"warning: skipped {e.path}: a link back to {target}, which contains it")
-                        continue
-                    stack.append(e.path)
-                elif is_image_file(e.name) and e.is_file():
-                    found.append(e.path)
-            except (OSError, ValueError):   # a dangling or looping link
-                continue
-    found.sort()
-    return found
+def _warn_left_out(root: str, left_out: list[tuple[str, str]]) -> None:
+    if left_out:
+        shown = "; ".join(f"{os.path.relpath(p, root)}: {r}" for p, r in left_out[:3])
+        log.warning(f"left out {len(left_out)} entr{'y' if len(left_out) == 1 else 'ies'} of {root} ({shown}"
+                    + (" ..." if len(left_out) > 3 else "") + ")")
 
 
 # ---------------------------------------------------------------- in-memory sets
@@ -287,7 +244,8 @@ def _digits(root=None, download=False) -> Dataset:
            ("n", "size", "classes", "seed"))
 def _synthetic(root=None, download=False, n: int = 64, size: int = 32, classes: int = 4,
                seed: int = 0) -> Dataset:
-    n, size, k, seed = int(n), int(size), int(classes), int(seed)
+    n, size, k, seed = (_whole_number(name, v) for name, v in (("n", n), ("size", size), ("classes", classes),
+                                                               ("seed", seed)))
     if n < 1 or size < 4 or k < 2:
         raise UserError("synthetic needs n >= 1, size >= 4 and classes >= 2")
     names = [f"class{i}" for i in range(k)]
@@ -299,6 +257,15 @@ def _synthetic(root=None, download=False, n: int = 64, size: int = 32, classes: 
     return Dataset("synthetic", names, splits,
                    {"name": "synthetic", "root": None,
                     "options": {"n": n, "size": size, "classes": k, "seed": seed}})
+
+
+def _whole_number(name: str, value) -> int:
+    """A dataset option that must be a whole number (given as one, or as its digits)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value)
+    raise UserError(f"dataset option {name} must be a whole number, got {value!r}")
 
 
 def _synthetic_images(labels: np.ndarray, size: int, k: int, rng: np.random.Generator) -> np.ndarray:

@@ -417,11 +417,6 @@ class ResolvedWeights:
         return str(self.file) if self.file is not None and self.weight is None else self.tag
 
     @property
-    def trusted(self) -> bool:
-        """Registry files may need full unpickling; user files and hub files are read weights-only."""
-        return self.weight is not None and self.weight.source != "hf"
-
-    @property
     def preprocess(self) -> Preprocess:
         return self.weight.preprocess if self.weight else self.spec.preprocess
 
@@ -502,7 +497,7 @@ def _head_prefixes(spec: ModelSpec) -> tuple[str, ...]:
 
 def _read_for(resolved: ResolvedWeights, net: nn.Module):
     """The checkpoint of `resolved`, in the source's own key layout where it has a conversion (timm)."""
-    obj = checkpoints.read_checkpoint(resolved.file, trusted=resolved.trusted)
+    obj = checkpoints.read_checkpoint(resolved.file)
     return resolved.spec.adapt_state(obj, net) if resolved.spec.adapt_state is not None else obj
 
 
@@ -515,6 +510,7 @@ def load_classifier(name: str, weights: str | None = "default", *, download: boo
     spec = resolved.spec
     net = build_network(spec.name, keep_head=True, weight=resolved.weight)
     if resolved.file is not None:
+        resolved.sha256   # a registry file that is not the published one is refused before it is read
         checkpoints.load_into(net, _read_for(resolved, net), head_prefixes=(), source=resolved.file.name)
     if spec.embed is not None and spec.family != "timm":   # e.g. EfficientNet-Lite: avoid the package's forward
         head = _get_module(net, spec.head_path)

@@ -24,6 +24,7 @@ from extract.run.request import ExtractRequest
 from extract.run.runners import Runner, Work, choose_runner
 from extract.store import cache
 from extract.store.assemble import assemble
+from extract.store.cache import partial_path
 from extract.store.chunks import ChunkStore
 from extract.store.identity import FeatureIdentity, describe_differences, verdict
 from extract.store.incremental import Reuse, can_reuse, stamps_of
@@ -70,6 +71,7 @@ def run_request(request: ExtractRequest, weights: ResolvedWeights | None = None)
     unknown = [s for s in wanted if s not in dataset.splits]
     if unknown:
         raise UserError(f"dataset {request.data} has no split {unknown[0]!r}; it has {', '.join(dataset.splits)}")
+    cache.check_cache_root(request.cache_dir)
     results: dict[str, SplitResult] = {}
     backbone = None
     for split in wanted:
@@ -80,6 +82,12 @@ def run_request(request: ExtractRequest, weights: ResolvedWeights | None = None)
         stamps = stamps_of(source.paths) if source.paths is not None else None
         fingerprint = source.fingerprint(stamps)
         identity = p.identity
+        if not request.overwrite and runner.broadcast(_cached(path, identity, fingerprint)):
+            results[split] = SplitResult(split, path, "hit")   # a hit needs no lock: the folder may be read-only
+            if runner.leader:
+                _remove_stale_partial(path)
+            continue
+        created = cache.missing_dirs(path.parent) if runner.leader else []
         lock = cache.lock_for(path) if runner.leader else None
         if lock is not None:
             cache.acquire(lock, path, log.info)
@@ -111,7 +119,44 @@ def run_request(request: ExtractRequest, weights: ResolvedWeights | None = None)
         finally:
             if lock is not None:
                 lock.release()
+                if split not in results:   # failed: leave no folder behind that holds only its lock
+                    cache.discard_unused(lock, created)
     return results
+
+
+def _cached(path: Path, identity: FeatureIdentity, fingerprint: str) -> bool:
+    """Whether the complete file at `path` already holds these features."""
+    header = cache.read_header(path)
+    if not header or header["damaged"]:
+        return False
+    return verdict(header["identity"], header.get("fingerprint"), identity, fingerprint).hit
+
+
+def _remove_stale_partial(path: Path) -> None:
+    """Remove what an interrupted clean-up left of `.partial/` beside a finished file: a folder without its
+    manifest, or the chunks of the very file that is finished. Chunks of other work (an interrupted run
+    adding a tap) stay for their command to resume; so does anything a process writing there now holds
+    (it holds the lock), and anything in a read-only cache folder."""
+    store = ChunkStore.existing(path) or ChunkStore(path, {"chunk_rows": 1, "n_images": 0})
+    if not store.dir.exists():
+        return
+    header = cache.read_header(path) or {}
+    made_this = header.get("identity") is not None and \
+        store.manifest.get("identity") == header["identity"].to_dict() and \
+        store.manifest.get("fingerprint") == header.get("fingerprint")
+    if store.read_manifest() is not None and not made_this:
+        return
+    try:
+        lock = cache.lock_for(path)
+        lock.acquire(timeout=0)
+    except (UserError, OSError):   # filelock's Timeout is an OSError too
+        return
+    try:
+        if store.dir.exists():
+            log.info(f"removing {store.dir}, left from an earlier run beside the finished {path.name}")
+            store.remove()
+    finally:
+        lock.release()
 
 
 def _desc(identity: FeatureIdentity, source, runner: Runner) -> str:
@@ -146,6 +191,7 @@ def provenance(work: Work, source, runner: Runner) -> dict:
             "preprocess": identity.preprocess.as_dict(), "weights_preprocess": p.weights.preprocess.as_dict(),
             "image_size": identity.image_size, "normalization": p.normalization(identity),
             "dataset": p.dataset.name, "dataset_identity": p.dataset.identity, "split": source.name,
+            "dataset_splits": list(p.dataset.splits),
             "classes": p.dataset.classes, "n_images": len(source), "dtype": identity.dtype,
             "precision": identity.precision, "precision_requested": identity.precision_requested,
             "device": str(p.device), "layers": backbone.layers, "dims": backbone.dims,
@@ -160,6 +206,9 @@ def _extract_split(work: Work, source, stamps, fingerprint: str, reuse: Reuse, r
                 "dims": backbone.dims, "chunk_rows": request.chunk_rows, "n_images": len(source),
                 "base": reuse.base_fingerprint}
     if runner.leader:
+        if request.overwrite and partial_path(path).exists():
+            log.info(f"--overwrite: discarding {partial_path(path)} of an earlier run")
+            ChunkStore(path, manifest).remove()
         ChunkStore.open(path, manifest, log.info)
     runner.barrier()
     job = SplitJob(identity, source, stamps, fingerprint, ChunkStore(path, manifest), reuse, backbone.dims,

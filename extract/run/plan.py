@@ -38,7 +38,11 @@ class Plan:
         sees the same network."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            return build_backbone(self.weights, list(taps), allow_missing=self.request.allow_missing_weights)
+            try:
+                return build_backbone(self.weights, list(taps), allow_missing=self.request.allow_missing_weights)
+            except UserError as e:    # a checkpoint that does not fit: say which model it was given to
+                model = self.request.model
+                raise (e if model in str(e) else UserError(f"--model {model}: {e}")) from None
 
     def embedder(self, backbone, identity: FeatureIdentity, cache_path, threads: int | None = None):
         """What runs the network, built by the identity's engine (a converted network is kept beside

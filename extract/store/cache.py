@@ -27,9 +27,11 @@ import h5py
 import numpy as np
 from filelock import FileLock, Timeout
 
+from extract.core.atomic import write_text_atomic
 from extract.core.errors import UserError
+from extract.core.filehash import remember_sha256, sha256_file
 from extract.core.version import __version__
-from extract.store.chunks import PARTIAL, ChunkStore, Rows, as_text, partial_path
+from extract.store.chunks import PARTIAL, ChunkStore, Rows, as_text, partial_path, text_column
 from extract.store.identity import FeatureIdentity
 
 _STR = h5py.string_dtype("utf-8")
@@ -47,19 +49,70 @@ class Features(NamedTuple):
     meta: dict
 
 
+def check_cache_root(root) -> None:
+    """A cache root that is, or lies under, a file is a UserError naming it."""
+    root = Path(root)
+    for folder in (root, *root.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise UserError(f"--cache-dir {root} is not a folder: {folder} is a file")
+            return
+
+
+def _unwritable(folder, e: OSError) -> UserError:
+    return UserError(f"cannot write in {folder} ({e.strerror or e}); features that are not cached yet need a "
+                     "writable --cache-dir")
+
+
 def lock_for(path, timeout: float = -1) -> FileLock:
     """An inter-process lock guarding one cache file (final and partial alike)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _unwritable(Path(path).parent, e) from None
     return FileLock(str(path) + ".lock", timeout=timeout)
 
 
+def missing_dirs(folder) -> list[Path]:
+    """The folders from `folder` upwards that do not exist yet, deepest first (what lock_for will make)."""
+    out, d = [], Path(folder)
+    while not d.exists() and d != d.parent:
+        out.append(d)
+        d = d.parent
+    return out
+
+
+def discard_unused(lock: FileLock, created: list[Path]) -> None:
+    """After a split that wrote nothing: its lock file, a chunk folder holding no finished chunk, and
+    the folders made for it (`created`, from missing_dirs before lock_for), when nothing else is in
+    them; folders that were there stay."""
+    lock_file = Path(lock.lock_file)
+    if not created or lock_file.parent != created[0]:
+        return
+    partial = partial_path(Path(str(lock_file)[:-len(".lock")]))
+    empty_partial = partial.is_dir() and all(p.name == "manifest.json" for p in partial.iterdir())
+    if any(p != lock_file and not (p == partial and empty_partial) for p in lock_file.parent.iterdir()):
+        return
+    if empty_partial:
+        shutil.rmtree(partial, ignore_errors=True)
+    lock_file.unlink(missing_ok=True)
+    for d in created:
+        try:
+            d.rmdir()
+        except OSError:   # something else was written there meanwhile
+            return
+
+
 def acquire(lock: FileLock, path, notify) -> None:
-    """Take the file's lock, saying so if another process holds it and we have to wait."""
+    """Take the file's lock, saying so if another process holds it and we have to wait; a folder where
+    the lock cannot be created is a UserError."""
     try:
         lock.acquire(timeout=0)
     except Timeout:
         notify(f"waiting for another process writing {path}")
         lock.acquire()
+    except OSError as e:
+        raise _unwritable(Path(path).parent, e) from None
 
 
 def versions() -> dict:
@@ -83,10 +136,41 @@ def _attr_json(f: h5py.File, name: str) -> dict:
     return json.loads(raw) if raw is not None else {}
 
 
+def digest_path(path) -> Path:
+    """The file beside a cache file holding its sha256, written when the cache was completed."""
+    return Path(str(path) + ".sha256")
+
+
+def _content_changed(path: Path) -> str | None:
+    """Why the file is not the one that was written (its recorded sha256 differs), or None. Hashes are
+    remembered per (path, size, mtime), so an unchanged file is hashed once (extract.core.filehash)."""
+
+    try:
+        expected = digest_path(path).read_text().strip()
+    except OSError:   # written before digests were recorded, or the digest could not be written
+        return None
+    if expected and sha256_file(path) != expected:
+        return "its content changed since it was written (sha256 differs)"
+    return None
+
+
+def _check_structure(f: h5py.File) -> None:
+    """Every column has one row per image: reads the metadata of each dataset (its checksums included)."""
+    n = int(f.attrs.get("n_rows", 0))
+    columns = [*f["features"].values(), *(f[name] for name in ("labels", "index", "paths", "stamps") if name in f)]
+    for ds in columns:
+        if ds.shape[0] != n:
+            raise ValueError(f"{ds.name} has {ds.shape[0]} rows, the file records {n}")
+    lengths = {f[f"skipped/{name}"].shape[0] for name, _ in _SKIP_COLUMNS}
+    if len(lengths) != 1:
+        raise ValueError("the skipped/ columns differ in length")
+
+
 def read_header(path) -> dict | None:
     """Identity, provenance, taps and completeness of a cache file; None if absent.
 
-    A file that exists but cannot be read has `damaged` set to the reason.
+    A file that exists but cannot be read, whose structure is inconsistent or whose content is not what
+    was written (see `digest_path`) has `damaged` set to the reason.
     """
     path = Path(path)
     if not path.exists():
@@ -94,14 +178,23 @@ def read_header(path) -> dict | None:
     try:
         # Unlocked read: a writer may hold the file open; writers are serialised by lock_for().
         with h5py.File(path, "r", locking=False) as f:
-            return {"identity": FeatureIdentity.from_attrs(f.attrs), "split": str(f.attrs.get("split", "")),
-                    "fingerprint": str(f.attrs.get("fingerprint", "")), "provenance": _attr_json(f, "provenance"),
-                    "complete": bool(f.attrs.get("complete", False)),
-                    "layers": sorted(f["features"].keys()) if "features" in f else [],
-                    "n_rows": int(f.attrs.get("n_rows", 0)),
-                    "created": str(f.attrs.get("created", "")), "damaged": None}
-    except (OSError, KeyError, ValueError) as e:
+            identity = FeatureIdentity.from_attrs(f.attrs)
+            if identity is None and f.attrs.get("identity") is not None:
+                raise ValueError("its identity attribute cannot be read")
+            complete = bool(f.attrs.get("complete", False))
+            if complete and identity is not None:
+                _check_structure(f)
+            header = {"identity": identity, "split": str(f.attrs.get("split", "")),
+                      "fingerprint": str(f.attrs.get("fingerprint", "")), "provenance": _attr_json(f, "provenance"),
+                      "complete": complete, "layers": sorted(f["features"].keys()) if "features" in f else [],
+                      "n_rows": int(f.attrs.get("n_rows", 0)),
+                      "created": str(f.attrs.get("created", "")), "damaged": None}
+    except Exception as e:  # noqa: BLE001 - h5py reports damage as OSError, RuntimeError, KeyError, ValueError...
         return {"identity": None, "complete": False, "layers": [], "n_rows": 0, "damaged": _first_line(e)}
+    changed = _content_changed(path) if header["complete"] else None
+    if changed:
+        return {**header, "identity": None, "complete": False, "damaged": changed}
+    return header
 
 
 def _first_line(e: Exception) -> str:
@@ -179,7 +272,7 @@ class CacheWriter:
             ds[start:] = np.asarray(rows.features[layer]).astype(self.dtype, copy=False)
         columns = {"labels": rows.labels, "index": rows.index}
         if "paths" in f:
-            columns.update(paths=list(rows.paths), stamps=np.asarray(rows.stamps, np.int64).reshape(-1, 2))
+            columns.update(paths=text_column(rows.paths), stamps=np.asarray(rows.stamps, np.int64).reshape(-1, 2))
         for name, values in columns.items():
             f[name].resize(start + n, axis=0)
             f[name][start:] = values
@@ -187,14 +280,24 @@ class CacheWriter:
             at = f["skipped/index"].shape[0]
             for col, (name, _) in enumerate(_SKIP_COLUMNS):
                 f[f"skipped/{name}"].resize(at + len(rows.skipped), axis=0)
-                f[f"skipped/{name}"][at:] = [s[col] for s in rows.skipped]
+                column = [s[col] for s in rows.skipped]
+                f[f"skipped/{name}"][at:] = text_column(column) if name in ("path", "reason") else column
         f.attrs["n_rows"] = self.n_rows
 
     def finish(self, path) -> Path:
-        """Mark complete and move into place at `path` atomically."""
+        """Mark complete and move into place at `path` atomically, then record its sha256 beside it."""
+
+
         self.file.attrs["complete"] = True
         self.file.close()
+        digest = sha256_file(self.tmp)
+        digest_path(path).unlink(missing_ok=True)   # the old file's digest must not vouch for the new one
         os.replace(self.tmp, path)
+        remember_sha256(path, digest)
+        try:
+            write_text_atomic(digest_path(path), digest + "\n")
+        except OSError:   # without it the file is still whole; it is only not verifiable
+            pass
         return Path(path)
 
     def discard(self) -> None:
@@ -248,8 +351,12 @@ def load_features(path, layer: str | None = None, lazy: bool = False) -> Feature
     _require_complete(path)
     try:
         f = h5py.File(path, "r")
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - not HDF5, or damaged beyond opening
         raise UserError(damaged_message(path, _first_line(e))) from None
+    changed = _content_changed(path)
+    if changed:
+        f.close()
+        raise UserError(damaged_message(path, changed))
     try:
         if not f.attrs.get("complete", False) or "features" not in f:
             raise UserError(f"cache {path} is incomplete: rerun the same extract command to finish it")
@@ -276,7 +383,7 @@ def load_features(path, layer: str | None = None, lazy: bool = False) -> Feature
     except UserError:
         f.close()
         raise
-    except (OSError, KeyError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - h5py reports damage as OSError, RuntimeError, KeyError, ValueError...
         f.close()
         raise UserError(damaged_message(path, _first_line(e))) from None
     if not lazy:

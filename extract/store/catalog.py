@@ -4,6 +4,7 @@ of it a `CacheQuery` asks for."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,8 +12,10 @@ from extract.store.cache import Features, read_header
 from extract.store.cache import load_features as read_features
 from extract.store.chunks import PARTIAL
 from extract.core.errors import UserError
-from extract.store.identity import FeatureIdentity
+from extract.store.identity import DataRef, FeatureIdentity
 from extract.store.modelref import ModelRef, split_models
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -115,9 +118,13 @@ def find_caches(cache_dir) -> list[dict]:
 
 
 def feature_sets(cache_dir) -> list[FeatureSet]:
-    """Complete caches grouped by identity, newest first; files of an older format are left out."""
+    """Complete caches grouped by identity, newest first; files of an older format are left out, and
+    damaged ones too, each named in a warning."""
     groups: dict[FeatureIdentity, FeatureSet] = {}
     for c in find_caches(cache_dir):
+        if c.get("damaged"):
+            log.warning(f"warning: skipped {c['path']}: it is damaged ({c['damaged']}); rerun the extract "
+                        "command that made it to rebuild it")
         if not c["complete"] or c["identity"] is None:
             continue
         key = c["identity"].with_taps(())
@@ -154,6 +161,16 @@ def select(query: CacheQuery, model: str | None = None) -> list[FeatureSet]:
         have = "; ".join(sorted({g.describe() for g in groups}))
         raise UserError(f"no complete cache under {cache_dir} for {what}; available: {have}")
     return wanted
+
+
+def one_dataset(sets: list[tuple[int, FeatureSet]], cache_dir) -> DataRef:
+    """The one dataset of these (rank, feature set) pairs; several: a UserError naming them."""
+    datasets = list(dict.fromkeys(g.identity.data for _, g in sets))
+    if len(datasets) > 1:
+        names = ", ".join(sorted(d.label for d in datasets))
+        raise UserError(f"the cache under {cache_dir} holds features of {len(datasets)} datasets ({names}): "
+                        "choose one with --data")
+    return datasets[0]
 
 
 def choose(groups: list[FeatureSet]) -> FeatureSet:

@@ -35,8 +35,23 @@ def partial_path(path) -> Path:
 
 
 def as_text(value) -> str:
-    """An HDF5 string (bytes or str) as str."""
-    return value.decode() if isinstance(value, bytes) else value
+    """An HDF5 string (bytes or str) as str; bytes that are not UTF-8 (a file name stored by `stored_text`)
+    come back as the str os functions gave for them."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+
+
+def stored_text(text: str) -> str | bytes:
+    """`text` for an HDF5 UTF-8 string column: a file name that is not valid UTF-8 keeps its bytes."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape")
+
+
+def text_column(values) -> np.ndarray:
+    """Strings as an object array an HDF5 UTF-8 string dataset takes (see `stored_text`)."""
+    return np.asarray([stored_text(v) for v in values] if len(values) else [], dtype=object)
 
 
 MANIFEST = "manifest.json"
@@ -111,6 +126,7 @@ class ChunkStore:
         store = cls(path, manifest)
         old = store.read_manifest()
         if old == json.loads(json.dumps(manifest)):
+            store.discard_unreadable(notify)
             return store
         if store.dir.exists():
             if old is not None and store.done() and notify:
@@ -164,13 +180,13 @@ class ChunkStore:
             f.create_dataset("labels", data=np.asarray(rows.labels, np.int64))
             f.create_dataset("index", data=np.asarray(rows.index, np.int64))
             if rows.paths is not None:
-                f.create_dataset("paths", data=list(rows.paths), dtype=_STR)
+                f.create_dataset("paths", data=text_column(rows.paths), dtype=_STR)
                 f.create_dataset("stamps", data=np.asarray(rows.stamps, np.int64).reshape(-1, 2))
             skipped = list(zip(*rows.skipped)) or [()] * 6
             for name, column, dt in zip(("index", "label", "path", "reason", "size", "mtime"), skipped,
                                         (np.int64, np.int64, _STR, _STR, np.int64, np.int64)):
-                f.create_dataset(f"skipped/{name}", data=np.asarray(column, dtype=object if dt is _STR else dt),
-                                 dtype=dt)
+                f.create_dataset(f"skipped/{name}", data=text_column(column) if dt is _STR else
+                                 np.asarray(column, dtype=dt), dtype=dt)
 
     def read(self, k: int) -> Rows:
         with h5py.File(self.chunk_path(k), "r") as f:
@@ -180,6 +196,36 @@ class ChunkStore:
                        zip(s["index"], s["label"], s["path"], s["reason"], s["size"], s["mtime"])]
             return Rows({name: ds[()] for name, ds in f["features"].items()}, f["labels"][()], f["index"][()],
                         paths, f["stamps"][()] if "stamps" in f else None, skipped)
+
+    def discard_unreadable(self, notify=None) -> None:
+        """Remove finished chunk files that do not read back whole (truncated, damaged, of other shapes),
+        saying so through `notify`: they are computed again."""
+        for k in sorted(self.done()):
+            problem = self._problem(k)
+            if problem:
+                self.chunk_path(k).unlink(missing_ok=True)
+                if notify:
+                    notify(f"discarding {self.chunk_path(k).name} in {self.dir} ({problem}); computing it again")
+
+    def _problem(self, k: int) -> str | None:
+        """Why chunk `k`'s file cannot be assembled, or None."""
+        positions = chunk_range(k, self.chunk_rows, self.n)
+        dims = self.manifest.get("dims") or {}
+        try:
+            with h5py.File(self.chunk_path(k), "r") as f:
+                n = f["labels"].shape[0]
+                shapes = {name: ds.shape for name, ds in f["features"].items()}
+                if any(ds[0] != n for ds in shapes.values()) or \
+                        dims and (set(shapes) != set(dims) or any(shapes[t][1] != dims[t] for t in dims)):
+                    return "its features are not of the expected taps and rows"
+                index = np.concatenate([f["index"][()], f["skipped/index"][()]])
+                if len(f["index"]) != n or len(index) and (index.min() < positions.start or
+                                                           index.max() >= positions.stop):
+                    return "its rows are not the chunk's"
+        except Exception as e:  # noqa: BLE001 - truncated or damaged: h5py raises OSError, RuntimeError...
+            text = str(e).strip()
+            return text.splitlines()[0] if text else type(e).__name__
+        return None
 
     def rows_done(self) -> int:
         """Rows saved in finished chunks (for messages)."""

@@ -26,11 +26,11 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from extract.core.atomic import write_errors, write_text_atomic
-from extract.store.catalog import CacheQuery, FeatureSet, select
+from extract.store.catalog import CacheQuery, FeatureSet, one_dataset, select
 from extract.core.errors import UserError
 from extract.store.identity import PENULTIMATE, DataRef, FeatureIdentity
 
-from probe.output.plots import new_figure, save_png
+from probe.output.plots import new_figure, save_png, wrap
 from probe.protocol.options import FitOptions, fit_options
 
 log = logging.getLogger(__name__)
@@ -88,20 +88,23 @@ def _matching_sets(query: CacheQuery) -> list[tuple[int, FeatureSet]]:
 
 
 def _complete(g: FeatureSet) -> bool:
-    if "train" in g.files and ("test" in g.files or "val" in g.files):
+    """A probe needs a train split; its test rows are carved from it when it is the only split."""
+    if "train" in g.files:
         return True
     log.warning(f"warning: skipping {g.describe()}: it has only the {', '.join(g.files)} split(s) cached; "
-                "a probe needs train and test (or val)")
+                "a probe needs a train split")
     return False
 
 
-def _one_dataset(sets: list[tuple[int, FeatureSet]], cache_dir) -> DataRef:
-    datasets = list(dict.fromkeys(g.identity.data for _, g in sets))
-    if len(datasets) > 1:
-        names = ", ".join(sorted(d.label for d in datasets))
-        raise UserError(f"the cache under {cache_dir} holds features of {len(datasets)} datasets ({names}): "
-                        "choose one with --data")
-    return datasets[0]
+def _one_test_set(sets: list[tuple[int, FeatureSet]]) -> list[tuple[int, FeatureSet]]:
+    """Where some extractions hold a test (or val) split, those with only train are left out: their
+    test rows would be carved from train, so their scores would not compare."""
+    held_out = [s for s in sets if set(s[1].files) - {"train"}]
+    for _, g in sets:
+        if held_out and set(g.files) == {"train"}:
+            log.warning(f"warning: skipping {g.describe()}: it has only the train split cached, the others are "
+                        "scored on the dataset's own test (or val) split")
+    return held_out or sets
 
 
 def _registry_taps(model: str) -> list[str]:
@@ -164,8 +167,9 @@ def select_feature_sets(query: CacheQuery) -> list[tuple[FeatureSet, str]]:
     layer_names, all_layers = _names(layers), _is_all(layers)
     sets = [(rank, g) for rank, g in _matching_sets(query) if _complete(g)]
     if not sets:
-        raise UserError(f"no complete extraction (train and test or val) under {cache_dir} matches")
-    _one_dataset(sets, cache_dir)
+        raise UserError(f"no complete extraction with a train split under {cache_dir} matches")
+    one_dataset(sets, cache_dir)
+    sets = _one_test_set(sets)
     out = []
     for rank, g in sorted(sets, key=lambda s: (s[0], s[1].identity.model, s[1].identity.variant)):
         taps = _taps_for(g, layer_names, all_layers)
@@ -217,7 +221,7 @@ def compare(heads: str | Sequence[str], selections: list[tuple[FeatureSet, str]]
     options = fit_options(options, **keywords)
     if not selections:
         raise UserError("nothing to compare: no feature set was selected")
-    data = _one_dataset([(0, g) for g, _ in selections], "the selection")
+    data = one_dataset([(0, g) for g, _ in selections], "the selection")
     names = head_names(heads)
     rows = []
     for g, tap in selections:
@@ -227,7 +231,8 @@ def compare(heads: str | Sequence[str], selections: list[tuple[FeatureSet, str]]
         out = evaluate(names, query, options)
         rows += [result_row(run.result, path, g.identity) for run, path in zip(out.runs, out.result_paths)]
     settings = {"grid": options.grid, "seed": options.seed, "scale": options.scale,
-                "max_search_samples": options.max_search_samples}
+                "max_search_samples": options.max_search_samples, "test_fraction": options.test_fraction,
+                "split_seed": options.split_seed}
     return Comparison(rows, choose_winner(rows), data, names, Path(options.results_dir), settings)
 
 
@@ -280,7 +285,8 @@ def compare_figure(rows: list[dict], winner: dict | None = None, title: str = ""
     """Heat map of test top-1 (rows backbone[/tap], columns heads), the validation winner outlined."""
     labels, heads, matrix = pivot(rows)
     pct = 100 * matrix
-    fig = new_figure(figsize=(2.6 + 1.1 * len(heads) + 0.06 * max(map(len, labels)), 1.6 + 0.45 * len(labels)))
+    width = 3.2 + 1.1 * len(heads) + 0.06 * max(map(len, labels))
+    fig = new_figure(figsize=(width, 1.9 + 0.45 * len(labels)), layout="constrained")
     ax = fig.add_subplot()
     finite = pct[np.isfinite(pct)]
     im = ax.imshow(np.ma.masked_invalid(pct), cmap="viridis", aspect="auto",
@@ -298,8 +304,8 @@ def compare_figure(rows: list[dict], winner: dict | None = None, title: str = ""
         ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=3))
     ax.set_xticks(range(len(heads)), heads, fontsize=8)
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
-    ax.set_title(title + ("\n" if title else "") + "test top-1 (%); * and red box: chosen on validation", fontsize=9)
-    fig.tight_layout()
+    ax.set_title(wrap(title + ("\n" if title else "") + "test top-1 (%); * and red box: chosen on validation",
+                      0.55 * width, 9), fontsize=9)
     return fig
 
 
@@ -326,7 +332,7 @@ def layer_figure(rows: list[dict], title: str = "") -> Figure:
     colours = {h: f"C{i % 10}" for i, h in enumerate(heads)}
     cols = min(3, len(series))
     nrows = -(-len(series) // cols)
-    fig = new_figure(figsize=(4.2 * cols, 3.4 * nrows + 0.5))
+    fig = new_figure(figsize=(4.2 * cols, 3.4 * nrows + 0.5), layout="constrained")
     axes = np.atleast_1d(fig.subplots(nrows, cols, sharey=True, squeeze=False)).ravel()
     for ax, (label, rs) in zip(axes, series.items()):
         taps = list(dict.fromkeys(r["tap"] for r in rs))
@@ -339,7 +345,7 @@ def layer_figure(rows: list[dict], title: str = "") -> Figure:
             ax.plot(x, [100 * by_tap[taps[i]]["val_top1"] for i in x], "x--", color=colours[head], alpha=0.7,
                     label=f"{head} validation")
         ax.set_xticks(range(len(taps)), taps, rotation=30, ha="right", fontsize=8)
-        ax.set_title(label, fontsize=9)
+        ax.set_title(wrap(label, 3.8, 9), fontsize=9)
         ax.set_xlabel("tap (shallow to deep)", fontsize=8)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 (%)")
@@ -347,8 +353,7 @@ def layer_figure(rows: list[dict], title: str = "") -> Figure:
         ax.set_visible(False)
     axes[0].legend(fontsize=7)
     if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+        fig.suptitle(wrap(title, 4.0 * cols, 10), fontsize=10)
     return fig
 
 

@@ -259,7 +259,7 @@ def fewshot(head_name: str, data: ProbeData, shots="1,2,5,10,20,all", seeds: int
         "identity": data.identity.to_dict(), "layer": data.layer, "k": ks, "shots": [shot_label(k) for k in ks],
         "seeds": int(seeds), "seed": int(seed), "grid_name": grid, "scale": scale, "confidence": CONFIDENCE,
         "points": points, "sizes": data.sizes, "n_classes": len(data.classes), "validation": data.validation,
-        "test_split": data.test_split, "sources": data.sources, "versions": library_versions(),
+        "test_split": data.test_split, "test": data.test, "sources": data.sources, "versions": library_versions(),
         "timing": {"seconds": round(time.perf_counter() - t0, 4)},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -303,10 +303,17 @@ def _all_x(results: list[dict]) -> float:
 
 
 def plot_fewshot(results: list[dict], path, title: str = "") -> Path:
-    """Accuracy against shots (log x, 'all' last) for one or more few-shot results; returns path."""
+    """Write fewshot_figure as a PNG; returns path."""
+    from probe.output.plots import save_png
+
+    return save_png(fewshot_figure(results, title), path)
+
+
+def fewshot_figure(results: list[dict], title: str = ""):
+    """Accuracy against shots (log x, 'all' last) for one or more few-shot results."""
     from matplotlib import ticker
 
-    from probe.output.plots import new_figure, save_png
+    from probe.output.plots import new_figure, wrap
 
     x_all = _all_x(results)
     fig = new_figure(figsize=(7.5, 4.8))
@@ -322,9 +329,9 @@ def plot_fewshot(results: list[dict], path, title: str = "") -> Path:
     ax.set_ylabel("test top-1 (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(wrap(title, 6.8, 9), fontsize=9)
     fig.tight_layout()
-    return save_png(fig, path)
+    return fig
 
 
 def _draw_curve(ax, r: dict, x_all: float, colour: str) -> None:

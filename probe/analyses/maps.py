@@ -1,9 +1,9 @@
 """A 2-D map of the test split's features (t-SNE, or UMAP when installed), coloured by true class,
 with the points a saved head gets wrong marked: where the classes overlap in feature space.
 
-    m = class_map("cache/digits/resnet50/test.h5", head_file="results/.../logreg.joblib")
+    m = class_map("cache/digits/resnet50/test.h5", head_file="results/.../logreg.skops")
     plot_map(m["xy"], m["y"], m["classes"], "map.png", wrong=m["wrong"])
-    write_map(head_file="results/.../logreg.joblib")     # map-tsne-logreg.png beside the head
+    write_map(head_file="results/.../logreg.skops")     # map-tsne-logreg.png beside the head
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from extract.store.cache import Features, load_features
 from extract.core.errors import UserError
 from extract.store.identity import FeatureIdentity, describe_differences, differences
 
-from probe.output.plots import new_figure, save_png
+from probe.output.plots import fit_label, new_figure, save_png, wrap
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def open_features(features, layer: str | None = None) -> Features:
 
 def load_head_logged(head_file):
     """(pipeline, sidecar) through probe.output.results.load_head; a version mismatch becomes a log warning."""
-    from probe.output.results import load_head
+    from probe.output.headfile import load_head
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -173,7 +173,7 @@ def load_head_logged(head_file):
 
 
 def head_name(head_file, sidecar: dict) -> str:
-    return str(sidecar.get("head") or Path(head_file).name.removesuffix(".joblib"))
+    return str(sidecar.get("head") or Path(head_file).name.removesuffix(".skops"))
 
 
 def check_head_fits(sidecar: dict, meta: dict, head_file) -> None:
@@ -198,8 +198,11 @@ def head_predict(pipeline, sidecar: dict, feats: Features, head_file) -> np.ndar
     return np.asarray(pipeline.predict(feats.X)).astype(np.int64)
 
 
-def head_test_features(head_file) -> Path:
-    """The test-split cache a saved head was scored on, read from its result JSON (<head>.json)."""
+def head_test_features(head_file) -> Path | Features:
+    """The test features a saved head was scored on, read from its result JSON (<head>.json): the
+    test-split cache file, or, where the test rows were carved from train, those rows (Features)."""
+    from probe.protocol.data import carved_test
+
     result_path = Path(head_file).with_suffix(".json")
     try:
         result = json.loads(result_path.read_text())
@@ -209,7 +212,17 @@ def head_test_features(head_file) -> Path:
                         "or names no test source; give the test cache file") from None
     if not path.exists():
         raise UserError(f"the test features {path} that {head_file} was scored on are gone: extract them again")
+    carved = (result.get("test") or {}).get("carved")
+    if carved:
+        return carved_test(load_features(path, result.get("layer")), carved["fraction"], carved["split_seed"])
     return path
+
+
+def split_label(meta: dict) -> str:
+    """'test', 'val' or 'test (20% of train carved by split seed 0, 49 rows)': which rows these are."""
+    if meta.get("test"):
+        return f"test ({meta['test']})"
+    return meta.get("split") or "test"
 
 
 def class_names(meta: dict, sidecar: dict | None, y) -> list[str]:
@@ -246,14 +259,14 @@ def class_map(test_features=None, *, head_file=None, layer: str | None = None, m
     return {"xy": xy, "y": y, "wrong": None if pred is None else pred[rows] != y,
             "pred": None if pred is None else pred[rows], "classes": class_names(meta, sidecar, feats.y),
             "rows": rows, "index": np.asarray(meta["index"])[rows], "identity": meta["identity"],
-            "layer": meta["layer"], "split": meta.get("split", ""), "method": method, "head": head}
+            "layer": meta["layer"], "split": split_label(meta), "method": method, "head": head}
 
 
 def map_figure(xy, y, classes, *, wrong=None, title: str = "") -> Figure:
     """Scatter of xy coloured by class (legend up to LEGEND_MAX classes, else a colour bar);
     points flagged in `wrong` get a black x."""
     xy, y = np.asarray(xy, dtype=float), np.asarray(y)
-    fig = new_figure(figsize=(8.5, 7))
+    fig = new_figure(figsize=(8.5, 7), layout="constrained")
     ax = fig.add_subplot()
     size = float(np.clip(3000 / max(len(y), 1), 4, 40))
     present = np.unique(y)
@@ -261,7 +274,7 @@ def map_figure(xy, y, classes, *, wrong=None, title: str = "") -> Figure:
         cmap = colormaps["tab10" if len(present) <= 10 else "tab20"]
         for i, c in enumerate(present):
             m = y == c
-            name = classes[c] if c < len(classes) else str(c)
+            name = fit_label(classes[c] if c < len(classes) else str(c), 32)
             ax.scatter(xy[m, 0], xy[m, 1], s=size, color=cmap(i), alpha=0.8, linewidths=0, label=name)
     else:
         sc = ax.scatter(xy[:, 0], xy[:, 1], s=size, c=y, cmap="turbo", alpha=0.8, linewidths=0)
@@ -276,8 +289,7 @@ def map_figure(xy, y, classes, *, wrong=None, title: str = "") -> Figure:
         ax.legend(loc="best", fontsize=8)
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
+    ax.set_title(wrap(title, 5.5, 9), fontsize=9)
     return fig
 
 

@@ -37,15 +37,17 @@ def image_files(items) -> list[str]:
 
 
 def find_head_file(head: str, query: CacheQuery, results_dir="results") -> Path:
-    """<results>/<identity>/<layer>/<head>.joblib of the features a query picks (see probe.api)."""
-    from probe.api import choose_features
+    """<results>/<identity>/<layer>/<head>.skops of the features a query picks (see probe.api;
+    several cached datasets and no --data: refused, naming them)."""
+    from probe.api import choose_for_saved_head
     from probe.heads.catalog import get_head
+    from probe.output.headfile import HEAD_SUFFIX
 
     name = get_head(head).name
-    sel = choose_features(query)
+    sel = choose_for_saved_head(query)
     meta = load_features(sel.files["train"], sel.layer, lazy=True).meta
     meta.pop("file").close()
-    return meta["identity"].results_dir(results_dir, meta["layer"]) / f"{name}.joblib"
+    return meta["identity"].results_dir(results_dir, meta["layer"]) / f"{name}{HEAD_SUFFIX}"
 
 
 def backbone_for(identity: FeatureIdentity, provenance: dict, layer: str):
@@ -136,7 +138,7 @@ def predict_images(pipeline, sidecar: dict, paths: list[str], *, device="auto", 
 
 def predict_files(head_file, images, *, device="auto", batch_size=32, top=1) -> Predictions:
     """Load a saved head (with its version check) and label the image files and folders given."""
-    from probe.output.results import load_head
+    from probe.output.headfile import load_head
 
     if top < 1:
         raise UserError("--top must be at least 1")

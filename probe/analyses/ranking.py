@@ -34,13 +34,14 @@ from extract.store.identity import DataRef, FeatureIdentity
 
 from probe.analyses.compare import backbone_label
 from probe.analyses.transfer import BLOCK_BYTES, scores_of_file
-from probe.output.plots import new_figure, save_png
+from probe.output.plots import new_figure, plain, save_png, wrap
 from probe.output.results import load_results
 
 log = logging.getLogger(__name__)
 SCHEMA = "featprobe.rank/1"
 SCORES = {"logme": "LogME", "hscore": "H-score (regularised)"}
-SPLIT_NOTE = "scores computed on the train split only (the cache's train file); test rows are never read"
+SPLIT_NOTE = ("scores computed on the train split only (the cache's train file, less the test rows carved from "
+             "it where it is the only split); test rows never enter a score")
 
 
 @dataclass
@@ -95,9 +96,27 @@ def _ranks(values: list[float]) -> list[int]:
     return [1 + sum(v > w for v in values) for w in values]
 
 
+def _not_test(g: FeatureSet, tap: str, carve: dict | None) -> np.ndarray | None:
+    """For a feature set with only a train split, the mask of its rows that are not carved test rows
+    (probe.protocol.data.carved_rows with `carve`'s fraction and split seed); else None (every row)."""
+    from extract.store.cache import load_features
+    from probe.protocol.data import carved_rows
+
+    if "test" in g.files or "val" in g.files:
+        return None
+    carve = carve or {"fraction": 0.2, "split_seed": 0}
+    feats = load_features(g.files["train"], tap, lazy=True)
+    feats.meta.pop("file").close()
+    test, _ = carved_rows(feats.meta, feats.y, test_fraction=carve["fraction"], split_seed=carve["split_seed"])
+    return ~test
+
+
 def rank(selections: list[tuple[FeatureSet, str]], *, results_dir="results", head: str = "logreg",
-         block_bytes: int = BLOCK_BYTES, progress: bool = True) -> Ranking:
-    """Score every (feature set, tap) on its train split, attach measured top-1, rank by LogME."""
+         block_bytes: int = BLOCK_BYTES, progress: bool = True, carve: dict | None = None) -> Ranking:
+    """Score every (feature set, tap) on its train split, attach measured top-1, rank by LogME.
+
+    A feature set with only a train split is scored without its carved test rows (`carve`:
+    {fraction, split_seed}, default 0.2 and 0, as probe carves them)."""
     if not selections:
         raise UserError("nothing to rank: no feature set was selected")
     datasets = {g.identity.data for g, _ in selections}
@@ -108,11 +127,13 @@ def rank(selections: list[tuple[FeatureSet, str]], *, results_dir="results", hea
     rows = []
     for g, tap in tqdm(selections, desc="transferability", unit="set", disable=None if progress else True):
         log.info(f"{backbone_label(g.identity)} / {tap}: scoring {g.files['train']}")
-        scores = scores_of_file(g.files["train"], tap, block_bytes=block_bytes, progress=progress)
+        keep = _not_test(g, tap, carve)
+        scores = scores_of_file(g.files["train"], tap, block_bytes=block_bytes, progress=progress, keep=keep)
         found = measured(results, g.identity, tap, head)
         rows.append({"backbone": g.identity.model, "variant": g.identity.variant, "label": backbone_label(g.identity),
                      "tap": tap, **scores, "test_top1": found and found["top1"],
-                     "result": found and found["path"], "train_file": str(g.files["train"])})
+                     "result": found and found["path"], "train_file": str(g.files["train"]),
+                     **({"test_rows_left_out": int((~keep).sum())} if keep is not None else {})})
     for score in SCORES:
         for r, position in zip(rows, _ranks([r[score] for r in rows])):
             r[f"{score}_rank"] = position
@@ -182,12 +203,13 @@ def ranking_figure(ranking: Ranking) -> Figure:
         ax.barh(y, np.nan_to_num(values, nan=0.0), color="tab:green" if key == "test_top1" else "tab:blue")
         for i, v in enumerate(values):
             if np.isfinite(v):
-                ax.annotate(f"{v:.3g}", (v, i), xytext=(2, 0), textcoords="offset points", va="center", fontsize=7)
+                ax.annotate(plain(v), (v, i), xytext=(2, 0), textcoords="offset points", va="center", fontsize=7)
         ax.margins(x=0.15)
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(y, labels, fontsize=8)
     axes[0].invert_yaxis()
-    fig.suptitle(f"{ranking.data.label}: transferability on the train split only", fontsize=10)
+    fig.suptitle(wrap(f"{ranking.data.label}: transferability on the train split only", 3.2 * len(panels), 10),
+                 fontsize=10)
     return fig
 
 

@@ -142,7 +142,7 @@ def run_retrieval(data: ProbeData, *, device: str = "auto", ks=KS, progress: boo
                    "predict_seconds": round(test_seconds, 4)},
         "sizes": {**data.sizes, "gallery": int(len(gallery_labels))},
         "validation": f"{data.validation}; validation queries against the train rows (recall@1)",
-        "test_split": data.test_split, "classes": data.classes, "sources": data.sources,
+        "test_split": data.test_split, "test": data.test, "classes": data.classes, "sources": data.sources,
         "provenance": data.provenance, "versions": library_versions(), "seed": seed,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

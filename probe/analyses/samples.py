@@ -5,9 +5,9 @@ the head predicts from the cached test features).
 Images come from the cache's `paths` column for file datasets, and for in-memory datasets from the
 dataset itself, rebuilt from the features' identity and checked against the cache's fingerprint.
 
-    grid = sample_grid("cache/digits/resnet50/test.h5", "results/.../logreg.joblib", n=16)
+    grid = sample_grid("cache/digits/resnet50/test.h5", "results/.../logreg.skops", n=16)
     plot_samples(grid.images, grid.true_labels, grid.pred_labels, "samples.png")
-    write_samples(head_file="results/.../logreg.joblib")   # samples-logreg.png beside the head
+    write_samples(head_file="results/.../logreg.skops")   # samples-logreg.png beside the head
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from matplotlib.figure import Figure
 from extract.core.errors import UserError
 from extract.store.identity import FeatureIdentity
 
-from probe.analyses.maps import class_names, head_name, head_predict, head_test_features, load_head_logged, open_features
-from probe.output.plots import new_figure, save_png
+from probe.analyses.maps import (class_names, head_name, head_predict, head_test_features, load_head_logged,
+                                 open_features, split_label)
+from probe.output.plots import fit_label, new_figure, save_png, wrap
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ def sample_grid(test_features=None, head_file=None, *, n: int = 16, seed: int = 
     meta = feats.meta
     return SampleGrid(images=images_for(meta, rows, root), rows=rows, index=np.asarray(meta["index"])[rows],
                       true=feats.y[rows], pred=pred[rows], classes=class_names(meta, sidecar, feats.y),
-                      identity=meta["identity"], layer=meta["layer"], split=meta.get("split", ""),
+                      identity=meta["identity"], layer=meta["layer"], split=split_label(meta),
                       head=head_name(head_file, sidecar), split_wrong=int((pred != feats.y).sum()),
                       split_rows=len(feats.y))
 
@@ -177,7 +178,7 @@ def samples_figure(images, true_labels, pred_labels, title: str = "") -> Figure:
         raise ValueError(f"{n} images for {len(true_labels)} true and {len(pred_labels)} predicted labels")
     cols = max(1, min(_MAX_COLS, math.ceil(math.sqrt(n))))
     rows = max(1, math.ceil(n / cols))
-    fig = new_figure(figsize=(1.9 * cols + 0.4, 2.15 * rows + 0.5))
+    fig = new_figure(figsize=(1.9 * cols + 0.4, 2.15 * rows + 0.5), layout="constrained")
     for i, (img, t, p) in enumerate(zip(images, true_labels, pred_labels)):
         ax = fig.add_subplot(rows, cols, i + 1)
         ax.imshow(np.asarray(img), interpolation="nearest")
@@ -188,10 +189,9 @@ def samples_figure(images, true_labels, pred_labels, title: str = "") -> Figure:
             spine.set_visible(bad)
             spine.set_color(MISTAKE)
             spine.set_linewidth(3)
-        ax.set_xlabel(f"{t} / {p}", fontsize=8, color=MISTAKE if bad else "black",
+        ax.set_xlabel(fit_label(f"{t} / {p}", 26, 3), fontsize=8, color=MISTAKE if bad else "black",
                       fontweight="bold" if bad else "normal")
-    fig.suptitle(title or "true / predicted", fontsize=9)
-    fig.tight_layout()
+    fig.suptitle(wrap(title or "true / predicted", 1.9 * cols + 0.2, 9), fontsize=9)
     return fig
 
 

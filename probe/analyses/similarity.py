@@ -35,7 +35,7 @@ from extract.store.identity import PENULTIMATE, FeatureIdentity, describe_differ
 
 from probe.analyses.cka import cka_sums
 from probe.analyses.compare import _is_all, _names, backbone_label, tap_order
-from probe.output.plots import new_figure, save_png
+from probe.output.plots import new_figure, save_png, wrap
 from probe.output.results import _safe
 
 log = logging.getLogger(__name__)
@@ -52,10 +52,21 @@ class Side:
     identity: FeatureIdentity
     path: Path
     taps: list[str]
+    carve: dict | None = None   # only a train split: {fraction, split_seed} of its carved test rows
+    rows: str = "all"           # "all" rows of the file, its carved "test" rows, or the "rest"
 
     @property
     def label(self) -> str:
         return backbone_label(self.identity)
+
+    def positions(self, meta: dict, labels) -> np.ndarray:
+        """Positions in the file of the rows compared (probe.protocol.data.carved_rows for a carve)."""
+        if self.rows == "all":
+            return np.arange(len(labels))
+        from probe.protocol.data import carved_rows
+
+        test, _ = carved_rows(meta, labels, test_fraction=self.carve["fraction"], split_seed=self.carve["split_seed"])
+        return np.flatnonzero(test if self.rows == "test" else ~test)
 
 
 @dataclass
@@ -74,6 +85,16 @@ class Similarity:
     @property
     def chosen(self) -> np.ndarray:
         return self.debiased if self.estimator == "debiased" else self.biased
+
+    @property
+    def where(self) -> str:
+        """'test split', or for a train-only dataset which of its rows were compared."""
+        from probe.protocol.splits import describe_carve
+
+        if self.a.rows == "all":
+            return f"{self.split} split"
+        carve = describe_carve(self.a.carve["fraction"], self.a.carve["split_seed"])
+        return f"test rows ({carve})" if self.a.rows == "test" else f"train rows less the test rows ({carve})"
 
 
 # --- which files ---------------------------------------------------------------------------------
@@ -109,6 +130,8 @@ def _taps(g: FeatureSet, path: Path, layers) -> list[str]:
 
 def _split_of(sets: list[FeatureSet], split: str | None) -> str:
     common = set.intersection(*(set(g.files) for g in sets))
+    if common == {"train"} and all(set(g.files) == {"train"} for g in sets) and split in (None, "test", "train"):
+        return split or "test"   # only a train split: its carved test rows, or the rest
     if split is not None:
         missing = [g.describe() for g in sets if split not in g.files]
         if missing:
@@ -120,10 +143,12 @@ def _split_of(sets: list[FeatureSet], split: str | None) -> str:
     raise UserError("the two extractions have no split in common")
 
 
-def pick_sides(query: CacheQuery, split: str | None = None) -> tuple[Side, Side, str]:
+def pick_sides(query: CacheQuery, split: str | None = None, carve: dict | None = None) -> tuple[Side, Side, str]:
     """The two sides named by `query.model` ('a,b', or 'a' for a with itself), with their taps
     (`query.layer`: names, 'all', or None for each file's default tap) and the split compared
-    (default: test, then val, then train); the query's other filters apply to both."""
+    (default: test, then val, then train); the query's other filters apply to both. Extractions
+    with only a train split compare its carved test rows (`carve`: {fraction, split_seed}, default
+    0.2 and 0), or with split 'train' the rest of its rows."""
     layers = query.layer
     names = _names(query.model)
     if not names or len(names) > 2:
@@ -131,6 +156,11 @@ def pick_sides(query: CacheQuery, split: str | None = None) -> tuple[Side, Side,
     names = names if len(names) == 2 else names * 2
     sets = [_one_set(query, name) for name in names]
     chosen = _split_of(sets, split)
+    if all(set(g.files) == {"train"} for g in sets):
+        carve, rows = carve or {"fraction": 0.2, "split_seed": 0}, "test" if chosen == "test" else "rest"
+        a, b = (Side(g.identity, Path(g.files["train"]), _taps(g, Path(g.files["train"]), layers), carve, rows)
+                for g in sets)
+        return a, b, chosen
     a, b = (Side(g.identity, Path(g.files[chosen]), _taps(g, Path(g.files[chosen]), layers)) for g in sets)
     return a, b, chosen
 
@@ -199,11 +229,14 @@ def similarity(a: Side, b: Side, *, split: str = "test", estimator: str = "auto"
     _refuse_other_images(a, b)
     fa, fb = load_features(a.path, a.taps[0], lazy=True), load_features(b.path, b.taps[0], lazy=True)
     try:
-        pos_a, pos_b = pair_rows(fa.meta["index"], fb.meta["index"])
+        ya, yb = np.asarray(fa.y), np.asarray(fb.y)
+        ka, kb = a.positions(fa.meta, ya), b.positions(fb.meta, yb)
+        pos_a, pos_b = pair_rows(np.asarray(fa.meta["index"])[ka], np.asarray(fb.meta["index"])[kb])
+        pos_a, pos_b = ka[pos_a], kb[pos_b]
         if len(pos_a) == 0:
             raise UserError(f"{a.path} and {b.path} share no source index: nothing to compare")
-        _check_pairs(fa.meta, fb.meta, pos_a, pos_b, (np.asarray(fa.y), np.asarray(fb.y)))
-        unmatched = max(len(fa.y), len(fb.y)) - len(pos_a)
+        _check_pairs(fa.meta, fb.meta, pos_a, pos_b, (ya, yb))
+        unmatched = max(len(ka), len(kb)) - len(pos_a)
         if unmatched:
             log.info(f"{len(pos_a)} rows of the same images; {unmatched} rows have no partner (skipped images)")
         _require_taps(a, fa.meta["layers"])
@@ -253,7 +286,8 @@ def similarity_figure(result: Similarity) -> Figure:
     ax.set_yticks(range(len(rows)), rows, fontsize=8)
     ax.set_xlabel(result.b.label, fontsize=8)
     ax.set_ylabel(result.a.label, fontsize=8)
-    ax.set_title(f"{result.a.identity.data.label} · {result.split} split · {result.n} images", fontsize=9)
+    ax.set_title(wrap(f"{result.a.identity.data.label} · {result.where} · {result.n} images",
+                      0.6 * fig.get_figwidth(), 9), fontsize=9)
     return fig
 
 
@@ -267,7 +301,7 @@ def _matrix(m: np.ndarray | None):
 
 
 def similarity_dict(result: Similarity) -> dict:
-    return {"schema": SCHEMA, "data": result.a.identity.data.label, "split": result.split, "n": result.n,
+    return {"schema": SCHEMA, "data": result.a.identity.data.label, "split": result.split, "rows": result.where, "n": result.n,
             "a": {"label": result.a.label, "identity": result.a.identity.to_dict(), "file": str(result.a.path),
                   "taps": result.a.taps},
             "b": {"label": result.b.label, "identity": result.b.identity.to_dict(), "file": str(result.b.path),
@@ -282,7 +316,7 @@ def format_similarity(result: Similarity) -> str:
     """The reported matrix as text."""
     width = max(len(t) for t in result.a.taps + result.b.taps) + 1
     out = [f"linear CKA ({result.estimator}), {result.a.label} (rows) vs {result.b.label} (columns), "
-           f"{result.split} split, {result.n} images",
+           f"{result.where}, {result.n} images",
            " " * width + "".join(t.rjust(width) for t in result.b.taps)]
     for tap, row in zip(result.a.taps, result.chosen):
         out.append(tap.ljust(width) + "".join(("-" if not np.isfinite(v) else f"{v:.3f}").rjust(width) for v in row))

@@ -191,21 +191,32 @@ def regularised_hscore(m: Moments) -> tuple[float, float]:
 
 # --- a cache file -----------------------------------------------------------------------------
 
-def file_blocks(path, layer: str | None, rows: int) -> Blocks:
-    """Passes over a cache file's (X, y) blocks, read with extract.store.cache.iter_rows."""
-    return lambda: iter_rows(path, layer, rows)
+def file_blocks(path, layer: str | None, rows: int, keep: np.ndarray | None = None) -> Blocks:
+    """Passes over a cache file's (X, y) blocks, read with extract.store.cache.iter_rows; with `keep`
+    (a mask over the file's rows) only those rows."""
+    if keep is None:
+        return lambda: iter_rows(path, layer, rows)
+
+    def passes():
+        start = 0
+        for X, y in iter_rows(path, layer, rows):
+            k = keep[start:start + len(y)]
+            start += len(y)
+            yield X[k], y[k]
+    return passes
 
 
 def scores_of_file(path, layer: str | None = None, *, block_bytes: int = BLOCK_BYTES,
-                   progress: bool = False) -> dict:
+                   progress: bool = False, keep: np.ndarray | None = None) -> dict:
     """LogME and the regularised H-score of one tap of one cache file (meant for the train split),
-    with the row count, dimension and seconds taken."""
+    with the row count, dimension and seconds taken; `keep` masks the rows scored."""
     t0 = time.perf_counter()
     head = load_features(path, layer, lazy=True)
     n, dim = head.X.shape
+    n = n if keep is None else int(np.count_nonzero(keep))
     n_classes = len(head.meta.get("classes") or []) or None
     head.meta["file"].close()
-    m = moments(file_blocks(path, layer, block_rows(dim, block_bytes)), n_classes, what=str(path),
+    m = moments(file_blocks(path, layer, block_rows(dim, block_bytes), keep), n_classes, what=str(path),
                 progress=progress)
     t1 = time.perf_counter()
     score = logme(m)

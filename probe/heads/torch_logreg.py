@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.preprocessing import StandardScaler
 
 from probe.heads.device import resolve_device, runtime_device
 from probe.heads.inputs import fit_inputs, predict_inputs
@@ -205,21 +206,8 @@ def _fits_on(device, nbytes: int) -> bool:
 
 
 def _standard_stats(X, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """StandardScaler's mean_ and scale_ (population std, 1 for constant columns), merged over blocks
-    with Chan et al.'s pairwise update in float64."""
-    n, mean, m2 = 0, None, None
+    """StandardScaler's mean_ and scale_, merged over blocks of rows by its own partial_fit."""
+    scaler = StandardScaler()
     for block in iter_blocks(X, rows):
-        b = block.astype(np.float64)
-        nb, mb = len(b), b.mean(axis=0)
-        m2b = ((b - mb) ** 2).sum(axis=0)
-        if mean is None:
-            n, mean, m2 = nb, mb, m2b
-        else:
-            delta, total = mb - mean, n + nb
-            mean = mean + delta * nb / total
-            m2 = m2 + m2b + delta ** 2 * n * nb / total
-            n = total
-    var = m2 / n
-    eps = np.finfo(np.float64).eps
-    constant = var <= n * eps * var + (n * mean * eps) ** 2   # sklearn's _is_constant_feature
-    return mean, np.where(constant, 1.0, np.sqrt(var))
+        scaler.partial_fit(block.astype(np.float64))
+    return scaler.mean_, scaler.scale_

@@ -1,6 +1,8 @@
-"""One self-contained HTML report of every result: tables, pictures embedded as data URIs, provenance.
+"""One self-contained HTML report of every result: a table of contents, tables, pictures embedded as
+data URIs (confusion matrices folded), provenance.
 
-Opens offline in any browser: no scripts, no external stylesheets, fonts or images.
+Opens offline in any browser: no scripts, no external stylesheets, fonts or images; its only links
+are to its own sections and to the JSON files beside it.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,7 +28,7 @@ th { background: #f3f3f3; text-align: left; } td.num { text-align: right; font-v
 tr.best td { font-weight: 600; background: #eef7ee; }
 figure { display: inline-block; margin: .5em 1em .5em 0; vertical-align: top; }
 figure img { max-width: 100%; border: 1px solid #eee; } figcaption { font-size: .85em; color: #555; }
-details { margin: .3em 0; } pre { background: #f8f8f8; padding: .6em; overflow-x: auto; font-size: .8em; }
+nav ol { columns: 2; } details { margin: .3em 0; } pre { background: #f8f8f8; padding: .6em; overflow-x: auto; font-size: .8em; }
 """
 
 
@@ -108,8 +111,28 @@ def _pictures(root: Path, shown=frozenset()) -> str:
     out = []
     for folder, pngs in groups.items():
         title = str(folder.relative_to(root)) if folder != root else "all results"
-        out.append(f"<h3>{html.escape(title)}</h3>" + "".join(_img(p, p.stem) for p in pngs))
+        confusion = [p for p in pngs if p.name.endswith(".confusion.png")]
+        out.append(f"<h3>{html.escape(title)}</h3>" + "".join(_img(p, p.stem) for p in pngs if p not in confusion))
+        if confusion:
+            out.append(f"<details><summary>{len(confusion)} confusion matri{'x' if len(confusion) == 1 else 'ces'}"
+                       "</summary>" + "".join(_img(p, p.stem) for p in confusion) + "</details>")
     return "".join(out)
+
+
+def with_contents(body: str) -> str:
+    """`body` with an id on every <h2> and, before the first, a table of contents linking to them."""
+    titles = []
+
+    def anchor(match):
+        titles.append(match.group(1))
+        return f'<h2 id="s{len(titles)}">{match.group(1)}</h2>'
+    body = re.sub(r"<h2>(.*?)</h2>", anchor, body)
+    if not titles:
+        return body
+    items = "".join(f'<li><a href="#s{i}">{t}</a></li>' for i, t in enumerate(titles, 1))
+    nav = f"<nav><b>Contents</b><ol>{items}</ol></nav>"
+    first = body.index('<h2 id="s1">')
+    return body[:first] + nav + body[first:]
 
 
 def write_html_report(results_dir="results") -> Path:
@@ -118,10 +141,11 @@ def write_html_report(results_dir="results") -> Path:
     root = Path(results_dir)
     rows = collect_rows(root)
     results = load_results(root)
-    parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>featprobe report</title>"
-             f"<style>{STYLE}</style></head><body><h1>featprobe report</h1>"
-             f"<p>{len(rows)} results under {html.escape(str(root.resolve()))}, written "
-             f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}.</p>"]
+    head = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>featprobe report</title>"
+            f"<style>{STYLE}</style></head><body><h1>featprobe report</h1>"
+            f"<p>{len(rows)} results under {html.escape(str(root.resolve()))}, written "
+            f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}.</p>")
+    parts = []
     for name, question in (("compare.json", "Which backbone"), ("layers.json", "Which layer")):
         for found in sorted(root.glob(f"**/{name}")):
             parts.append(f"<h2>{question}: {html.escape(str(found.parent.relative_to(root)))}</h2>"
@@ -132,8 +156,8 @@ def write_html_report(results_dir="results") -> Path:
     parts.append("<h2>Pictures</h2>" + _pictures(root, shown))
     parts.append("<h2>Provenance</h2>" + _provenance(results))
     parts.append(f"<details><summary>Markdown of the table</summary><pre>{html.escape(format_rows(rows, 'markdown'))}"
-                 "</pre></details></body></html>")
+                 "</pre></details>")
     path = root / "report.html"
     with write_errors(path):
-        write_text_atomic(path, "\n".join(parts))
+        write_text_atomic(path, head + with_contents("\n".join(parts)) + "</body></html>")
     return path

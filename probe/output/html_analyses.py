@@ -1,5 +1,6 @@
 """The HTML report's sections for the analyses beyond the heads: the transferability ranking with its
-correlation (rank.json), the CKA heat maps (similarity-*.json) and the retrieval results.
+correlation (rank.json), the CKA heat maps (similarity-*.json), the few-shot curves (fewshot-*.json)
+and the retrieval results; each opens with a summary table.
 
 Each picture is embedded as a data URI beside a relative link to the JSON it was drawn from.
 """
@@ -81,13 +82,52 @@ def similarity_section(paths: list[Path], root: Path) -> tuple[str, list[Path]]:
         if not data or not data.get("schema", "").startswith("featprobe.similarity/"):
             continue
         png = path.with_suffix(".png")
+        where = data.get("rows") or f"{data.get('split', '')} split"
         parts.append(f"<p>{html.escape(data['a']['label'])} vs {html.escape(data['b']['label'])}: linear CKA "
-                     f"({html.escape(data.get('estimator', ''))}) over {data.get('n')} images of the "
-                     f"{html.escape(data.get('split', ''))} split.</p>" + _figure(png, path, root))
+                     f"({html.escape(data.get('estimator', ''))}) over {data.get('n')} images, "
+                     f"{html.escape(where)}.</p>" + _cka_table(data) + _figure(png, path, root))
         shown.append(png)
     if not parts:
         return "", []
     return "<h2>How alike are the representations: linear CKA</h2>" + "".join(parts), shown
+
+
+def _cka_table(data: dict) -> str:
+    """The reported CKA matrix: rows a's taps, columns b's."""
+    cols = data["b"].get("taps") or []
+    out = ["<table><tr><th>" + html.escape(data["a"]["label"]) + " \\ " + html.escape(data["b"]["label"]) + "</th>"
+           + "".join(f"<th>{html.escape(t)}</th>" for t in cols) + "</tr>"]
+    for tap, row in zip(data["a"].get("taps") or [], data.get("cka") or []):
+        out.append(f"<tr><td>{html.escape(tap)}</td>" + "".join(_num(v, ".3f") for v in row) + "</tr>")
+    return "".join(out) + "</table>"
+
+
+def fewshot_section(paths: list[Path], root: Path) -> tuple[str, list[Path]]:
+    """Every fewshot-*.json as one row of mean test top-1 per k (95% interval half-width), with its picture."""
+    rows, shown, ks = [], [], []
+    found = [(p, d) for p in paths if (d := _load(p)) and str(d.get("schema", "")).startswith("featprobe.fewshot/")]
+    for _, data in found:
+        ks += [k for k in data.get("shots") or [] if k not in ks]
+    if not found:
+        return "", []
+    head = "<tr><th>dataset</th><th>model / layer</th><th>head</th>" + "".join(
+        f"<th>{html.escape(str(k))}-shot %</th>" if k != "all" else "<th>all %</th>" for k in ks) + "</tr>"
+    for path, data in found:
+        by_k = dict(zip(data.get("shots") or [], data.get("points") or []))
+        cells = []
+        for k in ks:
+            p = by_k.get(k)
+            spread = f" ± {100 * p['ci95_halfwidth']:.1f}" if p and p.get("ci95_halfwidth") is not None else ""
+            cells.append('<td class="num">-</td>' if not p else f'<td class="num">{100 * p["mean"]:.1f}{spread}</td>')
+        rows.append(f"<tr><td>{html.escape(str(data.get('dataset')))}</td><td>{html.escape(str(data.get('model')))} / "
+                    f"{html.escape(str(data.get('layer')))}</td><td>{html.escape(str(data.get('head')))}</td>"
+                    f"{''.join(cells)}</tr>")
+        png = path.with_suffix(".png")
+        if png.exists():
+            shown.append(png)
+    pictures = "".join(_figure(p.with_suffix(".png"), p, root) for p, _ in found)
+    return ("<h2>How many labels: few-shot curves</h2><p>Mean test top-1 over the seeded draws, ± the 95% "
+            f"interval's half-width.</p><table>{head}{''.join(rows)}</table>" + pictures), shown
 
 
 def retrieval_section(results: list[dict], root: Path) -> str:
@@ -121,6 +161,9 @@ def analysis_sections(root: Path, results: list[dict]) -> tuple[str, set[Path]]:
         parts.append(text)
         shown.update(pngs)
     text, pngs = similarity_section(sorted(root.glob("**/similarity-*.json")), root)
+    parts.append(text)
+    shown.update(pngs)
+    text, pngs = fewshot_section(sorted(root.glob("**/fewshot-*.json")), root)
     parts.append(text)
     shown.update(pngs)
     parts.append(retrieval_section(results, root))

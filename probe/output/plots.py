@@ -3,6 +3,7 @@ backend switch, so importing this never changes the plotting setup of the progra
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +21,14 @@ def plot_confusion(matrix, classes, path, title: str = "") -> Path:
 
 
 def confusion_figure(matrix, classes, title: str = "") -> Figure:
-    """Row-normalised confusion matrix as a heat map; cell values printed for up to 15 classes."""
+    """Row-normalised confusion matrix as a heat map; cell values printed for up to 15 classes.
+    Class names are wrapped (or cut) to fit their cells, the title to the figure's width."""
     m = np.asarray(matrix, dtype=float)
     n = len(m)
     size = min(12.0, 2.5 + 0.45 * n)
-    fig = new_figure(figsize=(size, size * 0.9))
+    fig = new_figure(figsize=(size, size * 0.9), layout="constrained")
+    classes = [fit_label(str(c), 22 if n > 6 else max(6, int(min(4.5 * size, 9 * size / n))), 1 if n > 6 else 2)
+               for c in classes]
     ax = fig.add_subplot()
     disp = ConfusionMatrixDisplay(m, display_labels=list(classes)).plot(
         ax=ax, cmap="Blues", include_values=n <= 15, values_format=".2f",
@@ -36,8 +40,7 @@ def confusion_figure(matrix, classes, title: str = "") -> Figure:
     ax.tick_params(labelsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
+    ax.set_title(wrap(title, 0.8 * size, 9), fontsize=9)
     return fig
 
 
@@ -68,10 +71,40 @@ def comparison_figure(rows: list[dict], title: str = "") -> Figure:
     b.xaxis.set_minor_formatter(ticker.NullFormatter())
     b.set_xlabel("fit seconds (search + refit, log)")
     for i, v in enumerate(secs):
-        b.text(v, i, f" {v:.2g}", va="center", fontsize=7)
-    fig.suptitle(title, fontsize=10)
+        b.text(v, i, f" {plain(v)}", va="center", fontsize=7)
+    b.margins(x=0.2)
+    fig.suptitle(wrap(title, 10.5, 10), fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def plain(value: float) -> str:
+    """A number as people write it, never in e-notation: 12346, 850, 12.3, 0.42, 0.004, 0.0012."""
+    v = abs(value)
+    if v >= 100 or v == 0:
+        return f"{value:.0f}"
+    if v >= 10:
+        return f"{value:.1f}"
+    if v >= 0.1:
+        return f"{value:.2f}"
+    digits = max(2, 1 - int(np.floor(np.log10(v))))
+    return f"{value:.{digits}f}".rstrip("0")
+
+
+def wrap(text: str, width_inches: float, fontsize: float) -> str:
+    """`text` with each line wrapped to about width_inches at fontsize (DejaVu Sans: ~0.6 em a character)."""
+    chars = max(10, int(width_inches * 72 / (0.6 * fontsize)))
+    return "\n".join(textwrap.fill(line, chars, break_long_words=True) if line else "" for line in text.split("\n"))
+
+
+def fit_label(label: str, chars: int, lines: int = 1) -> str:
+    """A tick label wrapped to `chars` a line, at most `lines` lines, the rest cut with an ellipsis
+    (the full name stays in the JSON)."""
+    parts = textwrap.wrap(label, chars, break_long_words=True) or [""]
+    if len(parts) > lines:
+        parts = parts[:lines]
+        parts[-1] = parts[-1][:chars - 1] + "…"
+    return "\n".join(parts)
 
 
 def new_figure(**kwargs) -> Figure:

@@ -27,18 +27,28 @@ from probe.heads.placement import Memory, place
 from probe.output.results import SCHEMA, library_versions
 from probe.protocol.rows import concat, is_streamed
 from probe.protocol.splits import stratified_subsample
+from probe.protocol.threads import default_threads
 
 WARN_SECONDS = 120.0
 log = logging.getLogger(__name__)
 SMALL = 2_000_000  # below this many feature values, threads cost more than they save
 
 
-def threads_for(X, n_jobs: int | None = None):
-    """Cap BLAS/OpenMP threads: at n_jobs when given, at one for small problems (thread start-up and
-    spinning dominate them), else the libraries' default."""
+def thread_count(X, n_jobs: int | None = None) -> int | None:
+    """BLAS/OpenMP threads for fits on X: n_jobs when given (-1: the libraries' default, None here),
+    one for small problems (thread start-up and spinning dominate them), else the usable physical
+    cores that other processes leave free (probe.protocol.threads.default_threads)."""
     if n_jobs is not None and n_jobs > 0:
-        return threadpool_limits(limits=n_jobs)
-    return threadpool_limits(limits=1) if int(np.prod(np.shape(X))) < SMALL else nullcontext()
+        return n_jobs
+    if n_jobs == -1:
+        return None
+    return 1 if int(np.prod(np.shape(X))) < SMALL else default_threads()
+
+
+def threads_for(X, n_jobs: int | None = None):
+    """A threadpoolctl cap at thread_count(X, n_jobs) (no cap for -1)."""
+    n = thread_count(X, n_jobs)
+    return nullcontext() if n is None else threadpool_limits(limits=n)
 
 
 @dataclass
@@ -191,7 +201,8 @@ def refit(head: Head, best: dict, X, y, *, scale=None, seed=0, n_jobs=None, warm
 
 
 def class_scores(pipe, X, n_classes: int) -> np.ndarray | None:
-    """(N, n_classes) scores with columns = class ids: probabilities where the head has them."""
+    """(N, n_classes) scores with columns = class ids: probabilities where the head has them; a class
+    absent from the head's training rows scores below every other."""
     if hasattr(pipe, "predict_proba"):
         raw = pipe.predict_proba(X)
     elif hasattr(pipe, "decision_function"):
@@ -201,9 +212,22 @@ def class_scores(pipe, X, n_classes: int) -> np.ndarray | None:
     present = np.asarray(pipe.classes_)
     if raw.ndim == 1:  # binary decision function: score of the positive class
         raw = np.stack([-raw, raw], axis=1)
-    out = np.full((len(X), n_classes), -np.inf if not hasattr(pipe, "predict_proba") else 0.0)
+    # a class the head never saw ranks below every class it scored, with a finite score
+    out = np.repeat(raw.min(axis=1, keepdims=True) - 1.0, n_classes, axis=1)
     out[:, present] = raw
     return out
+
+
+def unseen_test_classes(y_test, y_fit, classes) -> list[str]:
+    """Names of the classes in the test split that no training row has; says so in one warning line."""
+    unseen = np.setdiff1d(np.unique(y_test), np.unique(y_fit))
+    if not len(unseen):
+        return []
+    names = [str(classes[i]) if i < len(classes) else str(i) for i in unseen.tolist()]
+    n = int(np.isin(y_test, unseen).sum())
+    log.warning(f"warning: test class{'es' if len(names) > 1 else ''} {', '.join(names)} ({n} test images) "
+                "never occur in train or validation: the head cannot predict them, so they count as errors")
+    return names
 
 
 @dataclass
@@ -250,6 +274,7 @@ def run_probe(head_name: str | Head, data: ProbeData, options: FitOptions | None
     scores = class_scores(pipe, data.X_test, len(data.classes)) if len(data.classes) > 5 else None
     predict_seconds = time.perf_counter() - t0
     metrics = classification_metrics(data.y_test, pred, scores, classes=data.classes)
+    unseen = unseen_test_classes(data.y_test, y_fit, data.classes)
     result = {
         "schema": SCHEMA, "kind": "probe", "head": head.name, "description": head.description,
         "solver": head.solver, "device": head.device, "streamed": streamed,
@@ -263,8 +288,9 @@ def run_probe(head_name: str | Head, data: ProbeData, options: FitOptions | None
         "timing": {"search_seconds": round(found.seconds, 4), "fit_seconds": round(fit_seconds, 4),
                    "predict_seconds": round(predict_seconds, 4)},
         "sizes": {**data.sizes, "search_train": int(len(ys))}, "validation": validation,
-        "test_split": data.test_split, "classes": data.classes, "sources": data.sources,
+        "test_split": data.test_split, "test": data.test, "test_classes_not_in_train": unseen,
+        "classes": data.classes, "sources": data.sources,
         "provenance": data.provenance, "versions": library_versions(), "seed": seed,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "threads": thread_count(Xs, n_jobs), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return ProbeRun(result, pipe)

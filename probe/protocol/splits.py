@@ -2,6 +2,10 @@
 
 A row's membership is a function of (seed, its source index, the other members of its class), so
 it does not change when the cache's row order changes, and finetune carves the same rows.
+
+A dataset with only a train split (a folder of class folders) gets its test rows the same way
+(`carve`): a seeded stratified fraction of train on its own hash stream (`split_seed`), so the
+validation seed never moves the test set; validation is then carved from the rest.
 """
 
 from __future__ import annotations
@@ -20,9 +24,15 @@ def _hash(values: np.ndarray, seed: int) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
-def _ranked(index: np.ndarray, seed: int) -> np.ndarray:
+TEST_STREAM = 0x7E57C0DE   # the test carve's hash stream, apart from validation's at any seed
+
+
+def _ranked(index: np.ndarray, seed: int, stream: int = 0) -> np.ndarray:
     """Positions of `index` sorted by their seeded hash (ties broken by the index itself)."""
-    return np.lexsort((index, _hash(index, seed)))
+    key = _hash(index, seed)
+    if stream:
+        key = _hash(key ^ np.uint64(stream), 0)
+    return np.lexsort((index, key))
 
 
 def validation_mask(index, labels, seed: int = 0, fraction: float = 0.2) -> np.ndarray:
@@ -30,6 +40,15 @@ def validation_mask(index, labels, seed: int = 0, fraction: float = 0.2) -> np.n
 
     A class with at least two rows keeps at least one row on each side.
     """
+    return _per_class(index, labels, seed, fraction, 0)
+
+
+def holdout_mask(index, labels, seed: int = 0, fraction: float = 0.2) -> np.ndarray:
+    """Boolean mask, True = test row carved from train: validation_mask's rule on the test stream."""
+    return _per_class(index, labels, seed, fraction, TEST_STREAM)
+
+
+def _per_class(index, labels, seed: int, fraction: float, stream: int) -> np.ndarray:
     index, labels = np.asarray(index), np.asarray(labels)
     if index.shape != labels.shape:
         raise ValueError("index and labels must have the same length")
@@ -40,8 +59,34 @@ def validation_mask(index, labels, seed: int = 0, fraction: float = 0.2) -> np.n
         take = int(np.floor(fraction * n + 0.5))
         if n >= 2:
             take = min(max(take, 1), n - 1)
-        mask[rows[_ranked(index[rows], seed)[:take]]] = True
+        mask[rows[_ranked(index[rows], seed, stream)[:take]]] = True
     return mask
+
+
+def carve(index, labels, *, seed: int = 0, val_fraction: float = 0.2, test_fraction: float | None = None,
+          split_seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(test, validation) masks over every train row: with test_fraction, holdout_mask(split_seed) first
+    (else no test rows), then validation_mask(seed) of the rows left."""
+    index, labels = np.asarray(index), np.asarray(labels)
+    test = holdout_mask(index, labels, split_seed, test_fraction) if test_fraction else np.zeros(len(index), bool)
+    val = np.zeros(len(index), bool)
+    rest = np.flatnonzero(~test)
+    val[rest] = validation_mask(index[rest], labels[rest], seed, val_fraction)
+    return test, val
+
+
+def describe_carve(fraction: float, split_seed: int, n: int | None = None) -> str:
+    """'20% of train carved by split seed 0[, 49 rows]': how carved test rows were chosen."""
+    return f"{fraction:.0%} of train carved by split seed {split_seed}" + ("" if n is None else f", {n} rows")
+
+
+def check_fraction(value, flag: str) -> float:
+    """A fraction strictly between 0 and 1 (UserError naming the flag otherwise)."""
+    from extract.core.errors import UserError
+
+    if value is None or not 0 < float(value) < 1:
+        raise UserError(f"{flag} takes a fraction between 0 and 1, not {value!r}")
+    return float(value)
 
 
 def stratified_subsample(index, labels, n: int, seed: int = 0) -> np.ndarray:
@@ -58,7 +103,8 @@ def stratified_subsample(index, labels, n: int, seed: int = 0) -> np.ndarray:
 
 
 def split_roles(available) -> tuple[str, str | None] | None:
-    """(test split, validation split or None) by the shared rule, or None when nothing is held out.
+    """(test split, validation split or None) by the shared rule, or None when nothing is held out
+    (only train: its test rows are carved, see `carve`).
 
     The dataset's own test split is the test set and its val split the validation set; a dataset
     with only train and val uses val as its test set (validation is then carved from train).

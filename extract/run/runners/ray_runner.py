@@ -21,10 +21,13 @@ Ray is imported on this path only; without it the run stops with one line saying
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import json
 import logging
 import os
 import pickle
+import signal
 import socket
 import time
 import warnings
@@ -34,14 +37,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import extract
 from extract.compute.allocator import tune_malloc
 from extract.compute.engine import Collect, RunStats, cpu_cores, cpu_split, default_workers, resolve_precision, run
 from extract.core.errors import UserError
+from extract.core.filehash import featprobe_home
 from extract.registry.datasets import ImageSource
 from extract.registry.models import resolve_weights
 from extract.run.job import ChunkSink, SplitJob
 from extract.run.plan import Plan
 from extract.run.runners.base import Runner, Work
+log = logging.getLogger(__name__)
 
 # A lost actor is started again this many times, and its unfinished call retried on it: enough for
 # a preempted node or an out-of-memory kill, finite so that an image that crashes the process
@@ -82,16 +88,103 @@ def connect(address: str):
                         "(`ray status` on the head node), or use --ray local")
     try:
         if address == "local":
+            stop_orphaned_local_clusters()
             ray.init(address="local", num_cpus=cpu_cores(), **quiet)
+            _remember_local_cluster(ray)
         else:
             # the cluster runs this package as the driver has it (its dependencies must be installed there)
-            ray.init(address=address, runtime_env={"py_modules": [str(Path(__file__).resolve().parent)]},
+            ray.init(address=address, runtime_env={"py_modules": [str(Path(extract.__file__).resolve().parent)]},
                      **({} if address.startswith("ray://") else quiet))
     except (ConnectionError, ValueError) as e:   # nothing there; a malformed address
         reason = (str(e).strip().splitlines() or ["no answer"])[0].split(". ")[0].rstrip(".")
         raise UserError(f"could not join the Ray cluster at {address}: {reason}; start one with `ray start "
                         "--head`, or use --ray local") from None
     return ray
+
+
+# A local cluster's processes (gcs_server, raylet, their workers) outlive a driver killed with -9.
+# Ray has no option for that, so featprobe records each local cluster it starts and, at the next
+# `--ray local`, stops the processes of those whose driver is gone (read from /proc: Linux only).
+_LOCAL = "ray-local"
+
+
+def _remember_local_cluster(ray) -> None:
+    """Record the local cluster just started: its session folder and the processes it runs now (some,
+    such as its agents, rename themselves and name no session folder)."""
+    record = featprobe_home() / _LOCAL / f"{os.getpid()}.json"
+    try:
+        session = ray._private.worker._global_node.get_session_dir_path()
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"driver": _started(os.getpid()), "session": session,
+                                      "processes": [_started(pid) for pid in _descendants(os.getpid())]}))
+    except (OSError, AttributeError):   # best effort: only orphan clean-up depends on it
+        return
+    atexit.register(record.unlink, missing_ok=True)
+
+
+def stop_orphaned_local_clusters() -> list[int]:
+    """Stop the processes of local clusters featprobe started whose driver no longer runs; their pids."""
+    stopped = []
+    for record in sorted((featprobe_home() / _LOCAL).glob("*.json")):
+        try:
+            info = json.loads(record.read_text())
+        except (OSError, ValueError):
+            record.unlink(missing_ok=True)
+            continue
+        if _started(info["driver"][0]) == info["driver"]:
+            continue   # its driver still runs
+        leftovers = {pid for pid, start in info["processes"] if _started(pid) == [pid, start]}
+        for pid in leftovers | set(_processes_mentioning(info["session"])):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                stopped.append(pid)
+            except OSError:
+                pass
+        record.unlink(missing_ok=True)
+    if stopped:
+        log.info(f"stopped {len(stopped)} process(es) of a local Ray cluster left by a killed run")
+    return stopped
+
+
+def _stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat after the command name: state, ppid, ... ([] when there is no such process)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def _started(pid: int) -> list[int] | None:
+    """[pid, start time in clock ticks] of a running process (a pid reused later has another start)."""
+    fields = _stat(pid)
+    return [pid, int(fields[19])] if fields and fields[0] != "Z" else None
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        fields = _stat(int(proc.name))
+        if fields:
+            children.setdefault(int(fields[1]), []).append(int(proc.name))
+    found, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Pids whose command line contains `text`."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(int(proc.name))
+    return found
 
 
 def _unreachable(address: str) -> str | None:
