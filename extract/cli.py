@@ -6,6 +6,7 @@ import argparse
 import re
 import time
 
+from extract.compute.engine import PRECISIONS
 from extract.compute.engines import AUTO, engine_names
 from extract.compute.pipeline import DECODERS
 from extract.core.errors import UserError, guarded
@@ -50,8 +51,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="DataLoader workers (default: by device and cores); with --ray, "
                    "the number of Ray actors (default: from the cluster)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast precision; auto = bf16/fp16 where the hardware has it, else fp32")
+    p.add_argument("--precision", default="auto", choices=list(PRECISIONS),
+                   help="autocast precision; auto = bf16/fp16 where the hardware has it, else fp32 (default); "
+                        "int8 = the network quantized by NNCF after calibrating on 300 train images, with "
+                        "--engine openvino or auto (pip install -e \".[int8]\"; named .int8)")
     p.add_argument("--engine", default="torch", choices=[*engine_names(), AUTO],
                    help="what runs the network: torch (default), openvino (CPU only; pip install -e \".[openvino]\"; "
                         "converted once per model and kept under the cache), or auto (openvino on the CPU when "

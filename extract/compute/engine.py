@@ -29,7 +29,8 @@ from extract.compute.gpu_decode import is_out_of_memory
 from extract.compute.pipeline import SourceBatches, to_model_input
 from extract.store.preprocess import Preprocess
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+INT8 = torch.int8   # not an autocast dtype: the marker of a post-training quantized network (engines that offer it)
 log = logging.getLogger(__name__)
 
 
@@ -105,6 +106,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         return torch.bfloat16
     if precision == "fp16":
         return torch.float16
+    if precision == "int8":
+        return INT8
     if device.type == "cuda":
         return cuda_auto_precision(torch.cuda.get_device_capability(device))
     if device.type == "cpu" and cpu_has_bf16():
@@ -113,8 +116,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 
 def precision_name(autocast: torch.dtype | None) -> str:
-    """'fp32', 'bf16' or 'fp16' for a resolved autocast dtype."""
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast]
+    """'fp32', 'bf16', 'fp16' or 'int8' for a resolved autocast dtype."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", INT8: "int8"}[autocast]
 
 
 @contextmanager

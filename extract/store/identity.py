@@ -105,6 +105,7 @@ class FeatureIdentity:
     engine: str = DEFAULT_ENGINE        # what ran the network: "torch" or "openvino" (never "auto")
     decoder: str | None = DEFAULT_DECODER  # image files: "tensor", "torchcodec", "draft", "pil" or "cuda"; None for
                                            # in-memory arrays
+    calibration: str | None = None      # int8: the calibration images' fingerprint (extract.compute.calibration)
 
     @property
     def arch(self) -> str:
@@ -195,7 +196,7 @@ _WHAT = {"data": "the dataset differs", "model": "the model or weights differ",
          "dtype": "the storage dtype differs", "format": "the cache format is older",
          "fingerprint": "the images changed", "image_size": "the input size differs",
          "normalize": "the normalisation statistics differ", "engine": "the inference engine differs",
-         "decoder": "the image decoder differs"}
+         "decoder": "the image decoder differs", "calibration": "the int8 calibration images differ"}
 
 
 def differences(stored: FeatureIdentity, wanted: FeatureIdentity) -> list[str]:

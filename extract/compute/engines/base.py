@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from extract.compute.calibration import Calibration
 from extract.compute.engine import resolve_device
 from extract.store.preprocess import Preprocess
 
@@ -21,6 +22,8 @@ class EngineContext:
     workdir: Path                  # where an engine may keep what it converts (beside the cache files)
     threads: int | None = None     # CPU threads for compute (the cores decode workers leave)
     compile: bool = False
+    calibration: Calibration | None = None   # for --precision int8: the images it is calibrated on
+    decoder: str = "tensor"        # how image files are decoded (calibration images are decoded the same way)
 
 
 class Engine:
