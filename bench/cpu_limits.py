@@ -109,9 +109,11 @@ def child_forward(root: Path, model: str, engine: str, precision: str, batch: in
     files = DecodedFiles(source, p.identity.preprocess)
     images = torch.stack([files[i][0] for i in range(min(limit, len(source)))])
     backbone = load_backbone(model)
-    if engine == "openvino":
+    if engine == "openvino":   # int8: quantized (calibrated on the train sample) before the clock starts
+        from extract.compute.calibration import Calibration
         from extract.compute.engines.openvino_engine import OpenVINOEmbedder
-        embed = OpenVINOEmbedder(backbone, p.autocast, p.identity.preprocess, Path(tempfile.mkdtemp()))
+        embed = OpenVINOEmbedder(backbone, p.autocast, p.identity.preprocess, Path(tempfile.mkdtemp()),
+                                 calibration=Calibration.of(p.dataset.splits) if precision == "int8" else None)
     else:
         embed = Embedder(backbone, p.device, p.autocast, p.identity.preprocess)
     embed(images[:batch])  # warm-up
@@ -192,15 +194,22 @@ class Table:
                 self.record(name, values)
 
 
-def whole_extract(root: Path, n: int, model: str, engine: str, precision: str, decoder: str, batch: int,
+def whole_extract(root: Path, n: int, model: str, engine: str | None, precision: str, decoder: str, batch: int,
                   env: dict | None = None) -> tuple[float, float]:
-    """(images/s, peak RSS MiB) of one whole `python -m extract` process on a fresh cache."""
+    """(images/s, peak RSS MiB) of one whole `python -m extract` process on a fresh cache; engine None: the
+    default command (no engine, precision, decoder or batch size given)."""
+    asked = [] if engine is None else ["--precision", precision, "--engine", engine, "--decoder", decoder,
+                                       "--batch-size", str(batch)]
     with tempfile.TemporaryDirectory() as cache:
         wall, peak = timed_process([sys.executable, "-m", "extract", "--model", model, "--data", "imagefolder",
-                                    "--root", str(root), "--cache-dir", cache, "--precision", precision,
-                                    "--engine", engine, "--decoder", decoder, "--batch-size", str(batch),
-                                    "--no-progress"], env)
+                                    "--root", str(root), "--cache-dir", cache, *asked, "--no-progress"], env)
     return n / wall, peak
+
+
+def ideal(forward: float, decode: float, cores: int) -> float:
+    """images/s when decoding (`decode` images/s on one core) and the forward pass (`forward` images/s on all
+    cores) take turns on every core with nothing lost: cores / (cores / forward + 1 / decode)."""
+    return cores / (cores / forward + 1 / decode)
 
 
 def main() -> None:
@@ -213,7 +222,7 @@ def main() -> None:
     ap.add_argument("--sets", default="imagenet,12mp")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--precisions", default="fp32,bf16,int8", help="int8: OpenVINO only, where NNCF is installed")
     ap.add_argument("--engines", default="torch,openvino")
     ap.add_argument("--decoders", default="pil,tensor,torchcodec,draft", help="decoders timed alone")
     ap.add_argument("--extract-decoders", default="tensor,draft", help="decoders of the whole-process runs")
@@ -233,7 +242,11 @@ def main() -> None:
     from extract.registry.images import torchcodec_available
 
     decoders = [d for d in args.decoders.split(",") if d != "torchcodec" or torchcodec_available()]
-    combos = [(e, p) for e in args.engines.split(",") for p in args.precisions.split(",")]
+    from extract.compute.engines.openvino_engine import nncf_available
+
+    combos = [(e, p) for e in args.engines.split(",") for p in args.precisions.split(",")
+              if p != "int8" or (e == "openvino" and nncf_available())]
+    cores = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         print(f"{args.model}, batch {args.batch_size}; {cpu_model()}, {os.cpu_count()} cores, {cpu_flags()}; "
@@ -261,11 +274,14 @@ def main() -> None:
             table.take_turns({f"[{name}] decode + resize + crop, {decoder} (1 thread)": (
                 lambda d=decoder, r=root: run_child(["--model", args.model, "--child", "decode", str(r), d,
                                                      limit])["images_per_s"]) for decoder in decoders}, args.repeats)
-            runs = [(e, p, d, {}) for e, p in combos for d in args.extract_decoders.split(",")]
+            decoders_here = args.extract_decoders.split(",") if name != "imagenet" else \
+                [d for d in args.extract_decoders.split(",") if d != "draft"]   # draft = tensor below 4x the resize
+            runs = [(None, "auto", "auto", {})] + [(e, p, d, {}) for e, p in combos for d in decoders_here]
             if k == 0:
                 runs += [("torch", p, args.extract_decoders.split(",")[0], {"FEATPROBE_MALLOC_TUNING": "0"})
                          for p in args.precisions.split(",")]
-            whole = {f"[{name}] whole extract: {e} {p} --decoder {d}" + (", allocator tuning off" if env else ""): (
+            whole = {(f"[{name}] whole extract: default command" if e is None else
+                      f"[{name}] whole extract: {e} {p} --decoder {d}") + (", allocator tuning off" if env else ""): (
                 lambda e=e, p=p, d=d, env=env, r=root, n=n: whole_extract(r, n, args.model, e, p, d, args.batch_size,
                                                                          env))
                 for e, p, d, env in runs}
@@ -279,8 +295,17 @@ def main() -> None:
             table.take_turns({**whole, tutorial_name: tutorial}, args.repeats)
             mine = {r: v for r, v in table.rows.items() if r.startswith(f"[{name}] whole extract") and "off" not in r}
             best = max(mine, key=mine.get)
-            print(f"  best whole extract / tutorial loop = {mine[best] / table.rows[tutorial_name]:.1f}x "
-                  f"({best.split(': ', 1)[1]}); load average {os.getloadavg()[0]:.1f} at the end")
+            default = table.rows[f"[{name}] whole extract: default command"]
+            tutorial_rate = table.rows[tutorial_name]
+            print(f"  default command / tutorial loop = {default / tutorial_rate:.1f}x; best whole extract / tutorial "
+                  f"loop = {mine[best] / tutorial_rate:.1f}x ({best.split(': ', 1)[1]})")
+            forwards = {r: v for r, v in table.rows.items() if r.startswith("forward ")}
+            decodes = {r: v for r, v in table.rows.items() if r.startswith(f"[{name}] decode")}
+            f_best, d_best = max(forwards, key=forwards.get), max(decodes, key=decodes.get)
+            top = ideal(forwards[f_best], decodes[d_best], cores)
+            print(f"  ideal with {cores} cores = {top:.1f} images/s ({f_best}; {d_best}): default command "
+                  f"{default / top:.2f}x of it, best whole extract {mine[best] / top:.2f}x; load average "
+                  f"{os.getloadavg()[0]:.1f} at the end")
 
 if __name__ == "__main__":
     main()
