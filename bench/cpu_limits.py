@@ -279,7 +279,7 @@ def main() -> None:
             runs = [(None, "auto", "auto", {})] + [(e, p, d, {}) for e, p in combos for d in decoders_here]
             if k == 0:
                 runs += [("torch", p, args.extract_decoders.split(",")[0], {"FEATPROBE_MALLOC_TUNING": "0"})
-                         for p in args.precisions.split(",")]
+                         for p in args.precisions.split(",") if p != "int8"]
             whole = {(f"[{name}] whole extract: default command" if e is None else
                       f"[{name}] whole extract: {e} {p} --decoder {d}") + (", allocator tuning off" if env else ""): (
                 lambda e=e, p=p, d=d, env=env, r=root, n=n: whole_extract(r, n, args.model, e, p, d, args.batch_size,

@@ -1,22 +1,26 @@
-"""`python -m extract`: command line -> one ExtractRequest per model -> one-line summary each."""
+"""`python -m extract`: command line -> one ExtractRequest per model -> one-line summary each.
+
+When every split of every model is already cached, the answer comes from the cache files without
+importing torch (`extract.run.hits`); otherwise the registry and the engines are imported here.
+"""
 
 from __future__ import annotations
 
 import argparse
 import re
+import sys
 import time
 
-from extract.compute.engine import PRECISIONS
+from extract.core.precision import PRECISIONS
 from extract.compute.engines import AUTO, engine_names
-from extract.compute.pipeline import DECODERS
 from extract.core.errors import UserError, guarded
 from extract.core.helpformat import DefaultsHelp
 from extract.registry.datasets import describe_datasets
-from extract.registry.models import MAX_DESCRIBED, describe_model, expand_taps, model_names, resolve_weights
-from extract.run.extraction import run_request, summary
+from extract.run.hits import lookup
+from extract.run.outcome import summary
 from extract.run.request import DEFAULT_DATA, DEFAULT_MODEL, ExtractRequest
 from extract.run.runners import runner_names
-from extract.run.runners.torchrun import leave_process_group
+from extract.store.identity import DECODERS
 from extract.store.modelref import split_models
 
 LOGGERS = ("extract",)
@@ -141,10 +145,9 @@ def named(model: str, error: UserError) -> UserError:
     return error if said else UserError(f"--model {model}: {text}")
 
 
-def requests(args: argparse.Namespace) -> list:
-    """One ExtractRequest per model, with its weights resolved and its taps checked: every name and
-    weights file is checked before any work starts. Returns [(request, resolved weights)]."""
-    base = ExtractRequest(data=args.data, weights=args.weights, root=args.root, download=args.download,
+def base_request(args: argparse.Namespace) -> ExtractRequest:
+    """The command line's request, before a model is chosen."""
+    return ExtractRequest(data=args.data, weights=args.weights, root=args.root, download=args.download,
                           dataset_options=parse_options(args.option), splits=_split_list(args.splits),
                           cache_dir=args.cache_dir, batch_size=args.batch_size, workers=args.workers,
                           device=args.device, precision=args.precision, dtype=args.dtype, on_error=args.on_error,
@@ -152,19 +155,47 @@ def requests(args: argparse.Namespace) -> list:
                           allow_missing_weights=args.allow_missing_weights, image_size=args.image_size,
                           normalize=args.normalize, engine=args.engine, decoder=args.decoder,
                           chunk_rows=args.chunk_size, runner=args.runner, ray=args.ray, compile=args.compile)
-    out = []
+
+
+def model_requests(args: argparse.Namespace) -> list[ExtractRequest]:
+    """One request per model with its own weights choice; layers as given (not yet expanded)."""
+    base = base_request(args)
     models = split_models(args.model) or [DEFAULT_MODEL]
-    for model, choice in zip(models, weights_per_model(models, args.weights)):
+    return [base.replace(model=model, weights=choice, layers=_split_list(args.layers))
+            for model, choice in zip(models, weights_per_model(models, args.weights))]
+
+
+def requests(args: argparse.Namespace) -> list:
+    """One ExtractRequest per model, with its weights resolved and its taps checked: every name and
+    weights file is checked before any work starts. Returns [(request, resolved weights)]."""
+    from extract.registry.models import expand_taps, resolve_weights
+
+    out = []
+    for request in model_requests(args):
         try:
-            weights = resolve_weights(model, choice)
+            weights = resolve_weights(request.model, request.weights)
         except UserError as e:
-            raise named(model, e) from None
-        layers = expand_taps(weights.spec, _split_list(args.layers))
-        out.append((base.replace(model=model, weights=choice, layers=layers), weights))
+            raise named(request.model, e) from None
+        out.append((request.replace(layers=expand_taps(weights.spec, request.layers)), weights))
     return out
 
 
+def cached_runs(args: argparse.Namespace) -> tuple[list | None, object]:
+    """([({split: hit}, start time)] per model when every split of every model is cached already, else
+    None; the dataset read on the way, for the run that follows). Imports no torch."""
+    found, dataset = [], None
+    for request in model_requests(args):
+        started = time.perf_counter()
+        results, dataset = lookup(request, dataset)
+        if results is None:
+            return None, dataset
+        found.append((results, started))
+    return found, dataset
+
+
 def print_models(pattern: str | None = None) -> None:
+    from extract.registry.models import MAX_DESCRIBED, describe_model, model_names
+
     names = model_names(pattern)
     if not names:
         raise UserError(f"no model matches {pattern!r}; timm models are named timm/<arch> (e.g. 'timm/convnext*')")
@@ -204,15 +235,25 @@ def run(args: argparse.Namespace) -> int:
     if args.list_datasets:
         print_datasets()
         return 0
+    found, dataset = cached_runs(args)
+    if found is not None:
+        for results, started in found:
+            report(results, started)
+        return 0
+    from extract.run.extraction import run_request
+
     for request, weights in requests(args):
         started = time.perf_counter()
-        results = run_request(request, weights)
-        if not leader():
-            continue
-        for r in results.values():
-            print(f"{r.split:>6}: {r.path} ({r.status}{': ' + r.reuse if r.reuse else ''})")
-        print(summary(results, started))
+        results = run_request(request, weights, dataset)
+        if leader():
+            report(results, started)
     return 0
+
+
+def report(results: dict, started: float) -> None:
+    for r in results.values():
+        print(f"{r.split:>6}: {r.path} ({r.status}{': ' + r.reuse if r.reuse else ''})")
+    print(summary(results, started))
 
 
 def leader() -> bool:
@@ -227,4 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return guarded(lambda: run(args), LOGGERS, speaks=leader())
     finally:
-        leave_process_group()
+        if "torch" in sys.modules:   # a torchrun rank joined a process group
+            from extract.run.runners.torchrun import leave_process_group
+
+            leave_process_group()

@@ -4,13 +4,12 @@ import base64
 import io
 import json
 import re
-import shutil
-import subprocess
 from html.parser import HTMLParser
 
 import pytest
 from PIL import Image
 
+from browser import run_chromium
 from probe.cli import main
 from probe_helpers import toy_cache
 
@@ -96,11 +95,7 @@ def test_tables_hold_every_result_and_its_provenance(report):
 
 
 def test_report_renders_in_a_headless_browser(report, tmp_path):
-    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if not browser:
-        pytest.skip("no headless Chromium here")
     shot = tmp_path / "page.png"
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
-                    "--window-size=1200,2000", report.as_uri()], capture_output=True, timeout=120)
+    run_chromium(report.as_uri(), f"--screenshot={shot}", "--window-size=1200,2000", profile=tmp_path / "profile")
     img = Image.open(shot).convert("L")
     assert img.size == (1200, 2000) and len(set(img.tobytes())) > 10   # not a blank page

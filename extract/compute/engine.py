@@ -8,7 +8,6 @@ source -> uint8 batches (DataLoader workers decode + resize files; in-memory arr
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import queue
@@ -27,9 +26,10 @@ from extract.compute.allocator import tune_malloc
 from extract.core.errors import UserError
 from extract.compute.gpu_decode import is_out_of_memory
 from extract.compute.pipeline import SourceBatches, to_model_input
-from extract.store.preprocess import Preprocess
+from extract.core.precision import PRECISIONS, cpu_has_bf16  # noqa: F401 - re-exported
+from extract.store.preprocess import (MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, Preprocess,  # noqa: F401 - re-exported
+                                      check_image_size, effective_preprocess)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 INT8 = torch.int8   # not an autocast dtype: the marker of a post-training quantized network (engines that offer it)
 log = logging.getLogger(__name__)
 
@@ -68,23 +68,6 @@ def on_device(device: torch.device):
     if device.type == "cuda" and device.index is not None:
         return torch.cuda.device(device)
     return nullcontext()
-
-
-# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below AVX512_CORE_BF16: torch and OpenVINO both honour them
-_ISA_CAPS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
-
-
-def cpu_has_bf16() -> bool:
-    """True on CPUs with native bf16 matrix instructions (AVX512-BF16 or AMX), unless
-    ONEDNN_MAX_CPU_ISA caps oneDNN below them (e.g. AVX2, to behave as an AVX2-only CPU)."""
-    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() in _ISA_CAPS_WITHOUT_BF16:
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 BF16_CAPABILITY = (8, 0)   # Ampere and later compute bf16 natively
@@ -147,37 +130,6 @@ def pad_rows(x: torch.Tensor, rows: int, channels_last: bool = False) -> torch.T
         return x
     x = torch.cat([x, x[-1:].expand(rows - len(x), *x.shape[1:])])
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-
-
-MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024
-
-
-def check_image_size(image_size) -> int | None:
-    """None, or an input side in [MIN_IMAGE_SIZE, MAX_IMAGE_SIZE] as an int; else a one-line UserError."""
-    if image_size is None:
-        return None
-    try:
-        size = int(image_size)
-        if size != float(image_size):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise UserError(f"--image-size takes a whole number of pixels, got {image_size!r}") from None
-    if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
-        raise UserError(f"--image-size {size} is out of range: use {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels")
-    return size
-
-
-def effective_preprocess(preprocess: Preprocess, in_memory: bool, image_size: int | None = None) -> Preprocess:
-    """The spatial preprocessing actually applied.
-
-    Small in-memory images (CIFAR, digits) are resized straight to the crop size, not cropped.
-    `image_size` N makes the network see N x N inputs: crop N, and files are first resized to
-    round(N * resize / crop) of the weights' own preprocessing (same crop ratio).
-    """
-    if image_size is not None:
-        resize = round(image_size * preprocess.resize / preprocess.crop)
-        preprocess = dataclasses.replace(preprocess, resize=max(resize, image_size), crop=image_size)
-    return dataclasses.replace(preprocess, resize=preprocess.crop) if in_memory else preprocess
 
 
 def cpu_cores() -> int:

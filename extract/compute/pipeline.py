@@ -25,12 +25,12 @@ from extract.compute import gpu_decode
 from extract.core.errors import UserError
 from extract.registry.images import (ImageError, decode_jpeg_draft, decode_jpeg_file, decode_jpeg_torchcodec,
                                      open_jpeg_draft, read_bytes, tensor_decoder_available, torchcodec_available)
+from extract.store.identity import DECODERS
 from extract.store.preprocess import Preprocess
 
 Transform = Callable[[Image.Image, object], torch.Tensor]  # (RGB image, item) -> uint8 (3, crop, crop)
 
 
-DECODERS = ("auto", "tensor", "torchcodec", "draft", "pil", "cuda")
 # decoder "draft": JPEGs are decoded at the largest DCT scale that leaves DRAFT_MARGIN x the resize target on
 # the short side, so the antialiased resize that follows still shrinks at least 2x. With a margin of 1 an
 # 800 x 533 photo is decoded at 1/2 and resized by 0.96, nearly unfiltered: 6.8 grey levels from the full

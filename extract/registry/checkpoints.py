@@ -13,12 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
-import socket
-import sys
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -27,6 +21,8 @@ from torch import nn
 
 from extract.core.errors import UserError
 from extract.core.filehash import _SHA_CACHE, sha256_file, sha_cache_file  # noqa: F401 - re-exported
+from extract.registry.hubfiles import (_hash_prefix, _offline, _reachable, check_file_hash,  # noqa: F401 - re-exported
+                                       hub_checkpoint_dir, hub_file)
 
 # Heads that self-supervised and supervised checkpoints carry next to the trunk.
 HEAD_PREFIXES = ("fc.", "linear.", "classifier.", "head.", "heads.", "projection_head.", "prototypes.",
@@ -38,77 +34,7 @@ CONTAINER_KEYS = ("state_dict", "model", "teacher", "target_encoder", "online_ne
 # Prefixes preferred when several fit equally well (e.g. mmselfsup BYOL holds both backbone. and online_net.0.).
 PREFERRED_PREFIXES = ("", "module.", "backbone.", "module.encoder_q.", "encoder_q.", "module.backbone.",
                       "encoder.", "module.encoder.", "_feature_blocks.", "online_network.encoder.")
-_HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.")
 log = logging.getLogger(__name__)
-
-
-def hub_checkpoint_dir() -> Path:
-    """``$TORCH_HOME/hub/checkpoints`` (torch.hub's cache, also used by torchvision)."""
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def check_file_hash(path: Path, sha256: str | None = None) -> str:
-    """Return the file's sha256; raise UserError if it contradicts `sha256` or the hash prefix in its name."""
-    digest = sha256_file(path)
-    expected = sha256 or _hash_prefix(path.name)
-    if expected and not digest.startswith(expected.lower()):
-        raise UserError(f"checkpoint {path} is corrupt or not the published file: sha256 {digest[:16]}... "
-                        f"does not match {expected[:16]}...; delete it and fetch it again")
-    return digest
-
-
-def _offline() -> bool:
-    return os.environ.get("FEATPROBE_OFFLINE", "").lower() in ("1", "true", "yes")
-
-
-def _reachable(url: str, timeout: float = 5.0) -> str | None:
-    """None if a TCP connection to the URL's host (or its proxy) opens, else the reason it did not."""
-    parts = urllib.parse.urlsplit(url)
-    proxy = urllib.request.getproxies().get(parts.scheme)
-    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
-        parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        socket.create_connection((parts.hostname, port), timeout=timeout).close()
-        return None
-    except OSError as e:
-        return f"{parts.hostname} unreachable: {e.strerror or e}"
-
-
-def hub_file(url: str, filename: str | None = None, *, download: bool = True, sha256: str | None = None) -> Path:
-    """Path of a published checkpoint in the torch.hub cache, downloading it once if allowed.
-
-    Offline (no network, ``download=False`` or ``FEATPROBE_OFFLINE=1``) a missing file
-    raises UserError naming the file and the folder it belongs in.
-    """
-    folder = hub_checkpoint_dir()
-    filename = filename or os.path.basename(urllib.parse.urlsplit(url).path)
-    path = folder / filename
-    if path.is_file():
-        return path
-
-    def missing(reason: str) -> UserError:
-        return UserError(f"weights file {filename} not found in {folder}/ and {reason}; "
-                         f"download {url} and place it in that folder")
-
-    if not download or _offline():
-        raise missing("downloading is turned off")
-    reason = _reachable(url)
-    if reason:
-        raise missing(f"there is no network ({reason})")
-    folder.mkdir(parents=True, exist_ok=True)
-    log.info(f"downloading {url} to {path}")
-    expected = sha256 or _hash_prefix(filename)
-    try:
-        # torch.hub writes to a temporary file, checks the sha256 prefix, then moves it into place.
-        torch.hub.download_url_to_file(url, str(path), hash_prefix=expected, progress=sys.stderr.isatty())
-    except RuntimeError as e:  # hash mismatch
-        path.unlink(missing_ok=True)
-        raise UserError(f"downloaded {filename} is not the published file ({e}); try again") from None
-    except (urllib.error.URLError, OSError, ConnectionError) as e:
-        path.unlink(missing_ok=True)
-        raise missing(f"the download failed ({getattr(e, 'reason', None) or e})") from None
-    return path
 
 
 HF_FILES = ("model.safetensors", "pytorch_model.bin")   # what timm's hub loader looks for, in its order
@@ -178,11 +104,6 @@ def hf_file(repo: str, filenames: Iterable[str] = HF_FILES, *, download: bool = 
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise missing(f"the download failed ({first})") from None
     raise UserError(f"the hub repo {repo_id} has none of {', '.join(filenames)}")
-
-
-def _hash_prefix(filename: str) -> str | None:
-    m = _HASH_IN_NAME.search(filename)
-    return m.group(1) if m else None
 
 
 def load_refusal(e: Exception) -> str:

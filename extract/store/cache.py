@@ -188,7 +188,8 @@ def read_header(path) -> dict | None:
                       "fingerprint": str(f.attrs.get("fingerprint", "")), "provenance": _attr_json(f, "provenance"),
                       "complete": complete, "layers": sorted(f["features"].keys()) if "features" in f else [],
                       "n_rows": int(f.attrs.get("n_rows", 0)),
-                      "created": str(f.attrs.get("created", "")), "damaged": None}
+                      "created": str(f.attrs.get("created", "")), "versions": _attr_json(f, "versions"),
+                      "damaged": None}
     except Exception as e:  # noqa: BLE001 - h5py reports damage as OSError, RuntimeError, KeyError, ValueError...
         return {"identity": None, "complete": False, "layers": [], "n_rows": 0, "damaged": _first_line(e)}
     changed = _content_changed(path) if header["complete"] else None

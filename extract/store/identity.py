@@ -47,6 +47,7 @@ ENGINES = ("torch", "openvino")
 DEFAULT_DECODER = "tensor"          # image files: JPEGs decoded by torchvision, the rest by PIL; "pil": all by PIL;
                                     # "torchcodec": JPEGs by TorchCodec; "draft": JPEGs by PIL at a reduced DCT
                                     # scale; "cuda": JPEGs by nvJPEG on the GPU, the rest as "tensor"
+DECODERS = ("auto", "tensor", "torchcodec", "draft", "pil", "cuda")   # --decoder
 LEGACY_DECODER = "pil"              # what files made before the decoder was recorded used
 
 

@@ -9,9 +9,12 @@ device, so workers ship compact uint8 tensors.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
+
+from extract.core.errors import UserError
 
 if TYPE_CHECKING:
     import torch
@@ -21,6 +24,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 CROP_MODES = ("center", "squash")   # timm's eval crop modes that this preprocessing reproduces
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,34 @@ class Preprocess:
         dtype = dtype or torch.float32
         mean, std = scaled_mean_std(tuple(self.mean), tuple(self.std), x.device)
         return ((x.float() - mean) / std).to(dtype)
+
+
+def check_image_size(image_size) -> int | None:
+    """None, or an input side in [MIN_IMAGE_SIZE, MAX_IMAGE_SIZE] as an int; else a one-line UserError."""
+    if image_size is None:
+        return None
+    try:
+        size = int(image_size)
+        if size != float(image_size):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise UserError(f"--image-size takes a whole number of pixels, got {image_size!r}") from None
+    if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise UserError(f"--image-size {size} is out of range: use {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels")
+    return size
+
+
+def effective_preprocess(preprocess: Preprocess, in_memory: bool, image_size: int | None = None) -> Preprocess:
+    """The spatial preprocessing actually applied.
+
+    Small in-memory images (CIFAR, digits) are resized straight to the crop size, not cropped.
+    `image_size` N makes the network see N x N inputs: crop N, and files are first resized to
+    round(N * resize / crop) of the weights' own preprocessing (same crop ratio).
+    """
+    if image_size is not None:
+        resize = round(image_size * preprocess.resize / preprocess.crop)
+        preprocess = dataclasses.replace(preprocess, resize=max(resize, image_size), crop=image_size)
+    return dataclasses.replace(preprocess, resize=preprocess.crop) if in_memory else preprocess
 
 
 @lru_cache(maxsize=64)

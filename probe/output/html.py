@@ -17,6 +17,7 @@ from pathlib import Path
 from extract.core.atomic import write_errors, write_text_atomic
 
 from probe.output.html_analyses import analysis_sections
+from probe.output.htmltext import breakable
 from probe.output.report import COLUMNS, NUMERIC, cell_text, collect_rows, format_rows
 from probe.output.results import load_results
 
@@ -24,8 +25,10 @@ STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; padding: 0 1em; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
 table { border-collapse: collapse; margin: .8em 0; } th, td { padding: .25em .6em; border: 1px solid #ddd; }
-th { background: #f3f3f3; text-align: left; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-tr.best td { font-weight: 600; background: #eef7ee; }
+th { background: #f3f3f3; text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+h2, h3, p, li, figcaption { overflow-wrap: anywhere; }   /* long names and paths wrap inside the page */
+tr.best td { font-weight: 600; background: #eef7ee; } table.wide { font-size: .9em; }
 figure { display: inline-block; margin: .5em 1em .5em 0; vertical-align: top; }
 figure img { max-width: 100%; border: 1px solid #eee; } figcaption { font-size: .85em; color: #555; }
 nav ol { columns: 2; } details { margin: .3em 0; } pre { background: #f8f8f8; padding: .6em; overflow-x: auto; font-size: .8em; }
@@ -39,9 +42,10 @@ def _img(path: Path, caption: str) -> str:
 
 
 def _cell(value, column: str) -> str:
-    """A report cell as the table shows it, numbers right-aligned."""
-    align = ' class="num"' if column in NUMERIC else ""
-    return f"<td{align}>{html.escape(cell_text(value, column))}</td>"
+    """A report cell as the table shows it, numbers right-aligned (names may wrap, numbers never)."""
+    if column in NUMERIC:
+        return f'<td class="num">{html.escape(cell_text(value, column))}</td>'
+    return f"<td>{breakable(cell_text(value, column))}</td>"
 
 
 def _results_table(rows: list[dict]) -> str:
@@ -50,7 +54,7 @@ def _results_table(rows: list[dict]) -> str:
     for r in rows:
         if r["top1"] is not None and r["top1"] > best.get(r["dataset"], -1):
             best[r["dataset"]] = r["top1"]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    head = "".join(f"<th>{breakable(c)}</th>" for c in COLUMNS)
     body = []
     for r in rows:
         cls = ' class="best"' if r["top1"] is not None and r["top1"] == best.get(r["dataset"]) else ""
@@ -80,7 +84,7 @@ def _comparison(path: Path) -> str:
             v = value.get((label, h))
             mark = " *" if (label, h) == win else ""
             cells.append("<td>-</td>" if v is None else f'<td class="num">{100 * v:.2f}{mark}</td>')
-        out.append(f"<tr><td>{html.escape(label)}</td>{''.join(cells)}</tr>")
+        out.append(f"<tr><td>{breakable(label)}</td>{''.join(cells)}</tr>")
     out.append("</table>")
     if winner:
         out.append(f"<p>Chosen on validation: <b>{html.escape(win[0])}</b> with <b>{html.escape(str(win[1]))}</b>"

@@ -12,6 +12,8 @@ import html
 import json
 from pathlib import Path
 
+from probe.output.htmltext import breakable
+
 
 def _load(path: Path) -> dict | None:
     try:
@@ -21,9 +23,11 @@ def _load(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _link(path: Path, root: Path) -> str:
+def _link(path: Path, root: Path, text: str | None = None) -> str:
+    """A relative link to `path`, showing its path under `root` (or `text`)."""
     rel = path.relative_to(root).as_posix()
-    return f'<a href="{html.escape(rel)}">{html.escape(rel)}</a>'
+    shown = breakable(rel) if text is None else html.escape(text)
+    return f'<a href="{html.escape(rel)}" title="{html.escape(rel)}">{shown}</a>'
 
 
 def _figure(png: Path, json_path: Path, root: Path) -> str:
@@ -61,8 +65,8 @@ def ranking_section(path: Path, root: Path) -> tuple[str, list[Path]]:
            f"<th>{head} test top-1 %</th></tr>"]
     for r in data.get("rows") or []:
         top1 = _pct(r.get("test_top1"))
-        out.append(f"<tr><td class=\"num\">{r.get('logme_rank')}</td><td>{html.escape(r['label'])} / "
-                   f"{html.escape(r['tap'])}</td>{_num(r.get('logme'), '.4f')}{_num(r.get('hscore'), '.3f')}"
+        out.append(f"<tr><td class=\"num\">{r.get('logme_rank')}</td><td>{breakable(r['label'])} / "
+                   f"{breakable(r['tap'])}</td>{_num(r.get('logme'), '.4f')}{_num(r.get('hscore'), '.3f')}"
                    f"{_num(r.get('n'), 'd')}{_num(top1, '.2f')}</tr>")
     out.append("</table><ul>")
     for score, name in (data.get("scores") or {}).items():
@@ -95,10 +99,10 @@ def similarity_section(paths: list[Path], root: Path) -> tuple[str, list[Path]]:
 def _cka_table(data: dict) -> str:
     """The reported CKA matrix: rows a's taps, columns b's."""
     cols = data["b"].get("taps") or []
-    out = ["<table><tr><th>" + html.escape(data["a"]["label"]) + " \\ " + html.escape(data["b"]["label"]) + "</th>"
-           + "".join(f"<th>{html.escape(t)}</th>" for t in cols) + "</tr>"]
+    out = ["<table><tr><th>" + breakable(data["a"]["label"]) + " \\ " + breakable(data["b"]["label"]) + "</th>"
+           + "".join(f"<th>{breakable(t)}</th>" for t in cols) + "</tr>"]
     for tap, row in zip(data["a"].get("taps") or [], data.get("cka") or []):
-        out.append(f"<tr><td>{html.escape(tap)}</td>" + "".join(_num(v, ".3f") for v in row) + "</tr>")
+        out.append(f"<tr><td>{breakable(tap)}</td>" + "".join(_num(v, ".3f") for v in row) + "</tr>")
     return "".join(out) + "</table>"
 
 
@@ -119,8 +123,8 @@ def fewshot_section(paths: list[Path], root: Path) -> tuple[str, list[Path]]:
             p = by_k.get(k)
             spread = f" ± {100 * p['ci95_halfwidth']:.1f}" if p and p.get("ci95_halfwidth") is not None else ""
             cells.append('<td class="num">-</td>' if not p else f'<td class="num">{100 * p["mean"]:.1f}{spread}</td>')
-        rows.append(f"<tr><td>{html.escape(str(data.get('dataset')))}</td><td>{html.escape(str(data.get('model')))} / "
-                    f"{html.escape(str(data.get('layer')))}</td><td>{html.escape(str(data.get('head')))}</td>"
+        rows.append(f"<tr><td>{breakable(data.get('dataset'))}</td><td>{breakable(data.get('model'))} / "
+                    f"{breakable(data.get('layer'))}</td><td>{html.escape(str(data.get('head')))}</td>"
                     f"{''.join(cells)}</tr>")
         png = path.with_suffix(".png")
         if png.exists():
@@ -144,13 +148,13 @@ def retrieval_section(results: list[dict], root: Path) -> str:
         o = r["metrics"]["retrieval"]["overall"]
         cells = ([_num(_pct(o.get(f"recall@{k}")), ".2f") for k in ks] + [_num(_pct(o.get("map@r")), ".2f")]
                  + [_num(_pct(o.get(f"precision@{k}")), ".2f") for k in ks])
-        link = _link(Path(r["_path"]), root) if r.get("_path") else "-"
-        body.append(f"<tr><td>{html.escape(str(r.get('dataset')))}</td><td>{html.escape(str(r.get('model')))}</td>"
-                    f"<td>{html.escape(str(r.get('layer')))}</td>{''.join(cells)}{_num(o.get('queries'), 'd')}"
+        link = _link(Path(r["_path"]), root, Path(r["_path"]).name) if r.get("_path") else "-"
+        body.append(f"<tr><td>{breakable(r.get('dataset'))}</td><td>{breakable(r.get('model'))}</td>"
+                    f"<td>{breakable(r.get('layer'))}</td>{''.join(cells)}{_num(o.get('queries'), 'd')}"
                     f"{_num(r['metrics']['retrieval'].get('gallery'), 'd')}<td>{link}</td></tr>")
     return ("<h2>Retrieval: test images as queries, the train+val images as gallery</h2>"
             "<p>Cosine similarity; top-1 in the other tables is recall@1 (the 1-nearest-neighbour accuracy).</p>"
-            f"<table>{head}{''.join(body)}</table>")
+            f'<table class="wide">{head}{"".join(body)}</table>')
 
 
 def analysis_sections(root: Path, results: list[dict]) -> tuple[str, set[Path]]:

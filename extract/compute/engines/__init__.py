@@ -1,22 +1,20 @@
 """Engines: what runs the network. `--engine`'s choices come from this registry.
 
 A new engine is one file with an `Engine` subclass and one `register_engine(...)` line below
-(or a call from the user's own code before `extract`).
+(or a call from the user's own code before `extract`). The built-in engines are named here and
+imported (with torch) when first used, so listing the names imports nothing.
 """
 
 from __future__ import annotations
 
-import torch
+import importlib
 
-from extract.compute.engine import resolve_device
 from extract.compute.engines.base import Engine, EngineContext
-from extract.compute.engines.openvino_engine import OpenVINOEngine
-from extract.compute.engines.torch_engine import TorchEngine
 from extract.core.errors import UserError
 
 AUTO = "auto"
 DEFAULT_ENGINE = "torch"
-_ENGINES: dict[str, Engine] = {}
+_ENGINES: dict[str, Engine | str] = {}   # a built-in engine is "module:Class" until first used
 
 
 def register_engine(engine: Engine, *, replace: bool = False) -> Engine:
@@ -37,9 +35,13 @@ def engine_names() -> list[str]:
 
 def get_engine(name: str) -> Engine:
     try:
-        return _ENGINES[name]
+        engine = _ENGINES[name]
     except KeyError:
         raise UserError(f"unknown engine {name!r}: use {', '.join([*_ENGINES, AUTO])}") from None
+    if isinstance(engine, str):
+        module, _, cls = engine.partition(":")
+        engine = _ENGINES[name] = getattr(importlib.import_module(module), cls)()
+    return engine
 
 
 def resolve_engine(name: str, device: str = "auto", precision: str = "auto") -> str:
@@ -49,6 +51,10 @@ def resolve_engine(name: str, device: str = "auto", precision: str = "auto") -> 
     is not installed). auto: the first registered engine other than torch that prefers this device
     and precision, else torch.
     """
+    import torch
+
+    from extract.compute.engine import resolve_device
+
     if name != AUTO:
         engine = get_engine(name)
         engine.check(device)
@@ -59,14 +65,14 @@ def resolve_engine(name: str, device: str = "auto", precision: str = "auto") -> 
         resolve_device(device)   # its one-line message for an unknown device
         raise
     dev = asked if asked is not None else resolve_device("auto")
-    for engine in _ENGINES.values():
+    for engine in map(get_engine, list(_ENGINES)):
         if engine.name != DEFAULT_ENGINE and engine.preferred(dev, precision):
             return engine.name
     return DEFAULT_ENGINE
 
 
-register_engine(TorchEngine())
-register_engine(OpenVINOEngine())
+_ENGINES["torch"] = "extract.compute.engines.torch_engine:TorchEngine"
+_ENGINES["openvino"] = "extract.compute.engines.openvino_engine:OpenVINOEngine"
 
 __all__ = ["Engine", "EngineContext", "register_engine", "unregister_engine", "engine_names", "get_engine",
            "resolve_engine", "AUTO", "DEFAULT_ENGINE"]

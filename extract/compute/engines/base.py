@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from extract.compute.calibration import Calibration
-from extract.compute.engine import resolve_device
 from extract.store.preprocess import Preprocess
+
+if TYPE_CHECKING:
+    import torch
+
+    from extract.compute.calibration import Calibration
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class Engine:
 
     def device(self, requested: str) -> torch.device:
         """The device it runs on for a --device value."""
+        from extract.compute.engine import resolve_device
+
         return resolve_device(requested)
 
     def check_precision(self, autocast: torch.dtype | None) -> None:

@@ -2,19 +2,20 @@
 
 A new runner is one file with a `Runner` subclass and one `register_runner(...)` line below (or a
 call from the user's own code before `extract`). Every runner computes the same chunks with the
-same batches (`extract.run.job`), so every runner gives the same cache file.
+same batches (`extract.run.job`), so every runner gives the same cache file. The built-in runners
+are imported (with torch) when one is made, so listing the names imports nothing.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import os
+from typing import TYPE_CHECKING, Callable
 
 from extract.core.errors import UserError
 from extract.run.request import ExtractRequest
-from extract.run.runners.base import Runner, Work
-from extract.run.runners.process import ProcessRunner
-from extract.run.runners.ray_runner import RayRunner
-from extract.run.runners.torchrun import TorchrunRunner, launched
+
+if TYPE_CHECKING:
+    from extract.run.runners.base import Runner, Work
 
 AUTO = "auto"
 _RUNNERS: dict[str, Callable[[ExtractRequest], Runner]] = {}
@@ -35,6 +36,11 @@ def runner_names() -> list[str]:
     return list(_RUNNERS)
 
 
+def launched() -> bool:
+    """True in a process that torchrun started as one of several ranks."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def choose_runner(request: ExtractRequest) -> Runner:
     """The runner a request asks for; auto: torchrun when torchrun started this process, Ray when
     an address is given, else this process."""
@@ -51,8 +57,30 @@ def choose_runner(request: ExtractRequest) -> Runner:
     return _RUNNERS[name](request)
 
 
-register_runner("process", lambda request: ProcessRunner())
-register_runner("torchrun", lambda request: TorchrunRunner(request.device))
-register_runner("ray", lambda request: RayRunner(request.ray))
+def _process(request: ExtractRequest) -> Runner:
+    from extract.run.runners.process import ProcessRunner
+    return ProcessRunner()
+
+
+def _torchrun(request: ExtractRequest) -> Runner:
+    from extract.run.runners.torchrun import TorchrunRunner
+    return TorchrunRunner(request.device)
+
+
+def _ray(request: ExtractRequest) -> Runner:
+    from extract.run.runners.ray_runner import RayRunner
+    return RayRunner(request.ray)
+
+
+def __getattr__(name):
+    if name in ("Runner", "Work"):
+        from extract.run.runners import base
+        return getattr(base, name)
+    raise AttributeError(name)
+
+
+register_runner("process", _process)
+register_runner("torchrun", _torchrun)
+register_runner("ray", _ray)
 
 __all__ = ["Runner", "Work", "register_runner", "unregister_runner", "runner_names", "choose_runner", "AUTO"]

@@ -55,11 +55,6 @@ def rank_device(requested: str, local_rank: int, local_world: int, gpus: int) ->
     return f"cuda:{local_rank}"
 
 
-def launched() -> bool:
-    """True in a process that torchrun started as one of several ranks."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 class TorchrunRunner(Runner):
     """This process is rank RANK of WORLD_SIZE: it computes its contiguous share of the missing chunks."""
 
