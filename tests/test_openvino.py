@@ -126,7 +126,7 @@ def test_a_gpu_device_and_fp16_are_refused_in_one_line(tmp_path, capsys):
 
     with pytest.raises(UserError, match="CPU only"):
         _extract(tmp_path, "openvino", device="cuda")
-    with pytest.raises(UserError, match="fp32 or bf16"):
+    with pytest.raises(UserError, match="fp32, bf16 or int8"):
         plan("cifar_resnet20.none", "synthetic", dataset_options=SYNTH, precision="fp16", engine="openvino")
     assert main(["--model", "cifar_resnet20.none", "--data", "synthetic", "--option", "n=8", "--engine",
                  "openvino", "--device", "cuda", "--cache-dir", str(tmp_path), "--no-progress"]) == 2
