@@ -10,6 +10,7 @@ from extract.cli import parse_options
 from extract.core.errors import guarded
 from extract.core.helpformat import DefaultsHelp
 
+from finetune.baseline import hint
 from finetune.data import CROP_SCALE
 from finetune.model import FREEZE_HELP
 from finetune.config import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, OPTIMIZERS, TrainConfig
@@ -76,7 +77,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--runs-dir", default="runs", help="checkpoint root (default: runs)")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     p.epilog = (f"Training images get RandomResizedCrop (area {CROP_SCALE[0]:g}-{CROP_SCALE[1]:g}) to the "
-                "backbone's crop size and a horizontal flip; validation and test use its eval preprocessing.")
+                "backbone's crop size and a horizontal flip; validation and test use its eval preprocessing. "
+                "The run ends by comparing its test top-1 with the best frozen probe of the same features and "
+                "test rows under --results-dir, or with the commands that make one.")
     return p
 
 
@@ -110,6 +113,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"{out.result['head']}: test top-1 {m['top1']:.2%}, balanced {m['balanced_accuracy']:.2%}, macro-F1 "
           f"{m['macro_f1']:.2%} (best epoch {out.result['best_epoch']}; test: {out.result['test']['description']})")
     print(f"  wrote {out.path}\n  curves: {out.curves}")
+    line = hint(out.result.get("frozen_probe"), m["top1"])
+    if line:
+        print(line)
     return 0
 
 
