@@ -69,6 +69,8 @@ def probe_command(config, *, carved: bool, model: str | None = None) -> str:
              "--data", str(config.root) if config.root else config.data, *shared]
     if carved:
         probe += ["--test-fraction", f"{config.test_fraction:g}", "--split-seed", str(config.split_seed)]
+    if str(config.results_dir) != "results":
+        probe += ["--results-dir", str(config.results_dir)]
     return f"{shlex.join(extract + shared)} && {shlex.join(probe)}"
 
 
@@ -77,7 +79,8 @@ def compare(top1: float, identity: FeatureIdentity, test: dict, results_dir, com
     higher than `top1`, or (none found) the command that makes one."""
     found = probe_results(identity, test, results_dir)
     if not found:
-        return {"found": 0, "best": None, "probe_better": None, "command": command}
+        return {"found": 0, "best": None, "probe_better": None, "command": command,
+                "searched": str(Path(results_dir) / identity.data.label / identity.model)}
     path, r = max(found, key=lambda pr: pr[1]["metrics"]["top1"])
     best = {"head": r.get("head"), "layer": r.get("layer"), "top1": float(r["metrics"]["top1"]),
             "precision": r.get("precision"), "path": str(path)}
@@ -91,8 +94,8 @@ def hint(entry: dict | None, top1: float) -> str | None:
         return None
     best = entry.get("best")
     if best is None:
-        return ("no frozen-probe result for this model and data under the results folder; the cheaper baseline "
-                f"to compare with:\n  {entry['command']}")
+        return (f"no frozen-probe result for this model and data in {entry.get('searched', 'the results folder')}; "
+                f"the cheaper baseline to compare with:\n  {entry['command']}")
     probe = f"{best['head']} on {best['layer']} {best['top1']:.2%} ({best['path']})"
     if entry["probe_better"]:
         return (f"the frozen probe scored higher on the same test rows: {probe} vs {top1:.2%} fine-tuned; "

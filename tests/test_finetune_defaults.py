@@ -75,8 +75,11 @@ def _write_probe(results, identity, top1, test=TEST, head="logreg", layer="penul
 def test_the_best_matching_probe_is_compared_and_others_are_left_out(tmp_path):
     ident = plan(ExtractRequest(model=MODEL, data="synthetic", weights="none", dataset_options={"n": 16})).identity
     results = tmp_path / "results"
-    assert compare(0.8, ident, TEST, results, "CMD") == {"found": 0, "best": None, "probe_better": None,
-                                                        "command": "CMD"}
+    searched = str(results / ident.data.label / ident.model)
+    none = compare(0.8, ident, TEST, results, "CMD")
+    assert none == {"found": 0, "best": None, "probe_better": None, "command": "CMD", "searched": searched}
+    assert hint(none, 0.8) == f"no frozen-probe result for this model and data in {searched}; the cheaper " \
+                              "baseline to compare with:\n  CMD"
     _write_probe(results, ident, 0.7)
     _write_probe(results, replace(ident, precision="fp32", precision_requested="fp32"), 0.85,
                  head="svm")                                                  # computed otherwise: counts
@@ -102,6 +105,8 @@ def test_the_suggested_command_carries_the_test_carve_and_input_size():
                    "--precision fp32 && python -m probe --head logreg --model resnet18 --data 'my photos' "
                    "--image-size 160 --precision fp32 --test-fraction 0.25 --split-seed 3")
     assert "--test-fraction" not in probe_command(c, carved=False)
+    assert probe_command(c.replace(results_dir="elsewhere"), carved=False).endswith(
+        "--precision fp32 --results-dir elsewhere")
     assert "--weights none" in probe_command(TrainConfig(from_scratch=True), carved=False)
 
 
@@ -132,7 +137,8 @@ def test_defaults_on_real_digits_then_the_suggested_probe_is_found(tmp_path, mon
     assert r["metrics"]["top1"] > 0.2   # 10 classes; the small default lr suits real pretrained weights
     # no probe of these features yet: the output says how to make one
     entry = r["frozen_probe"]
-    assert entry["found"] == 0 and "no frozen-probe result for this model and data" in out
+    assert entry["found"] == 0 and f"no frozen-probe result for this model and data in {entry['searched']}" in out
+    assert entry["searched"].startswith("results")
     assert entry["command"] in out
     extract_cmd, probe_cmd = entry["command"].split(" && ")
     assert extract_cmd.startswith("python -m extract ") and "--image-size 8" in extract_cmd
