@@ -10,9 +10,10 @@ from extract.cli import parse_options
 from extract.core.errors import guarded
 from extract.core.helpformat import DefaultsHelp
 
+from finetune.baseline import hint
 from finetune.data import CROP_SCALE
 from finetune.model import FREEZE_HELP
-from finetune.config import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, TrainConfig
+from finetune.config import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, OPTIMIZERS, TrainConfig
 from finetune.train import Interrupted, finetune
 
 
@@ -37,17 +38,19 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--freeze", default="none", metavar="SPEC",
                    help=f"{FREEZE_HELP}: train everything, only the new layer, or from <layer> (a tap such as "
                         "layer4 or fc6, or a module path) onward (default: none)")
-    g.add_argument("--epochs", type=int, default=10, help="default: 10")
-    g.add_argument("--batch-size", type=int, default=32, help="default: 32")
-    g.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="default: sgd (momentum 0.9)")
+    g.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="passes over the training rows")
+    g.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="images per optimizer step")
+    g.add_argument("--optimizer", default=TrainConfig.optimizer, choices=list(OPTIMIZERS),
+                   help="sgd (with --momentum) or adamw")
     g.add_argument("--lr", type=float,
-                   help=f"base learning rate (default: sgd {DEFAULT_LR['sgd']}, adamw {DEFAULT_LR['adamw']})")
+                   help="base learning rate of the backbone (default: "
+                        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
     g.add_argument("--head-lr-mult", type=float,
                    help="learning-rate multiplier of the new layer (default: 10, or 1 for random init)")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    g.add_argument("--momentum", type=float, default=TrainConfig.momentum, help="SGD momentum")
     g.add_argument("--weight-decay", type=float,
-                   help=f"default: sgd {DEFAULT_WEIGHT_DECAY['sgd']}, adamw {DEFAULT_WEIGHT_DECAY['adamw']}; "
-                        "never applied to biases and normalisation weights")
+                   help="weight decay (default: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_WEIGHT_DECAY.items())
+                        + "), never on biases and normalisation weights")
     g.add_argument("--sched", default="cosine", choices=["step", "cosine"],
                    help="per-step cosine decay, or x0.1 after 50%% and 75%% of the training steps (default: cosine)")
     g.add_argument("--warmup-epochs", type=int, default=1, help="linear warmup epochs (default: 1)")
@@ -74,7 +77,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--runs-dir", default="runs", help="checkpoint root (default: runs)")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     p.epilog = (f"Training images get RandomResizedCrop (area {CROP_SCALE[0]:g}-{CROP_SCALE[1]:g}) to the "
-                "backbone's crop size and a horizontal flip; validation and test use its eval preprocessing.")
+                "backbone's crop size and a horizontal flip; validation and test use its eval preprocessing. "
+                "The run ends by comparing its test top-1 with the best frozen probe of the same features and "
+                "test rows under --results-dir, or with the commands that make one.")
     return p
 
 
@@ -108,6 +113,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"{out.result['head']}: test top-1 {m['top1']:.2%}, balanced {m['balanced_accuracy']:.2%}, macro-F1 "
           f"{m['macro_f1']:.2%} (best epoch {out.result['best_epoch']}; test: {out.result['test']['description']})")
     print(f"  wrote {out.path}\n  curves: {out.curves}")
+    line = hint(out.result.get("frozen_probe"), m["top1"])
+    if line:
+        print(line)
     return 0
 
 

@@ -3,7 +3,8 @@
 What happens, top to bottom: dataset -> train / validation / test rows (probe's rules) ->
 backbone.net with a fresh nn.Linear at its classifier -> freeze -> param groups -> optimizer
 and per-step schedule -> epochs (augmented train pass, validation pass, checkpoint) ->
-restore the best-validation weights -> one test pass -> result JSON + training-curve PNG.
+restore the best-validation weights -> one test pass -> the frozen probe of the same features
+(finetune.baseline) -> result JSON + training-curve PNG.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from extract.run.request import ExtractRequest
 from probe.protocol.metrics import classification_metrics
 from probe.output.results import SCHEMA, library_versions, write_result
 
-from finetune import checkpoint, schedule
+from finetune import baseline, checkpoint, schedule
 from finetune.config import TrainConfig
 from finetune.data import SplitLoader
 from finetune.model import Classifier, apply_freeze, make_optimizer, param_groups, set_train_mode
@@ -116,6 +117,8 @@ def finetune(model: str | None = None, data: str | None = None, config: TrainCon
                    for role, part in (("train", plan.train), ("val", plan.val), ("test", plan.test))}
         steps_per_epoch = len(loaders["train"])
         groups = param_groups(net, lr=lr, weight_decay=weight_decay, head_lr_mult=head_lr_mult)
+        group_info = [{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"],
+                       "parameters": sum(p.numel() for p in g["params"])} for g in groups]
         opt = make_optimizer(groups, optimizer, lr=lr, momentum=momentum)
         scheduler = schedule.make_scheduler(opt, name=sched, epochs=epochs, steps_per_epoch=steps_per_epoch,
                                             warmup_epochs=warmup_epochs)
@@ -177,6 +180,10 @@ def finetune(model: str | None = None, data: str | None = None, config: TrainCon
     _warn_skipped(skipped, plan)
     metrics = classification_metrics(te["y"], te["scores"].argmax(1), te["scores"] if n_classes > 5 else None,
                                      classes=list(dataset.classes))
+    test = plan.describe_test(len(skipped["test"]))
+    frozen_probe = baseline.compare(metrics["top1"], identity, test, c.results_dir,
+                                    baseline.probe_command(c, carved=plan.test_carve is not None,
+                                                           model=identity.model))
     result = {
         "schema": SCHEMA, "kind": "finetune", "head": head,
         "description": ("random init, " if from_scratch else "") + f"end-to-end fine-tuning, freeze {freeze}",
@@ -185,6 +192,7 @@ def finetune(model: str | None = None, data: str | None = None, config: TrainCon
         "layer": "penultimate", "metrics": metrics,
         "hyperparameters": {k: v for k, v in hyper.items()
                             if k not in ("model", "weights", "dataset", "sizes", "fingerprints")},
+        "param_groups": group_info,
         "grid": [], "epochs": epochs, "best_epoch": best_state["epoch"],
         "schedule": schedule.describe(name=sched, epochs=epochs, steps_per_epoch=steps_per_epoch,
                                       warmup_epochs=warmup_epochs, base_lr=lr),
@@ -192,7 +200,8 @@ def finetune(model: str | None = None, data: str | None = None, config: TrainCon
         "timing": {"fit_seconds": round(sum(h["seconds"] for h in history), 4),
                    "predict_seconds": round(predict_seconds, 4)},
         "sizes": _sizes(plan, skipped), "validation": plan.validation + "; best epoch by validation top-1",
-        "test_split": plan.test_split, "test": plan.describe_test(len(skipped["test"])), "classes": list(dataset.classes),
+        "test_split": plan.test_split, "test": test, "classes": list(dataset.classes),
+        "frozen_probe": frozen_probe,
         "skipped": {k: len(v) for k, v in skipped.items()},
         "trainable_parameters": trainable, "parameters": total,
         "provenance": {**backbone.provenance(), "dataset": dataset.name, "dataset_identity": dataset.identity,
