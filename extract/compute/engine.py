@@ -325,7 +325,6 @@ def _run(embedder: Embedder, source, sink, batches, workers, on_error, progress,
     bar = tqdm(total=sum(map(len, batches)), desc=desc, unit="img", disable=not progress, dynamic_ncols=True,
                smoothing=0.1)
     decode_threads = torch.get_num_threads() if embedder.device.type == "cpu" else 1
-    decode_threads = int(os.environ.get("FP_DECODE_THREADS", decode_threads))  # EXPERIMENT
     loader = SourceBatches(source, embedder.preprocess, batches, workers=workers, pin=pin, decoder=decoder,
                            device=embedder.device, decode_threads=decode_threads)
     writer = _WriterThread(sink, _precision_label(embedder))

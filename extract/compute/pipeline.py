@@ -204,8 +204,9 @@ class SourceBatches:
     def _threaded(self) -> Iterator[tuple[torch.Tensor, np.ndarray, list[str]]]:
         """Batches decoded in the calling process by `decode_threads` threads at once, torch's own ops
         (resizing) on one thread each meanwhile. With no DataLoader worker the compute waits for each
-        batch; decoding it on every core rather than one halves that wait on 2 cores. (A DataLoader has
-        no thread-pool mode; its workers are processes that would decode beside the compute instead.)"""
+        batch; decoding it on every core rather than one shortens that wait (ants/bees x 4, Lite0 bf16, whole
+        process, 2 cores, medians of 3: OpenVINO 97.8 -> 109.7 images/s, torch 83.5 -> 86.4). A DataLoader
+        has no thread-pool mode; its workers are processes that would decode beside the compute instead."""
         with ThreadPoolExecutor(self.decode_threads) as pool:
             for items in self.batch_sampler:
                 saved = torch.get_num_threads()
