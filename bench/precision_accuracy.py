@@ -6,6 +6,7 @@ protocol, and prints both test top-1 scores, their difference in points and the 
 agreement.
 
     python bench/precision_accuracy.py --roots ../shared/assets/hymenoptera_data /tmp/cifar10-tiny
+    python bench/precision_accuracy.py --engine openvino --roots ../shared/assets/hymenoptera_data /tmp/hymenoptera_12mp
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ def main() -> None:
     ap.add_argument("--roots", nargs="+", required=True, help="image folders with train/ and val/ or test/")
     ap.add_argument("--model", default="efficientnet_lite0")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp16"])
+    ap.add_argument("--engine", default="torch", help="torch or openvino (both precisions run on it)")
     ap.add_argument("--cache-dir", help="keep the caches here (default: a temporary folder)")
     args = ap.parse_args()
-    print(f"{args.model}: fp32 vs {args.precision} (autocast) features, probe logreg --grid fast, "
+    print(f"{args.model}, --engine {args.engine}: fp32 vs {args.precision} features, probe logreg --grid fast, "
           f"{torch.get_num_threads()} thread(s)")
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(args.cache_dir or tmp) / "cache"
@@ -48,7 +50,7 @@ def main() -> None:
             for precision in ("fp32", args.precision):
                 start = time.perf_counter()
                 res = extract(model=args.model, data="imagefolder", root=str(root), cache_dir=cache,
-                              precision=precision, progress=False)
+                              precision=precision, engine=args.engine, progress=False)
                 seconds = time.perf_counter() - start
                 row[precision] = (res, logreg_top1(res["train"].path, Path(tmp) / "results"), seconds)
             (res32, top32, s32), (res16, top16, s16) = row["fp32"], row[args.precision]

@@ -49,13 +49,13 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", help="dataset: registry name (cifar10, digits), or an image folder's name or path")
     g.add_argument("--layer", help="feature layer inside the cache (default: its first layer); several "
                                    "comma-separated, or all: a layer sweep")
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="only features computed at this precision")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16", "int8"], help="only features computed at this precision")
     g.add_argument("--dtype", choices=["float32", "float16"], help="only features stored as this dtype")
     g.add_argument("--image-size", type=int, help="only features of this input size (extract --image-size)")
     g.add_argument("--normalize", choices=["weights", "dataset"],
                    help="only features normalised with the weights' or the dataset's statistics")
     g.add_argument("--engine", help="only features computed by this engine (torch, openvino)")
-    g.add_argument("--decoder", help="only features of image files decoded this way (tensor, pil)")
+    g.add_argument("--decoder", help="only features of image files decoded this way (tensor, torchcodec, draft, pil, cuda)")
     g.add_argument("--features", metavar="TRAIN_H5", help="explicit train cache file; sibling val/test files are used")
     g.add_argument("--test-features", metavar="TEST_H5", help="explicit test cache file")
     g.add_argument("--val-features", metavar="VAL_H5", help="explicit validation cache file")

@@ -216,9 +216,13 @@ def test_decoder_names(monkeypatch):
     with pytest.raises(UserError, match="unknown decoder"):
         resolve_decoder("cv2")
     monkeypatch.setattr("extract.compute.pipeline.tensor_decoder_available", lambda: False)
+    monkeypatch.setattr("extract.compute.pipeline.torchcodec_available", lambda: True)
+    assert resolve_decoder("auto") == "torchcodec"     # torchvision without decode_jpeg: TorchCodec's
+    monkeypatch.setattr("extract.compute.pipeline.torchcodec_available", lambda: False)
     assert resolve_decoder("auto") == "pil"
-    with pytest.raises(UserError, match="use --decoder pil"):
+    with pytest.raises(UserError, match="use --decoder torchcodec, draft or pil"):
         resolve_decoder("tensor")
+    assert resolve_decoder("draft") == "draft"         # PIL's: always there
 
 
 def test_a_training_transform_still_gets_pil_images(tmp_path):

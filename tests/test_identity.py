@@ -27,6 +27,7 @@ CHANGES = {
     "normalize": "dataset",
     "engine": "openvino",
     "decoder": "pil",
+    "calibration": "train:300:0123456789ab",
 }
 
 

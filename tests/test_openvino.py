@@ -126,7 +126,7 @@ def test_a_gpu_device_and_fp16_are_refused_in_one_line(tmp_path, capsys):
 
     with pytest.raises(UserError, match="CPU only"):
         _extract(tmp_path, "openvino", device="cuda")
-    with pytest.raises(UserError, match="fp32 or bf16"):
+    with pytest.raises(UserError, match="fp32, bf16 or int8"):
         plan("cifar_resnet20.none", "synthetic", dataset_options=SYNTH, precision="fp16", engine="openvino")
     assert main(["--model", "cifar_resnet20.none", "--data", "synthetic", "--option", "n=8", "--engine",
                  "openvino", "--device", "cuda", "--cache-dir", str(tmp_path), "--no-progress"]) == 2
@@ -181,3 +181,85 @@ def test_importing_openvino_leaves_telemetry_off():
 
     assert convert_impl.tm.__name__ == "openvino.tools.ovc.telemetry_stub"
     assert sys.modules.get("openvino_telemetry", "absent") is not None   # not left blocked for others
+
+
+
+_CRASH_SEQUENCE = """
+import gc, os, signal, subprocess, sys, tempfile
+
+import torch
+
+from extract.api import extract
+from extract.compute.engine import effective_preprocess
+from extract.compute.engines import openvino_engine
+from extract.registry.models import load_backbone
+
+
+def main():
+    root, cache = sys.argv[1], sys.argv[2]
+    before = openvino_engine.signal_stack()
+    backbone = load_backbone("cifar_resnet20", weights="none", layers=["penultimate"])
+    prep = effective_preprocess(backbone.preprocess, True)
+    for _ in range(2):   # the first is freed when the second replaces it: not in the reverse order of making
+        embedder = openvino_engine.OpenVINOEmbedder(backbone, None, prep, tempfile.mkdtemp())
+        embedder(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    del embedder
+    gc.collect()
+    print("signal stack kept", openvino_engine.signal_stack() == before, flush=True)
+    signal.signal(signal.SIGUSR1, lambda *a: None)
+    for _ in range(20):
+        os.kill(os.getpid(), signal.SIGUSR1)
+    print("signals", sum(len(str(i)) for i in range(100000)), flush=True)
+    r = extract(model="cifar_resnet20", weights="none", data="imagefolder", root=root, cache_dir=cache,
+                engine="openvino", precision="fp32", workers=1, batch_size=4, progress=False)
+    print("extract", sorted((s, x.status) for s, x in r.items()), flush=True)   # workers forked: SIGCHLD handled
+    for _ in range(3):
+        child = subprocess.run([sys.executable, "-c", "print('child ok')"], capture_output=True, text=True)
+    print("subprocess", child.returncode, child.stdout.strip(), flush=True)    # a child ends: SIGCHLD
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_decode_workers_and_subprocesses_after_openvino_do_not_crash(tmp_path):
+    """What crashed a process that ran OpenVINO (SIGSEGV): compiled models freed in the order they were made
+    left the thread's alternate signal stack on freed memory, and the next signal with a Python handler (the
+    DataLoader's SIGCHLD when a subprocess ends, or any other) ran there."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 4)):
+        for i in range(n):
+            d = tmp_path / "photos" / split / f"c{i % 2}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(d / f"{i}.jpg", quality=90)
+    script = tmp_path / "sequence.py"
+    script.write_text(_CRASH_SEQUENCE)
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "photos"), str(tmp_path / "cache")],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path,
+                       timeout=600)
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr[-3000:])
+    assert r.stdout.splitlines() == ["signal stack kept True", "signals 488890",
+                                     "extract [('train', 'extracted'), ('val', 'extracted')]", "subprocess 0 child ok"]
+
+
+def test_compiled_models_leave_the_threads_signal_stack_as_they_found_it(tmp_path):
+    import gc
+
+    backbone = load_backbone("cifar_resnet20", weights="none", layers=["penultimate"])
+    prep = effective_preprocess(backbone.preprocess, True)
+    before = openvino_engine.signal_stack()
+    if before is None:
+        pytest.skip("sigaltstack is Linux's")
+    made = [OpenVINOEmbedder(backbone, None, prep, tmp_path) for _ in range(2)]
+    assert openvino_engine.signal_stack() == before
+    made[1](torch.zeros(3, 3, 32, 32, dtype=torch.uint8))
+    assert openvino_engine.signal_stack() == before
+    del made[0]
+    gc.collect()
+    assert openvino_engine.signal_stack() == before
+    del made[0]
+    gc.collect()
+    assert openvino_engine.signal_stack() == before

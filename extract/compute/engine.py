@@ -30,6 +30,7 @@ from extract.core.precision import PRECISIONS, cpu_has_bf16  # noqa: F401 - re-e
 from extract.store.preprocess import (MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, Preprocess,  # noqa: F401 - re-exported
                                       check_image_size, effective_preprocess)
 
+INT8 = torch.int8   # not an autocast dtype: the marker of a post-training quantized network (engines that offer it)
 log = logging.getLogger(__name__)
 
 
@@ -88,6 +89,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         return torch.bfloat16
     if precision == "fp16":
         return torch.float16
+    if precision == "int8":
+        return INT8
     if device.type == "cuda":
         return cuda_auto_precision(torch.cuda.get_device_capability(device))
     if device.type == "cpu" and cpu_has_bf16():
@@ -96,8 +99,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 
 def precision_name(autocast: torch.dtype | None) -> str:
-    """'fp32', 'bf16' or 'fp16' for a resolved autocast dtype."""
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast]
+    """'fp32', 'bf16', 'fp16' or 'int8' for a resolved autocast dtype."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", INT8: "int8"}[autocast]
 
 
 @contextmanager
@@ -321,8 +324,9 @@ def _run(embedder: Embedder, source, sink, batches, workers, on_error, progress,
     pin = embedder.device.type == "cuda"
     bar = tqdm(total=sum(map(len, batches)), desc=desc, unit="img", disable=not progress, dynamic_ncols=True,
                smoothing=0.1)
+    decode_threads = torch.get_num_threads() if embedder.device.type == "cpu" else 1
     loader = SourceBatches(source, embedder.preprocess, batches, workers=workers, pin=pin, decoder=decoder,
-                           device=embedder.device)
+                           device=embedder.device, decode_threads=decode_threads)
     writer = _WriterThread(sink, _precision_label(embedder))
     t0 = time.perf_counter()
     try:

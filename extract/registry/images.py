@@ -133,7 +133,7 @@ def _decode_reason(e: Exception) -> str:
     return f"corrupt image data ({first})"
 
 
-# --- JPEG files straight to a uint8 tensor (torchvision's libjpeg-turbo decoder) --------------------
+# --- JPEG files straight to a uint8 tensor (libjpeg-turbo through torchvision, TorchCodec or PIL) -------
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}   # frame headers (not DHT, JPG, DAC)
@@ -227,3 +227,71 @@ def tensor_decoder_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def decode_jpeg_torchcodec(path, data: bytes | None = None):
+    """As `decode_jpeg_file`, decoded by TorchCodec (torchcodec.decoders.decode_jpeg, libjpeg-turbo; it
+    applies the EXIF orientation itself); None for anything but an 8-bit greyscale or colour JPEG that
+    it decodes."""
+    data = read_bytes(path) if data is None else data
+    if data is None or not plain_jpeg(data):
+        return None
+    from torchcodec.decoders import decode_jpeg
+
+    try:
+        return decode_jpeg(data, mode="RGB")
+    except (RuntimeError, ValueError):
+        return None
+
+
+def torchcodec_available() -> bool:
+    """True when TorchCodec's JPEG decoder imports (torchcodec 0.16 and later)."""
+    try:
+        from torchcodec.decoders import decode_jpeg  # noqa: F401
+    except Exception:  # noqa: BLE001 - ImportError, or its native library failing to load (OSError, RuntimeError)
+        return False
+    return True
+
+
+def draft_scale(size: tuple[int, int], min_side: int) -> int:
+    """The DCT scale denominator (8, 4, 2 or 1) a JPEG of `size` (width, height) is decoded at so that both
+    sides keep at least `min_side` pixels: the largest that does (PIL's `Image.draft` rule)."""
+    scale = min(size[0] // min_side, size[1] // min_side) if min_side > 0 else 1
+    return next((s for s in (8, 4, 2) if scale >= s), 1)
+
+
+def open_jpeg_draft(path, data: bytes | None = None, *, min_side: int) -> Image.Image | None:
+    """An 8-bit greyscale or colour JPEG file -> EXIF-oriented RGB PIL image, decoded by PIL (libjpeg-turbo)
+    at the largest DCT scale (1/2, 1/4 or 1/8; `draft_scale`) that leaves both sides at least `min_side`
+    pixels: a 4032 x 3024 photo is decoded as 1008 x 756 for `min_side` 512 (extraction's draft decoder asks
+    for twice the resize target), at a sixteenth of the pixels. None for anything else (as `decode_jpeg_file`: `open_rgb` then decodes it or names the reason).
+    `data`: the file's bytes when already read."""
+    data = read_bytes(path) if data is None else data
+    if data is None or not plain_jpeg(data):
+        return None
+    import io
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format != "JPEG" or im.mode not in ("RGB", "L"):
+                return None
+            im.draft(im.mode, (min_side, min_side))
+            im.load()
+            oriented = _oriented(im)
+            if oriented.mode != "RGB":
+                return to_rgb(oriented)
+            return oriented if oriented is not im else im.copy()   # `im` is closed on leaving the block
+    except Exception:  # noqa: BLE001 - truncated or corrupt: open_rgb names the reason
+        return None
+
+
+def decode_jpeg_draft(path, data: bytes | None = None, *, min_side: int):
+    """`open_jpeg_draft` as an RGB uint8 tensor (3, H, W) (channels-last memory, as torchvision's decoder
+    gives); None where it gives None. At scale 1 (a photo under twice `min_side` on its short side) the
+    pixels equal torchvision's and TorchCodec's decoders' (all three are libjpeg-turbo)."""
+    im = open_jpeg_draft(path, data, min_side=min_side)
+    if im is None:
+        return None
+    import torch
+
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1)

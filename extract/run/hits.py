@@ -60,7 +60,7 @@ def gpu_possible() -> bool:
 
 def _on_cpu_here(r: ExtractRequest) -> bool:
     """Whether the request runs on this process's CPU with the torch engine (known without torch)."""
-    return (r.engine == "torch" and r.runner in ("auto", "process") and not r.ray and not launched()
+    return (r.engine == "torch" and r.precision != "int8" and r.runner in ("auto", "process") and not r.ray and not launched()
             and (r.device == "cpu" or (r.device == "auto" and not gpu_possible())))
 
 
@@ -75,8 +75,8 @@ def quick_identity(request: ExtractRequest, dataset: Dataset | None = None) -> t
                                                                                     Dataset | None]:
     """(the identity `extract.run.plan` gives the request, or None where it cannot be known without torch;
     the dataset read on the way). `request.layers` as given (`all` and tap names are expanded here).
-    A UserError is the request's own error (`plan` says it too). Image files get the decoder 'tensor'
-    unless `--decoder pil`: true only where torchvision has its JPEG decoder (see `lookup`)."""
+    A UserError is the request's own error (`plan` says it too). Image files get the decoder asked for,
+    and 'tensor' for auto: true only where torchvision has its JPEG decoder (see `lookup`)."""
     r = request
     if r.overwrite or r.normalize != "weights" or r.decoder == "cuda" or not _on_cpu_here(r):
         return None, dataset
@@ -93,7 +93,7 @@ def quick_identity(request: ExtractRequest, dataset: Dataset | None = None) -> t
     if arrays and r.decoder == TENSOR:
         return None, dataset
     image_size, preprocess = input_geometry(r, resolved, arrays)
-    decoder = None if arrays else ("pil" if r.decoder == "pil" else TENSOR)
+    decoder = None if arrays else (r.decoder if r.decoder in ("pil", "torchcodec", "draft") else TENSOR)
     return identity_of(r, resolved, dataset.ref, preprocess, image_size, precision=cpu_precision(r.precision),
                        engine="torch", decoder=decoder), dataset
 

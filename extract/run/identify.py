@@ -34,11 +34,13 @@ def input_geometry(request: ExtractRequest, resolved: ResolvedWeights, arrays: b
 
 
 def identity_of(request: ExtractRequest, resolved: ResolvedWeights, data: DataRef, preprocess: Preprocess,
-                image_size: int | None, *, precision: str, engine: str, decoder: str | None) -> FeatureIdentity:
-    """The identity of the features `request` asks for, computed at `precision` ('fp32', 'bf16', 'fp16') by
-    `engine`, image files decoded by `decoder` (None for in-memory arrays)."""
+                image_size: int | None, *, precision: str, engine: str, decoder: str | None,
+                calibration: str | None = None) -> FeatureIdentity:
+    """The identity of the features `request` asks for, computed at `precision` ('fp32', 'bf16', 'fp16',
+    'int8') by `engine`, image files decoded by `decoder` (None for in-memory arrays); `calibration`: the
+    int8 calibration images' fingerprint."""
     return FeatureIdentity(
         data=data, model=resolved.name, weights_sha256=resolved.sha256, preprocess=preprocess,
         precision=precision, precision_requested=request.precision, dtype=request.dtype,
         taps=tuple(dict.fromkeys(request.layers or [PENULTIMATE])), image_size=image_size,
-        normalize=request.normalize, engine=engine, decoder=decoder)
+        normalize=request.normalize, engine=engine, decoder=decoder, calibration=calibration)

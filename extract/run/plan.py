@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from extract.compute.engine import default_workers, precision_name, resolve_precision
+from extract.compute.calibration import Calibration
+from extract.compute.engine import INT8, default_workers, precision_name, resolve_precision
 from extract.compute.engines import EngineContext, get_engine, resolve_engine
 from extract.compute.pipeline import resolve_decoder
 from extract.core.errors import UserError
@@ -15,7 +16,7 @@ from extract.registry.datasets import Dataset, load_dataset
 from extract.registry.models import ResolvedWeights, build_backbone, resolve_weights
 from extract.run.identify import identity_of, in_memory, input_geometry
 from extract.run.request import ExtractRequest
-from extract.store.identity import FeatureIdentity
+from extract.store.identity import DEFAULT_DECODER, FeatureIdentity
 
 COMPILE_HINT = "--compile applies to the torch engine in this process: drop it with --engine openvino or --ray"
 DEFAULT_BATCH, CUDA_BATCH = 64, 256   # images per forward pass; a GPU needs more to stay busy
@@ -49,8 +50,10 @@ class Plan:
         """What runs the network, built by the identity's engine (a converted network is kept beside
         the cache files it feeds, in `<model>/<engine>/`)."""
         engine = get_engine(identity.engine)
+        calibration = Calibration.of(self.dataset.splits) if identity.calibration else None
         context = EngineContext(self.device, self.autocast, identity.preprocess,
-                                Path(cache_path).parent / engine.name, threads, self.request.compile)
+                                Path(cache_path).parent / engine.name, threads, self.request.compile,
+                                calibration, identity.decoder or DEFAULT_DECODER)
         return engine.build(backbone, context)
 
     def normalization(self, identity: FeatureIdentity) -> dict:
@@ -104,5 +107,6 @@ def plan(request: ExtractRequest, *, weights: ResolvedWeights | None = None, dat
                               (default_workers(dev) if r.workers is None else r.workers))
         preprocess = with_stats(preprocess, stats)
     identity = identity_of(r, resolved, dataset.ref, preprocess, image_size, precision=precision_name(autocast),
-                           engine=engine_name, decoder=None if arrays else file_decoder)
+                           engine=engine_name, decoder=None if arrays else file_decoder,
+                           calibration=Calibration.of(dataset.splits).fingerprint if autocast == INT8 else None)
     return Plan(r, identity, dataset, resolved, dev, autocast, batch_size, stats)

@@ -68,6 +68,9 @@ class ExtractRequest:
             raise UserError(f"unknown --on-error {self.on_error!r}: use {' or '.join(ON_ERROR)}")
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.precision == "int8" and (self.ray or self.runner == "ray"):
+            raise UserError("--precision int8 calibrates the network in the process that runs it: drop --ray "
+                            "(one machine: the default runner or torchrun)")
         if (self.batch_size is not None and self.batch_size < 1) or self.chunk_rows < 1:
             raise UserError("batch size and chunk size must be at least 1")
         if self.workers is not None and self.workers < 0:

@@ -15,7 +15,8 @@ Paths read as ``<cache>/<data label>/<model>/<split>[.<variant>].h5``:
   a local file as ``arch.<file stem>-<sha256 prefix>``).
 - variant: empty for the default request, so the same command gives the same path on every
   CPU; a non-default input size (``size32``), normalisation by the dataset's own statistics
-  (``normdata``), image files decoded by PIL instead of torchvision (``pil``), an explicitly
+  (``normdata``), image files decoded otherwise than by torchvision's JPEG decoder (``pil``,
+  ``torchcodec``, ``draft``: reduced DCT scale, ``cuda``), an explicitly
   requested precision (``bf16``), a non-default storage dtype (``float16``) and an inference engine
   other than torch (``openvino``) are named, in that order. The precision actually computed is
   recorded inside.
@@ -44,7 +45,9 @@ NORMALIZE_CHOICES = ("weights", "dataset")
 DEFAULT_ENGINE = "torch"            # what runs the network; "openvino": OpenVINO on the CPU
 ENGINES = ("torch", "openvino")
 DEFAULT_DECODER = "tensor"          # image files: JPEGs decoded by torchvision, the rest by PIL; "pil": all by PIL;
-                                    # "cuda": JPEGs by nvJPEG on the GPU, the rest as "tensor"
+                                    # "torchcodec": JPEGs by TorchCodec; "draft": JPEGs by PIL at a reduced DCT
+                                    # scale; "cuda": JPEGs by nvJPEG on the GPU, the rest as "tensor"
+DECODERS = ("auto", "tensor", "torchcodec", "draft", "pil", "cuda")   # --decoder
 LEGACY_DECODER = "pil"              # what files made before the decoder was recorded used
 
 
@@ -101,7 +104,9 @@ class FeatureIdentity:
     image_size: int | None = None       # input side the network sees; None: the weights' own crop size
     normalize: str = DEFAULT_NORMALIZE  # where preprocess.mean/std come from: "weights" or "dataset"
     engine: str = DEFAULT_ENGINE        # what ran the network: "torch" or "openvino" (never "auto")
-    decoder: str | None = DEFAULT_DECODER  # image files: "tensor", "pil" or "cuda"; None for in-memory arrays
+    decoder: str | None = DEFAULT_DECODER  # image files: "tensor", "torchcodec", "draft", "pil" or "cuda"; None for
+                                           # in-memory arrays
+    calibration: str | None = None      # int8: the calibration images' fingerprint (extract.compute.calibration)
 
     @property
     def arch(self) -> str:
@@ -192,7 +197,7 @@ _WHAT = {"data": "the dataset differs", "model": "the model or weights differ",
          "dtype": "the storage dtype differs", "format": "the cache format is older",
          "fingerprint": "the images changed", "image_size": "the input size differs",
          "normalize": "the normalisation statistics differ", "engine": "the inference engine differs",
-         "decoder": "the image decoder differs"}
+         "decoder": "the image decoder differs", "calibration": "the int8 calibration images differ"}
 
 
 def differences(stored: FeatureIdentity, wanted: FeatureIdentity) -> list[str]:

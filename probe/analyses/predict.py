@@ -83,10 +83,17 @@ class Predictions:
 
 def _decoder(recorded: str | None, device) -> str:
     """The cache's decoder; features made with the GPU's (cuda) are predicted with the CPU's tensor
-    decoder where the backbone does not run on a GPU (within a few levels of the same pixels)."""
+    decoder where the backbone does not run on a GPU (within a few levels of the same pixels), and
+    torchvision's (tensor) and TorchCodec's JPEG decoders (the same libjpeg-turbo pixels) stand in for
+    each other where only one is installed."""
     from extract.compute.engine import resolve_device
+    from extract.registry.images import tensor_decoder_available, torchcodec_available
 
     if recorded == "cuda" and resolve_device(device).type != "cuda":
+        recorded = "tensor"
+    if recorded == "tensor" and not tensor_decoder_available() and torchcodec_available():
+        return "torchcodec"
+    if recorded == "torchcodec" and not torchcodec_available() and tensor_decoder_available():
         return "tensor"
     return recorded or "auto"
 

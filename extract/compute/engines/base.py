@@ -11,6 +11,8 @@ from extract.store.preprocess import Preprocess
 if TYPE_CHECKING:
     import torch
 
+    from extract.compute.calibration import Calibration
+
 
 @dataclass(frozen=True)
 class EngineContext:
@@ -22,6 +24,8 @@ class EngineContext:
     workdir: Path                  # where an engine may keep what it converts (beside the cache files)
     threads: int | None = None     # CPU threads for compute (the cores decode workers leave)
     compile: bool = False
+    calibration: Calibration | None = None   # for --precision int8: the images it is calibrated on
+    decoder: str = "tensor"        # how image files are decoded (calibration images are decoded the same way)
 
 
 class Engine:
