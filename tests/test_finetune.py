@@ -25,27 +25,11 @@ from finetune.train import Interrupted
 from probe.output.report import collect_rows
 from probe.output.results import load_results
 
-MODEL = "cifar_resnet20"
+from finetune_fixtures import MODEL, init_weights, one_thread  # noqa: F401 - fixtures
 DATA = {"n": 32, "size": 16}
 FAST = dict(dataset_options=DATA, batch_size=16, lr=0.05, warmup_epochs=0, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions run faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def init_weights(tmp_path_factory):
-    """A local checkpoint file, so the starting weights of a run are known exactly."""
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("weights") / "tiny.pth"
-    torch.save(build_network(MODEL).state_dict(), path)
-    return path
 
 
 def _run(tmp_path, **kwargs):

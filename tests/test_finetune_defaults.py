@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from extract.cli import main as extract_main
-from extract.registry.models import build_network
 from extract.run.plan import plan
 from extract.run.request import ExtractRequest
 from finetune.baseline import compare, hint, probe_command, probe_results
@@ -23,25 +22,10 @@ from finetune.config import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, TrainConfig
 from probe.cli import main as probe_main
 from probe.output.results import SCHEMA, load_results
 
-MODEL = "cifar_resnet20"
+from finetune_fixtures import MODEL, init_weights, one_thread  # noqa: F401 - fixtures
 TEST = {"split": "test", "rows": 8, "carved": None, "description": "the dataset's own 'test' split, 8 rows"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def init_weights(tmp_path_factory):
-    """A local checkpoint: a 'pretrained' backbone, so the new layer gets the head multiplier."""
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("weights") / "tiny.pth"
-    torch.save(build_network(MODEL).state_dict(), path)
-    return path
 
 
 def test_defaults_are_the_small_data_recipe_and_help_states_them():
