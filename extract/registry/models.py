@@ -26,7 +26,7 @@ from extract.registry import builtin, checkpoints
 from extract.registry.backbone import PENULTIMATE, Backbone, build_on_meta, measure_dims
 from extract.core.errors import UserError
 from extract.store.modelref import ModelRef
-from extract.registry.spec import ALL_TAPS, ModelSpec, WeightSpec, expand_taps
+from extract.registry.spec import ALL_TAPS, ModelSpec, WeightSpec, tap_names
 from extract.registry.weights import (ResolvedWeights, _file_tag, _package_file,  # noqa: F401 - re-exported
                                       names_a_file, resolve_for)
 from extract.registry.timm_models import is_timm, timm_spec
@@ -404,6 +404,17 @@ class _WithHead(nn.Module):
 
     def forward(self, x):
         return self.head(self._embed(self.net, x))
+
+
+def expand_taps(spec: ModelSpec, layers: Sequence[str] | None) -> list[str] | None:
+    """`tap_names`, with every name that is neither a tap nor 'all' checked as a module path on a
+    meta-device copy of the network (UserError with close matches), so a bad one is reported before
+    any work starts."""
+    out = tap_names(spec, layers)
+    other = [t for t in out or () if t != PENULTIMATE and t not in spec.taps]
+    if other:
+        measure_dims(spec, other)
+    return out
 
 
 __all__ = ["Backbone", "ModelSpec", "WeightSpec", "PENULTIMATE", "build_network", "describe_models", "get_spec",

@@ -71,23 +71,15 @@ class ModelSpec:
                         f"'none', or a checkpoint file path){hint}")
 
 
-def expand_taps(spec: ModelSpec, layers: Sequence[str] | None) -> list[str] | None:
+def tap_names(spec: ModelSpec, layers: Sequence[str] | None) -> list[str] | None:
     """`layers` with 'all' replaced by the model's default tap (penultimate), then every registry tap
     in depth order (a timm transformer's blocks with the pooling of its own head); penultimate stays
-    first so it remains the file's default layer. None stays None.
-
-    Names that are neither taps nor 'all' are checked as module paths on a meta-device copy of the
-    network (UserError with close matches), so a bad one is reported before any work starts."""
+    first so it remains the file's default layer. None stays None. Other names are kept as given
+    (`extract.registry.models.expand_taps` checks them as module paths)."""
     if not layers:
         return None
     out: list[str] = []
     every = spec.taps if spec.default_taps is None else spec.default_taps
     for layer in layers:
         out += [PENULTIMATE, *every] if layer.lower() == ALL_TAPS else [layer]
-    out = list(dict.fromkeys(out))
-    other = [t for t in out if t != PENULTIMATE and t not in spec.taps]
-    if other:
-        from extract.registry.backbone import measure_dims
-
-        measure_dims(spec, other)
-    return out
+    return list(dict.fromkeys(out))

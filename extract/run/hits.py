@@ -22,7 +22,7 @@ from extract.core.errors import UserError
 from extract.core.precision import cpu_precision
 from extract.registry import builtin
 from extract.registry.datasets import Dataset, load_dataset
-from extract.registry.spec import ALL_TAPS, expand_taps
+from extract.registry.spec import ALL_TAPS, tap_names
 from extract.registry.weights import resolve_for
 from extract.run.identify import identity_of, in_memory, input_geometry
 from extract.run.outcome import SplitResult
@@ -86,7 +86,7 @@ def quick_identity(request: ExtractRequest, dataset: Dataset | None = None) -> t
     if spec is None or any(t.lower() != ALL_TAPS and t != PENULTIMATE and t not in spec.taps for t in layers):
         return None, dataset
     resolved = resolve_for(spec, ref, download=False)
-    r = r.replace(layers=expand_taps(spec, layers))
+    r = r.replace(layers=tap_names(spec, layers))
     if dataset is None:
         dataset = load_dataset(r.data, root=r.root, download=r.download, **r.options)
     arrays = in_memory(dataset)
