@@ -148,15 +148,22 @@ def precision_hint(precision: torch.dtype | None) -> str:
     return "bf16" if precision == torch.bfloat16 and cpu_has_bf16() else "f32"
 
 
-def import_nncf():
-    """The nncf module, imported without the warning torch's C++-extension helper logs when it finds no CUDA."""
+@contextmanager
+def no_cuda_warning():
+    """Hide the warning torch's C++-extension helper logs when NNCF loads it on a machine without CUDA."""
     cpp_log = logging.getLogger("torch.utils.cpp_extension")
     level = cpp_log.level
     cpp_log.setLevel(logging.ERROR)
     try:
-        import nncf
+        yield
     finally:
         cpp_log.setLevel(level)
+
+
+def import_nncf():
+    """The nncf module (imported without `no_cuda_warning`'s warning)."""
+    with no_cuda_warning():
+        import nncf
     return nncf
 
 
@@ -286,7 +293,7 @@ def quantized_model(model, xml: Path, calibration, preprocess: Preprocess, decod
     log.info(f"quantizing to int8 with NNCF on {len(samples)} {calibration.source.name} images "
              f"(once; kept in {path.parent})")
     try:
-        with signal_stack_kept():
+        with signal_stack_kept(), no_cuda_warning():
             quantized = nncf.quantize(model, nncf.Dataset(samples), subset_size=len(samples))
     except Exception as e:  # noqa: BLE001 - an op NNCF cannot quantize: one line
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
