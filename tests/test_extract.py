@@ -414,6 +414,18 @@ def test_summary_of_a_rerun_that_only_assembled_finished_chunks(tmp_path):
     assert only.startswith("Assembled train from chunks")
 
 
+@pytest.mark.parametrize("images, seconds", [(6, 0.056), (20, 5.1), (1797, 13.3)])
+def test_the_printed_rate_agrees_with_the_printed_count_and_time(tmp_path, images, seconds):
+    import re
+
+    from extract.run.extraction import SplitResult, summary
+    text = summary({"train": SplitResult("train", tmp_path / "train.h5", "extracted", images, seconds)},
+                   time.perf_counter())
+    count, rate, over = re.search(r"Extracted ([\d,]+) images .*\(([\d.]+) images/s over ([\d.]+) s", text).groups()
+    assert int(count.replace(",", "")) == images
+    assert abs(float(rate) * float(over) - images) <= 0.01 * images, text
+
+
 @pytest.fixture
 def small_mount(tmp_path):
     """A real 4 MiB tmpfs that the test may remount read-only."""

@@ -43,11 +43,16 @@ def summary(results: dict[str, SplitResult], started: float) -> str:
         verb = "is" if len(hits) == 1 else "are"
         return f"Nothing to extract: {_and(hits)} {verb} already cached in {where} ({took:.1f} s)."
     seconds = sum(r.seconds for r in results.values())
-    text = f"Extracted {images:,} images in {took:.1f} s"
+    text = f"Extracted {images:,} images in {_seconds(took)} s"
     if images and seconds:
-        text += f" ({images / seconds:.1f} images/s over {seconds:.1f} s of extraction)"
+        text += f" ({images / seconds:.1f} images/s over {_seconds(seconds)} s of extraction)"
     if updated:
         text += f"; updated {_and(updated)}"
     if hits:
         text += f"; {_and(hits)} {'was' if len(hits) == 1 else 'were'} already cached"
     return text + f". Features are in {where}."
+
+
+def _seconds(x: float) -> str:
+    """Seconds with enough digits that a rate printed beside them can be checked (0.056, 5.1, 61.0)."""
+    return f"{x:.3f}" if x < 1 else f"{x:.1f}"
