@@ -28,6 +28,7 @@ from extract.compute.engines import openvino_engine as ove
 from extract.compute.pipeline import DecodedFiles
 from extract.registry.datasets import load_dataset
 from extract.registry.models import load_backbone
+from openvino_speed import rate   # bench/ is on sys.path when this file runs as a script
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 
@@ -36,13 +37,6 @@ def images(source, preprocess, limit: int | None = None) -> torch.Tensor:
     files = DecodedFiles(source, preprocess)
     n = len(source) if limit is None else min(limit, len(source))
     return torch.stack([files[i][0] for i in range(n)])
-
-
-def model_input(x: torch.Tensor, preprocess) -> np.ndarray:
-    from extract.compute.pipeline import to_model_input
-
-    with torch.inference_mode():
-        return np.ascontiguousarray(to_model_input(x, preprocess, torch.device("cpu")).float().numpy())
 
 
 class Compiled:
@@ -68,14 +62,6 @@ class Compiled:
 
 def features(run, x: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate([run(x[a:a + batch]) for a in range(0, len(x), batch)])
-
-
-def rate(run, x: np.ndarray, batch: int) -> float:
-    run(x[:batch])   # warm-up
-    start = time.perf_counter()
-    for a in range(0, len(x), batch):
-        run(x[a:a + batch])
-    return len(x) / (time.perf_counter() - start)
 
 
 def top1(train_x, train_y, test_x, test_y, seed: int = 0) -> float:
@@ -118,7 +104,7 @@ def main() -> None:
             data = load_dataset("imagefolder", root=str(root))
             prep = effective_preprocess(backbone.preprocess, False)
             train, test = data.splits["train"], [s for n, s in data.splits.items() if n != "train"][-1]
-            xtr, xte = model_input(images(train, prep), prep), model_input(images(test, prep), prep)
+            xtr, xte = ove.network_input(images(train, prep), prep), ove.network_input(images(test, prep), prep)
             model, _, _, _ = ove.converted_model(backbone, prep.crop, Path(tmp))
             calib = xtr[:args.calibration]
             start = time.perf_counter()

@@ -103,8 +103,7 @@ class DecodedFiles(Dataset):
         elif tensors and self.decoder == "draft":
             self._jpeg = partial(decode_jpeg_draft, min_side=self._draft_side)
         self._draft_pil = eval_files and not tensors and self.decoder == "draft"
-        self._tensor = self._jpeg is not None
-        self.gpu = self._tensor and self.decoder == "cuda"
+        self.gpu = self._jpeg is not None and self.decoder == "cuda"
 
     def __len__(self):
         return len(self.source)
@@ -199,7 +198,6 @@ class SourceBatches:
             rows = np.array([position(it) for it in items], dtype=np.int64)
             x = array_batch(self.source.arrays, rows)
             yield (x.pin_memory() if self.pin else x), rows, [""] * len(rows)
-
 
     def _threaded(self) -> Iterator[tuple[torch.Tensor, np.ndarray, list[str]]]:
         """Batches decoded in the calling process by `decode_threads` threads at once, torch's own ops

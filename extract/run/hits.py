@@ -60,8 +60,8 @@ def gpu_possible() -> bool:
 
 def _on_cpu_here(r: ExtractRequest) -> bool:
     """Whether the request runs on this process's CPU with the torch engine (known without torch)."""
-    return (r.engine == "torch" and r.precision != "int8" and r.runner in ("auto", "process") and not r.ray and not launched()
-            and (r.device == "cpu" or (r.device == "auto" and not gpu_possible())))
+    return (r.engine == "torch" and r.precision != "int8" and r.runner in ("auto", "process") and not r.ray
+            and not launched() and (r.device == "cpu" or (r.device == "auto" and not gpu_possible())))
 
 
 def _installed(dist: str) -> str | None:

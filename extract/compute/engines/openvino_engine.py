@@ -264,6 +264,13 @@ def _save(ov, model, xml: Path) -> None:
             leftover.unlink(missing_ok=True)
 
 
+def network_input(x: torch.Tensor, preprocess: Preprocess) -> np.ndarray:
+    """A uint8 batch as the compiled network takes it: resized when needed and normalised by
+    `pipeline.to_model_input`, as a contiguous float32 NCHW array."""
+    with torch.inference_mode():
+        return np.ascontiguousarray(to_model_input(x, preprocess, torch.device("cpu")).float().numpy())
+
+
 def quantized_model(model, xml: Path, calibration, preprocess: Preprocess, decoder: str):
     """(the network quantized to int8 by NNCF on `calibration`'s images, its IR path, quantized now?).
 
@@ -283,10 +290,8 @@ def quantized_model(model, xml: Path, calibration, preprocess: Preprocess, decod
         except RuntimeError as e:
             log.warning(f"warning: {path} cannot be read ({(str(e).strip().splitlines() or [''])[-1]}); "
                         "quantizing again")
-    with torch.inference_mode():
-        samples = [np.ascontiguousarray(to_model_input(x, preprocess, torch.device("cpu")).float().numpy())
-                   for x in calibration.batches(preprocess, decoder)]
-    samples = [batch[i:i + 1] for batch in samples for i in range(len(batch))]
+    batches = [network_input(x, preprocess) for x in calibration.batches(preprocess, decoder)]
+    samples = [batch[i:i + 1] for batch in batches for i in range(len(batch))]
     if not samples:
         raise UserError(f"--precision int8: none of the {len(calibration.positions)} calibration images of "
                         f"{calibration.source.name} could be read")
@@ -305,8 +310,8 @@ def quantized_model(model, xml: Path, calibration, preprocess: Preprocess, decod
 class OpenVINOEmbedder:
     """A frozen backbone compiled by OpenVINO for the CPU: uint8 batch in, {layer: (B, D) float32 tensor} out.
 
-    The same call as `engine.Embedder`: the batch is resized when needed and normalised by
-    `pipeline.to_model_input`, then handed to the compiled model as a float32 NCHW array.
+    The same call as `engine.Embedder`: the batch becomes the network's input (`network_input`) and is
+    handed to the compiled model.
     """
 
     device = torch.device("cpu")
@@ -342,8 +347,7 @@ class OpenVINOEmbedder:
             self.requests = [self.compiled.create_infer_request() for _ in range(n)]
 
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        with torch.inference_mode():
-            x = np.ascontiguousarray(to_model_input(x, self.preprocess, self.device).float().numpy())
+        x = network_input(x, self.preprocess)
         parts = np.array_split(x, max(1, min(len(self.requests), len(x))))
         requests = self.requests[:len(parts)]
         for request, part in zip(requests, parts):   # one part per stream, run side by side
